@@ -1,0 +1,46 @@
+SHELL := /bin/bash
+# phaul: `make demo` sets everything up and migrates a demo workload between
+# two local test hosts; `make test` runs unit and end-to-end tests (root).
+GO      ?= go
+BIN     := bin
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: all build criu test unit e2e bench fuzz demo vet clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/phaul ./cmd/phaul
+	cc -O2 -Wall -pthread -o $(BIN)/workload test/workload/workload.c
+
+criu:
+	bash deploy/install-criu.sh
+
+vet:
+	$(GO) vet ./...
+
+# Unit tests first (fast), then the end-to-end suite with real CRIU,
+# processes, namespaces and sockets.
+test: vet
+	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test$$)
+	$(GO) test -count=1 -timeout 40m -v ./test/
+
+unit:
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test$$)
+
+e2e:
+	$(GO) test -count=1 -timeout 40m -v ./test/
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./...
+
+FUZZTIME ?= 20s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME) ./core/wire/
+	$(GO) test -run '^$$' -fuzz FuzzReceive -fuzztime $(FUZZTIME) ./core/images/
+
+demo: criu build
+	bash test/demo.sh
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,124 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/phaul"
+)
+
+// Exit codes of migrate.
+const (
+	exitFailed  = 1 // the workload still runs on the source
+	exitUsage   = 2
+	exitInDoubt = 3 // the source copy is gone; the destination did not confirm
+)
+
+func migrateCommand() *cli.Command {
+	def := phaul.DefaultMigrateConfig()
+	return &cli.Command{
+		Name:      "migrate",
+		Usage:     "move a running process tree to a phaul serve destination",
+		UsageText: "phaul migrate --to HOST:PORT --tls-dir DIR [--mode cold] [--work-dir DIR] [--stats-json FILE] [CRIU options] PID",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "to", Required: true, Usage: "destination HOST:PORT; its certificate must name HOST"},
+			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
+			&cli.StringFlag{Name: "mode", Value: string(phaul.ModeCold), Usage: "cold"},
+			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "where the source writes images (removed afterwards)"},
+			&cli.StringFlag{Name: "stats-json", Usage: "append one JSON object describing the migration to FILE"},
+			&cli.BoolFlag{Name: "tcp-established", Usage: "CRIU: migrate established TCP connections"},
+			&cli.BoolFlag{Name: "file-locks", Usage: "CRIU: migrate file locks"},
+			&cli.BoolFlag{Name: "ext-unix-sk", Usage: "CRIU: allow unix sockets connected to processes outside the tree"},
+			&cli.BoolFlag{Name: "shell-job", Usage: "CRIU: the tree belongs to a shell session or terminal outside it"},
+			&cli.BoolFlag{Name: "link-remap", Usage: "CRIU: hard-link open but unlinked files so they can be restored"},
+			&cli.StringFlag{Name: "ghost-limit", Usage: "CRIU: largest unlinked file to carry in the images (e.g. 16M)"},
+			&cli.StringFlag{Name: "manage-cgroups", Usage: "CRIU: ignore (default), none, props, soft, full or strict"},
+		},
+		Action: func(c *cli.Context) error {
+			usage := "usage: phaul migrate --to HOST:PORT --tls-dir DIR PID"
+			if c.NArg() != 1 {
+				return cli.Exit(usage, exitUsage)
+			}
+			pid, err := strconv.Atoi(c.Args().First())
+			if err != nil || pid <= 0 {
+				return cli.Exit(fmt.Sprintf("pid %q: not a process id; %s", c.Args().First(), usage), exitUsage)
+			}
+			mode, err := phaul.ParseMode(c.String("mode"))
+			if err != nil {
+				return cli.Exit(err.Error(), exitUsage)
+			}
+			cfg := phaul.DefaultMigrateConfig()
+			cfg.To, cfg.TLSDir, cfg.Mode, cfg.PID = c.String("to"), c.String("tls-dir"), mode, pid
+			cfg.WorkDir = c.String("work-dir")
+			cfg.CRIUPath = c.String("criu")
+			cfg.CRIU = criu.Options{
+				TCPEstablished: c.Bool("tcp-established"),
+				FileLocks:      c.Bool("file-locks"),
+				ExtUnixSk:      c.Bool("ext-unix-sk"),
+				ShellJob:       c.Bool("shell-job"),
+				LinkRemap:      c.Bool("link-remap"),
+				ManageCgroups:  c.String("manage-cgroups"),
+			}
+			if s := c.String("ghost-limit"); s != "" {
+				n, err := parseSize(s)
+				if err != nil {
+					return cli.Exit("--ghost-limit: "+err.Error(), exitUsage)
+				}
+				cfg.CRIU.GhostLimit = n
+			}
+			cfg.Logger = newLogger(c)
+			cfg.Transport.Logger = cfg.Logger
+			bar := newProgressBar(os.Stderr)
+			if bar != nil {
+				cfg.Progress = bar.update
+			}
+			stats, err := phaul.Migrate(c.Context, cfg)
+			if bar != nil {
+				bar.done()
+			}
+			if path := c.String("stats-json"); path != "" {
+				if werr := stats.AppendJSONFile(path); werr != nil {
+					cfg.Logger.Error("write stats", "err", werr)
+				}
+			}
+			switch {
+			case err == nil:
+				fmt.Fprintf(os.Stderr, "migrated pid %d to %s: destination pid %d, downtime %.1f ms, %d image bytes, total %.0f ms\n",
+					pid, cfg.To, stats.DestPID, stats.DowntimeMS, stats.BytesImages, stats.TotalMS)
+				return nil
+			case errors.Is(err, phaul.ErrInDoubt):
+				return cli.Exit(err.Error(), exitInDoubt)
+			default:
+				return cli.Exit(err.Error(), exitFailed)
+			}
+		},
+	}
+}
+
+// parseSize reads "4096", "64K", "16M", "1G" (powers of 1024).
+func parseSize(s string) (uint64, error) {
+	mult := uint64(1)
+	t := strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "B")
+	switch {
+	case strings.HasSuffix(t, "K"):
+		mult, t = 1<<10, strings.TrimSuffix(t, "K")
+	case strings.HasSuffix(t, "M"):
+		mult, t = 1<<20, strings.TrimSuffix(t, "M")
+	case strings.HasSuffix(t, "G"):
+		mult, t = 1<<30, strings.TrimSuffix(t, "G")
+	}
+	n, err := strconv.ParseUint(t, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("size %q: want a number with an optional K, M or G suffix", s)
+	}
+	if n > (1<<64-1)/mult {
+		return 0, fmt.Errorf("size %q: too large", s)
+	}
+	return n * mult, nil
+}

@@ -1,0 +1,38 @@
+package main
+
+import (
+	"github.com/urfave/cli/v2"
+
+	"github.com/phaul/phaul/phaul"
+)
+
+func serveCommand() *cli.Command {
+	def := phaul.DefaultServeConfig()
+	return &cli.Command{
+		Name:      "serve",
+		Usage:     "receive and restore migrations (destination service)",
+		UsageText: "phaul serve --listen ADDR:PORT --work-dir DIR --tls-dir DIR",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "listen", Required: true, Usage: "address to listen on, ADDR:PORT"},
+			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "directory this service owns: one subdirectory per migration"},
+			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
+			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
+			&cli.DurationFlag{Name: "commit-wait", Value: def.CommitWait, Usage: "on shutdown, how long a prepared migration waits for COMMIT"},
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 0 {
+				return cli.Exit("usage: phaul serve --listen ADDR:PORT --work-dir DIR --tls-dir DIR", 2)
+			}
+			cfg := phaul.DefaultServeConfig()
+			cfg.Listen = c.String("listen")
+			cfg.WorkDir = c.String("work-dir")
+			cfg.TLSDir = c.String("tls-dir")
+			cfg.CRIUPath = c.String("criu")
+			cfg.MaxMigrations = c.Int("max-migrations")
+			cfg.CommitWait = c.Duration("commit-wait")
+			cfg.Logger = newLogger(c)
+			cfg.Transport.Logger = cfg.Logger
+			return phaul.Serve(c.Context, cfg)
+		},
+	}
+}

@@ -1,0 +1,158 @@
+package cgroup
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/phaul/phaul/core/linux"
+)
+
+// Parent is the directory phaul owns in each hierarchy.
+const Parent = "phaul"
+
+// ErrNoHierarchy is returned by Create when neither hierarchy is mounted.
+var ErrNoHierarchy = errors.New("cgroup: no freezer v1 or cgroup v2 hierarchy mounted")
+
+// Group is one phaul/<name> cgroup in every mounted hierarchy.
+type Group struct {
+	Name  string
+	Paths []string // absolute directories, one per hierarchy
+}
+
+// roots lists the hierarchies phaul uses.
+func roots() []string {
+	var rs []string
+	if p, err := linux.FreezerV1Root(); err == nil {
+		rs = append(rs, p)
+	}
+	if p, err := linux.Cgroup2Root(); err == nil {
+		rs = append(rs, p)
+	}
+	return rs
+}
+
+// Create makes phaul/<name> in every mounted hierarchy. An existing group of
+// that name is an error (it is not ours to reuse).
+func Create(name string) (*Group, error) {
+	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
+		return nil, fmt.Errorf("cgroup %q: bad name", name)
+	}
+	rs := roots()
+	if len(rs) == 0 {
+		return nil, ErrNoHierarchy
+	}
+	g := &Group{Name: name}
+	for _, r := range rs {
+		parent := filepath.Join(r, Parent)
+		if err := os.Mkdir(parent, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			g.Remove()
+			return nil, fmt.Errorf("create cgroup %s: %w", parent, err)
+		}
+		dir := filepath.Join(parent, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			g.Remove()
+			return nil, fmt.Errorf("create cgroup %s: %w", dir, err)
+		}
+		g.Paths = append(g.Paths, dir)
+	}
+	return g, nil
+}
+
+// Open returns the existing group phaul/<name> (for gc and inspection).
+func Open(name string) (*Group, error) {
+	g := &Group{Name: name}
+	for _, r := range roots() {
+		dir := filepath.Join(r, Parent, name)
+		if st, err := os.Stat(dir); err == nil && st.IsDir() {
+			g.Paths = append(g.Paths, dir)
+		}
+	}
+	if len(g.Paths) == 0 {
+		return nil, fmt.Errorf("cgroup %s: %w", name, os.ErrNotExist)
+	}
+	return g, nil
+}
+
+// Add moves process pid (all its threads) into the group in every hierarchy.
+func (g *Group) Add(pid int) error {
+	for _, dir := range g.Paths {
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			return fmt.Errorf("add %d to cgroup %s: %w", pid, dir, err)
+		}
+	}
+	return nil
+}
+
+// Procs lists the processes in the group (from its first hierarchy).
+func (g *Group) Procs() ([]int, error) {
+	if len(g.Paths) == 0 {
+		return nil, nil
+	}
+	b, err := os.ReadFile(filepath.Join(g.Paths[0], "cgroup.procs"))
+	if err != nil {
+		return nil, fmt.Errorf("list cgroup %s: %w", g.Paths[0], err)
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(b)) {
+		pid, err := strconv.Atoi(f)
+		if err != nil {
+			return nil, fmt.Errorf("list cgroup %s: bad pid %q", g.Paths[0], f)
+		}
+		pids = append(pids, pid)
+	}
+	return pids, nil
+}
+
+// Signal sends sig to every process in the group.
+func (g *Group) Signal(sig syscall.Signal) error {
+	pids, err := g.Procs()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, fmt.Errorf("signal %d: %w", pid, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Kill SIGKILLs every process in the group and waits up to timeout for the
+// group to empty.
+func (g *Group) Kill(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if err := g.Signal(syscall.SIGKILL); err != nil {
+			return err
+		}
+		pids, err := g.Procs()
+		if err != nil {
+			return err
+		}
+		if len(pids) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("cgroup %s: %d processes survive SIGKILL", g.Name, len(pids))
+		}
+		time.Sleep(10 * time.Millisecond) // exit of killed tasks is asynchronous
+	}
+}
+
+// Remove deletes the group's directories; it fails while processes remain.
+func (g *Group) Remove() error {
+	var errs []error
+	for _, dir := range g.Paths {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", dir, err))
+		}
+	}
+	return errors.Join(errs...)
+}

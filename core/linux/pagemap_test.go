@@ -1,0 +1,75 @@
+package linux
+
+import (
+	"errors"
+	"os"
+	"testing"
+)
+
+func TestHavePagemapScan(t *testing.T) {
+	err := HavePagemapScan()
+	v, verr := RunningKernel()
+	if verr != nil {
+		t.Fatal(verr)
+	}
+	checkProbe(t, "PAGEMAP_SCAN", err, v.AtLeast(6, 7))
+}
+
+func TestPagemapEntryAndScan(t *testing.T) {
+	pageBytes := uint64(os.Getpagesize())
+	pg, err := mapAnon(4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pg.unmap)
+	pg.b[0] = 1
+	pg.b[2*pageBytes] = 1
+	pm, err := OpenPagemap(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pm.Close() })
+
+	tests := []struct {
+		page    uint64
+		present bool
+	}{{0, true}, {1, false}, {2, true}, {3, false}}
+	for _, tt := range tests {
+		e, err := pm.Entry(pg.addr + tt.page*pageBytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Present() != tt.present || e.Swapped() || e.FileOrShared() {
+			t.Errorf("page %d: entry %#x, want present=%v anon", tt.page, uint64(e), tt.present)
+		}
+		if tt.present && !e.Exclusive() {
+			t.Errorf("page %d: entry %#x, want exclusively mapped", tt.page, uint64(e))
+		}
+	}
+
+	requireFeature(t, HavePagemapScan)
+	scan := ScanArgs{Start: pg.addr, End: pg.addr + 4*pageBytes, Mask: PageIsPresent, Return: PageIsPresent}
+	vec := make([]PageRegion, 4)
+	n, walkEnd, err := pm.Scan(scan, vec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []PageRegion{
+		{pg.addr, pg.addr + pageBytes, PageIsPresent},
+		{pg.addr + 2*pageBytes, pg.addr + 3*pageBytes, PageIsPresent},
+	}
+	if n != len(want) || vec[0] != want[0] || vec[1] != want[1] || walkEnd != scan.End {
+		t.Errorf("scan = %d %+v walkEnd %#x; want %+v walkEnd %#x", n, vec[:n], walkEnd, want, scan.End)
+	}
+	// A full vector stops the walk at the next region.
+	n, walkEnd, err = pm.Scan(scan, vec[:1])
+	if err != nil || n != 1 || walkEnd != want[1].Start {
+		t.Errorf("scan with 1 slot = %d, walkEnd %#x, %v; want 1, %#x", n, walkEnd, err, want[1].Start)
+	}
+	if err := pm.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := pm.Scan(scan, vec); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("scan after Close: %v, want os.ErrClosed", err)
+	}
+}

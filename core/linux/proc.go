@@ -1,0 +1,71 @@
+package linux
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// ProcessExists reports whether a process (or zombie) with this pid exists
+// in the caller's PID namespace, by kill(pid, 0). A process the caller may
+// not signal exists too.
+func ProcessExists(pid int) (bool, error) {
+	if pid <= 0 {
+		return false, fmt.Errorf("process exists %d: invalid pid", pid)
+	}
+	switch err := unix.Kill(pid, 0); {
+	case err == nil, errors.Is(err, unix.EPERM):
+		return true, nil
+	case errors.Is(err, unix.ESRCH):
+		return false, nil
+	default:
+		return false, fmt.Errorf("kill %d 0: %w", pid, err)
+	}
+}
+
+// ProcessStat is the part of /proc/PID/stat phaul uses.
+type ProcessStat struct {
+	Comm  string // command name, at most 15 bytes
+	State byte   // R, S, D, T, t, Z, ...
+	PPID  int
+	// StartTicks is the start time in clock ticks (USER_HZ) since boot.
+	// With the pid it names a process across pid reuse.
+	StartTicks uint64
+}
+
+// ReadProcessStat reads /proc/PID/stat. The error wraps fs.ErrNotExist
+// when the process is gone.
+func ReadProcessStat(pid int) (ProcessStat, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return ProcessStat{}, fmt.Errorf("read stat %d: %w", pid, err)
+	}
+	return parseProcessStat(string(b))
+}
+
+// parseProcessStat parses "pid (comm) state ppid ... starttime ...": comm
+// may hold spaces and parentheses, so fields are counted after the last ')'.
+func parseProcessStat(s string) (ProcessStat, error) {
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || end < open {
+		return ProcessStat{}, fmt.Errorf("parse stat %.40q: no (comm)", s)
+	}
+	f := strings.Fields(s[end+1:])
+	// f[0] is field 3 (state); starttime is field 22.
+	if len(f) < 20 || len(f[0]) != 1 {
+		return ProcessStat{}, fmt.Errorf("parse stat %.40q: %d fields", s, len(f))
+	}
+	ppid, err := strconv.Atoi(f[1])
+	if err != nil {
+		return ProcessStat{}, fmt.Errorf("parse stat ppid: %w", err)
+	}
+	start, err := strconv.ParseUint(f[19], 10, 64)
+	if err != nil {
+		return ProcessStat{}, fmt.Errorf("parse stat starttime: %w", err)
+	}
+	return ProcessStat{Comm: s[open+1 : end], State: f[0][0], PPID: ppid, StartTicks: start}, nil
+}

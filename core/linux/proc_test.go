@@ -1,0 +1,75 @@
+package linux
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+func TestProcessExists(t *testing.T) {
+	cmd := exec.Command("true")
+	if err := cmd.Run(); err != nil {
+		t.Skipf("SKIP: cannot run true: %v", err)
+	}
+	tests := []struct {
+		name    string
+		pid     int
+		want    bool
+		wantErr bool
+	}{
+		{"self", os.Getpid(), true, false},
+		{"init", 1, true, false},
+		{"reaped child", cmd.Process.Pid, false, false},
+		{"zero", 0, false, true},
+		{"negative", -1, false, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := ProcessExists(tt.pid)
+			if got != tt.want || (err != nil) != tt.wantErr {
+				t.Errorf("ProcessExists(%d) = %v, %v", tt.pid, got, err)
+			}
+		})
+	}
+}
+
+func TestParseProcessStat(t *testing.T) {
+	// Fields 5 to 21 are zero, starttime (22) is 12345.
+	tail := strings.Repeat(" 0", 17) + " 12345 0 0"
+	tests := []struct {
+		name    string
+		in      string
+		want    ProcessStat
+		wantErr bool
+	}{
+		{"plain", "42 (sleep) S 7" + tail, ProcessStat{"sleep", 'S', 7, 12345}, false},
+		{"comm with ') ('", "42 (a) (b c) R 1" + tail, ProcessStat{"a) (b c", 'R', 1, 12345}, false},
+		{"short", "42 (x) S 1 2 3", ProcessStat{}, true},
+		{"no comm", "42 x S", ProcessStat{}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseProcessStat(tt.in)
+			if got != tt.want || (err != nil) != tt.wantErr {
+				t.Errorf("parseProcessStat = %+v, %v; want %+v", got, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestReadProcessStat(t *testing.T) {
+	// The state is the main thread's, which may sleep while a test runs.
+	st, err := ReadProcessStat(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.PPID != os.Getppid() || st.StartTicks == 0 || st.State < 'A' || st.State > 'z' {
+		t.Errorf("own stat %+v (ppid %d)", st, os.Getppid())
+	}
+	if _, err := ReadProcessStat(1 << 30); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("stat of no process: %v, want fs.ErrNotExist", err)
+	}
+}

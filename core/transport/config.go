@@ -1,0 +1,138 @@
+package transport
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/hashicorp/yamux"
+)
+
+// Bounds on the per-stream receive window derived from Config.Bandwidth and
+// Config.RTT. yamux refuses windows below minWindowBytes (its initial
+// window); above maxWindowBytes one slow stream could hold too much memory on
+// the receiver.
+const (
+	minWindowBytes = 256 << 10
+	maxWindowBytes = 16 << 20
+)
+
+// maxFrameBytes bounds the payload of one yamux data frame on a data stream.
+// yamux writes a whole frame before the next queued frame, so this bounds
+// how long a control message waits behind bulk data that yamux has already
+// taken (see doc.go for the measurements).
+const maxFrameBytes = 64 << 10
+
+// Config configures both ends of a transport. The zero value is not valid;
+// start from DefaultConfig.
+type Config struct {
+	// Identity is this node's certificate, key and CA, from LoadTLS.
+	// Required.
+	Identity *Identity
+
+	// Logger receives warnings: refused peers, accept errors, yamux
+	// errors. nil discards them.
+	Logger *slog.Logger
+
+	// HandshakeTimeout bounds the TCP connect (Dial), the TLS handshake and
+	// preface, and the wait for a new stream's kind byte.
+	HandshakeTimeout time.Duration
+
+	// Bandwidth (bytes per second) and RTT describe the path between the
+	// nodes. Their product, clamped to [256 KiB, 16 MiB], is each stream's
+	// receive window: the bytes a stream may have in flight.
+	Bandwidth int64
+	RTT       time.Duration
+
+	// KeepAliveInterval is how often an idle session pings its peer. A
+	// ping not answered within WriteTimeout closes the session.
+	KeepAliveInterval time.Duration
+
+	// WriteTimeout bounds how long one frame may wait to be written to
+	// the connection; past it the write fails (yamux's
+	// ConnectionWriteTimeout).
+	WriteTimeout time.Duration
+
+	// StreamCloseTimeout is how long a stream closed locally waits for the
+	// peer's close before it is reset.
+	StreamCloseTimeout time.Duration
+
+	// MaxHandshakes bounds the server handshakes in progress at once; a
+	// peer that never speaks holds one slot for HandshakeTimeout.
+	MaxHandshakes int
+}
+
+// DefaultConfig returns a Config for a fast LAN: 1 GiB/s and 1 ms RTT, giving
+// a 1 MiB stream window. Identity must still be set.
+func DefaultConfig() Config {
+	return Config{
+		HandshakeTimeout:   10 * time.Second,
+		Bandwidth:          1 << 30,
+		RTT:                time.Millisecond,
+		KeepAliveInterval:  15 * time.Second,
+		WriteTimeout:       10 * time.Second,
+		StreamCloseTimeout: time.Minute,
+		MaxHandshakes:      16,
+	}
+}
+
+// Validate reports every problem with c.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Identity == nil {
+		errs = append(errs, errors.New("identity is required (see LoadTLS)"))
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"handshake timeout", c.HandshakeTimeout},
+		{"RTT", c.RTT},
+		{"keep-alive interval", c.KeepAliveInterval},
+		{"write timeout", c.WriteTimeout},
+		{"stream close timeout", c.StreamCloseTimeout},
+	} {
+		if d.v <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive, got %v", d.name, d.v))
+		}
+	}
+	if c.Bandwidth <= 0 {
+		errs = append(errs, fmt.Errorf("bandwidth must be positive, got %d bytes/s", c.Bandwidth))
+	}
+	if c.MaxHandshakes <= 0 {
+		errs = append(errs, fmt.Errorf("max handshakes must be positive, got %d", c.MaxHandshakes))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("transport config: %w", err)
+	}
+	return nil
+}
+
+// windowBytes is the bandwidth-delay product, clamped to what yamux accepts
+// and what a receiver should buffer per stream.
+func (c Config) windowBytes() uint32 {
+	bdp := float64(c.Bandwidth) * c.RTT.Seconds()
+	return uint32(min(max(bdp, minWindowBytes), maxWindowBytes))
+}
+
+// logger returns c.Logger, or a logger that discards.
+func (c Config) logger() *slog.Logger {
+	if c.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return c.Logger
+}
+
+// yamuxConfig maps c onto a yamux configuration logging to log.
+func (c Config) yamuxConfig(log *slog.Logger) *yamux.Config {
+	yc := yamux.DefaultConfig()
+	yc.LogOutput = nil // yamux wants exactly one of LogOutput and Logger
+	yc.Logger = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
+	yc.EnableKeepAlive = true
+	yc.KeepAliveInterval = c.KeepAliveInterval
+	yc.ConnectionWriteTimeout = c.WriteTimeout
+	yc.StreamCloseTimeout = c.StreamCloseTimeout
+	yc.MaxStreamWindowSize = c.windowBytes()
+	return yc
+}

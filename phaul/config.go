@@ -1,0 +1,143 @@
+package phaul
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/images"
+	"github.com/phaul/phaul/core/transport"
+)
+
+// MigrateConfig configures the source side of one migration.
+type MigrateConfig struct {
+	To       string // destination HOST:PORT; its certificate must name HOST
+	TLSDir   string // ca.crt, node.crt, node.key; a dir holding ca.key is refused
+	Mode     Mode
+	PID      int    // root of the tree to move
+	WorkDir  string // images are written under WorkDir/<migration id>, removed afterwards
+	CRIUPath string // --criu; empty: $PHAUL_CRIU, the prefix wrapper, PATH
+	CRIU     criu.Options
+
+	Transport transport.Config // Identity is loaded from TLSDir
+	Logger    *slog.Logger
+	Progress  Progress
+
+	// HelloTimeout bounds the hello exchange; PrepareTimeout how long the
+	// frozen tree waits for PREPARED; CommitTimeout how long the source
+	// waits for COMMITTED before declaring the migration in doubt.
+	HelloTimeout   time.Duration
+	PrepareTimeout time.Duration
+	CommitTimeout  time.Duration
+}
+
+// DefaultMigrateConfig returns a cold migration config with defaults set.
+func DefaultMigrateConfig() MigrateConfig {
+	return MigrateConfig{
+		Mode:           ModeCold,
+		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
+		Transport:      transport.DefaultConfig(),
+		HelloTimeout:   30 * time.Second,
+		PrepareTimeout: 10 * time.Minute,
+		CommitTimeout:  time.Minute,
+	}
+}
+
+// Validate reports every problem with c.
+func (c MigrateConfig) Validate() error {
+	var errs []error
+	if _, _, err := net.SplitHostPort(c.To); err != nil || c.To == "" {
+		errs = append(errs, fmt.Errorf("--to %q: want HOST:PORT", c.To))
+	}
+	if c.TLSDir == "" {
+		errs = append(errs, errors.New("--tls-dir is required"))
+	}
+	if c.PID <= 0 {
+		errs = append(errs, fmt.Errorf("pid %d: want a positive process id", c.PID))
+	}
+	if _, err := ParseMode(string(c.Mode)); err != nil {
+		errs = append(errs, err)
+	}
+	if c.WorkDir == "" {
+		errs = append(errs, errors.New("work dir is required"))
+	}
+	if err := c.CRIU.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.HelloTimeout <= 0 || c.PrepareTimeout <= 0 || c.CommitTimeout <= 0 {
+		errs = append(errs, errors.New("timeouts must be positive"))
+	}
+	return errors.Join(errs...)
+}
+
+// ServeConfig configures the destination service.
+type ServeConfig struct {
+	Listen   string // ADDR:PORT
+	WorkDir  string // migrations live in WorkDir/<migration id>
+	TLSDir   string
+	CRIUPath string
+
+	Transport transport.Config // Identity is loaded from TLSDir
+	Limits    images.Limits
+	Logger    *slog.Logger
+
+	// MaxMigrations bounds the migrations in progress at once.
+	MaxMigrations int
+	// HelloTimeout bounds the wait for a new session's hello;
+	// StepTimeout the wait for each later source message before PREPARED.
+	HelloTimeout time.Duration
+	StepTimeout  time.Duration
+	// CommitWait is how long a PREPARED migration waits for COMMIT or ABORT
+	// after its connection is lost or the service is told to stop, before
+	// it is left in doubt.
+	CommitWait time.Duration
+
+	// Ready, if set, is called once with the listening address.
+	Ready func(net.Addr)
+}
+
+// DefaultServeConfig returns a ServeConfig with defaults set.
+func DefaultServeConfig() ServeConfig {
+	return ServeConfig{
+		WorkDir:       "/var/lib/phaul",
+		Transport:     transport.DefaultConfig(),
+		Limits:        images.DefaultLimits(),
+		MaxMigrations: 8,
+		HelloTimeout:  30 * time.Second,
+		StepTimeout:   10 * time.Minute,
+		CommitWait:    30 * time.Second,
+	}
+}
+
+// Validate reports every problem with c.
+func (c ServeConfig) Validate() error {
+	var errs []error
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("--listen %q: want ADDR:PORT", c.Listen))
+	}
+	if c.WorkDir == "" {
+		errs = append(errs, errors.New("--work-dir is required"))
+	}
+	if c.TLSDir == "" {
+		errs = append(errs, errors.New("--tls-dir is required"))
+	}
+	if c.MaxMigrations <= 0 {
+		errs = append(errs, errors.New("max migrations must be positive"))
+	}
+	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.CommitWait <= 0 {
+		errs = append(errs, errors.New("timeouts must be positive"))
+	}
+	return errors.Join(errs...)
+}
+
+func discardIfNil(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return l
+}

@@ -1,0 +1,456 @@
+package phaul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/phaul/phaul/core/cgroup"
+	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/images"
+	"github.com/phaul/phaul/core/transport"
+	"github.com/phaul/phaul/core/wire"
+)
+
+// ErrBusy is the refusal reason when MaxMigrations are in progress.
+var ErrBusy = errors.New("phaul: destination busy")
+
+var migrationIDRe = regexp.MustCompile(`^[0-9a-f]{16}$`)
+
+// Server is the destination service: it accepts migrations, restores them
+// and runs them on COMMIT.
+type Server struct {
+	cfg  ServeConfig
+	log  *slog.Logger
+	crit *criu.Binary
+
+	mu      sync.Mutex
+	active  map[string]*incoming // guarded by mu
+	inDoubt map[string]int       // migration id -> stopped root pid; guarded by mu
+}
+
+// Serve listens and serves migrations until ctx ends. On return every
+// migration has finished, been aborted, or been left in doubt (reported in
+// the log and in its work dir's state file).
+func Serve(ctx context.Context, cfg ServeConfig) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	log := discardIfNil(cfg.Logger)
+	id, err := transport.LoadTLS(cfg.TLSDir)
+	if err != nil {
+		return fmt.Errorf("tls dir: %w", err)
+	}
+	bin, err := criu.Locate(ctx, cfg.CRIUPath, log)
+	if err != nil {
+		return err
+	}
+	log.Info("using criu", "path", bin.Path, "from", bin.Source, "version", bin.Version.String())
+	if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
+		return fmt.Errorf("work dir: %w", err)
+	}
+	if err := writable(cfg.WorkDir); err != nil {
+		return fmt.Errorf("work dir: %w", err)
+	}
+	tcfg := cfg.Transport
+	tcfg.Identity = id
+	tcfg.Logger = log
+	ln, err := transport.Listen(ctx, cfg.Listen, tcfg)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	log.Info("serving", "addr", ln.Addr().String(), "work_dir", cfg.WorkDir)
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr())
+	}
+	s := &Server{cfg: cfg, log: log, crit: bin, active: map[string]*incoming{}, inDoubt: map[string]int{}}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		sess, err := ln.Accept(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				log.Info("stopping", "in_flight", s.count())
+				return nil
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.handle(ctx, sess)
+		}()
+	}
+}
+
+func (s *Server) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.active)
+}
+
+func writable(dir string) error {
+	f, err := os.CreateTemp(dir, ".probe-*")
+	if err != nil {
+		return err
+	}
+	name := f.Name()
+	f.Close()
+	return os.Remove(name)
+}
+
+// incoming is one migration being received.
+type incoming struct {
+	id    string
+	dir   string // WorkDir/<id>; removed unless the tree runs or is in doubt
+	log   *slog.Logger
+	sess  *transport.Session
+	ctl   *wire.Conn
+	opts  criu.Options
+	group *cgroup.Group
+	pid   int // restored root, stopped until COMMIT
+}
+
+// handle runs one session to its end.
+func (s *Server) handle(ctx context.Context, sess *transport.Session) {
+	defer sess.Close()
+	log := s.log.With("peer", sess.Peer().String())
+	stream, err := sess.AcceptStream(ctx)
+	if err != nil {
+		log.Warn("no control stream", "err", err)
+		return
+	}
+	defer stream.Close()
+	ctl := wire.NewConn(stream)
+	in, err := s.accept(ctx, sess, stream, ctl, log)
+	if err != nil {
+		log.Warn("migration refused", "err", err)
+		return
+	}
+	defer s.forget(in)
+	if err := s.receive(ctx, in, stream); err != nil {
+		in.log.Warn("migration failed", "err", err)
+	}
+}
+
+// accept reads the hello and answers it.
+func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *transport.Stream, ctl *wire.Conn, log *slog.Logger) (*incoming, error) {
+	stop := deadline(ctx, stream, s.cfg.HelloTimeout)
+	defer stop()
+	m, err := ctl.Recv()
+	if err != nil {
+		return nil, fmt.Errorf("hello: %w", err)
+	}
+	h := m.GetHello()
+	refuse := func(reason string) error {
+		ctl.Send(&wire.Message{Body: &wire.Message_HelloReply{HelloReply: &wire.HelloReply{Reason: reason}}})
+		return errors.New(reason)
+	}
+	if h == nil {
+		return nil, refuse(fmt.Sprintf("expected hello, got %s", wire.Name(m)))
+	}
+	if h.GetMaxVersion() < wire.MinVersion || h.GetMinVersion() > wire.MaxVersion {
+		return nil, refuse(fmt.Sprintf("protocol versions %d-%d not supported (this side: %d-%d)",
+			h.GetMinVersion(), h.GetMaxVersion(), wire.MinVersion, wire.MaxVersion))
+	}
+	version := min(h.GetMaxVersion(), uint32(wire.MaxVersion))
+	if !migrationIDRe.MatchString(h.GetMigrationId()) {
+		return nil, refuse("bad migration id")
+	}
+	if h.GetMode() != wire.Mode_MODE_COLD {
+		return nil, refuse(fmt.Sprintf("mode %v not supported", h.GetMode()))
+	}
+	opts := optionsFromWire(h.GetCriu())
+	if err := opts.Validate(); err != nil {
+		return nil, refuse(err.Error())
+	}
+	local, err := localReport(ctx, s.cfg.CRIUPath, log)
+	if err != nil {
+		return nil, refuse(fmt.Sprintf("destination pre-flight: %v", err))
+	}
+	reply := func(accepted bool, reason string) error {
+		r := &wire.HelloReply{Accepted: accepted, Reason: reason, Host: local}
+		if accepted {
+			r.Version = version
+		}
+		return ctl.Send(&wire.Message{Body: &wire.Message_HelloReply{HelloReply: r}})
+	}
+	if !local.GetOk() {
+		reason := "destination cannot restore: " + failedItems(local)
+		reply(false, reason)
+		return nil, errors.New(reason)
+	}
+	if err := checkPeer(h.GetHost(), local); err != nil {
+		reply(false, err.Error())
+		return nil, err
+	}
+	in := &incoming{id: h.GetMigrationId(), sess: sess, ctl: ctl, opts: opts,
+		log: log.With("migration", h.GetMigrationId())}
+	if err := s.register(in); err != nil {
+		reply(false, err.Error())
+		return nil, err
+	}
+	in.dir = filepath.Join(s.cfg.WorkDir, in.id)
+	if err := os.Mkdir(in.dir, 0o700); err != nil {
+		s.forget(in)
+		reply(false, "destination work dir: "+err.Error())
+		return nil, fmt.Errorf("work dir: %w", err)
+	}
+	if err := os.Mkdir(filepath.Join(in.dir, "images"), 0o700); err != nil {
+		s.cleanup(in)
+		s.forget(in)
+		reply(false, "destination work dir: "+err.Error())
+		return nil, fmt.Errorf("work dir: %w", err)
+	}
+	if err := reply(true, ""); err != nil {
+		s.cleanup(in)
+		s.forget(in)
+		return nil, err
+	}
+	in.log.Info("migration accepted", "source", h.GetHost().GetHostname(), "version", version)
+	return in, nil
+}
+
+func (s *Server) register(in *incoming) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, dup := s.active[in.id]; dup {
+		return fmt.Errorf("migration %s already in progress", in.id)
+	}
+	if _, dup := s.inDoubt[in.id]; dup {
+		return fmt.Errorf("migration %s is in doubt here", in.id)
+	}
+	if len(s.active) >= s.cfg.MaxMigrations {
+		return fmt.Errorf("%w: %d migrations in progress", ErrBusy, len(s.active))
+	}
+	s.active[in.id] = in
+	return nil
+}
+
+func (s *Server) forget(in *incoming) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.active, in.id)
+}
+
+// receive runs a migration from its accepted hello to the end.
+func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.Stream) error {
+	committed := false
+	prepared := false
+	defer func() {
+		switch {
+		case committed:
+			s.removeImages(in)
+		case prepared:
+			// handled where prepared is decided
+		default:
+			s.cleanup(in)
+		}
+	}()
+	abort := func(reason string) {
+		in.ctl.Send(&wire.Message{Body: &wire.Message_Abort{Abort: &wire.Abort{Reason: reason}}})
+	}
+
+	// Images arrive on their own stream while control waits for RESTORE.
+	type result struct {
+		files []images.File
+		err   error
+	}
+	recvDone := make(chan result, 1)
+	rctx, cancelRecv := context.WithCancel(ctx)
+	defer cancelRecv()
+	go func() {
+		files, err := s.receiveImages(rctx, in)
+		recvDone <- result{files, err}
+	}()
+
+	var restore *wire.Restore
+	stop := deadline(ctx, stream, s.cfg.StepTimeout)
+	for restore == nil {
+		m, err := in.ctl.Recv()
+		if err != nil {
+			stop()
+			cancelRecv()
+			<-recvDone
+			return fmt.Errorf("wait for restore: %w", err)
+		}
+		switch b := m.GetBody().(type) {
+		case *wire.Message_Ping:
+			if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: &wire.Pong{Seq: b.Ping.GetSeq()}}}); err != nil {
+				stop()
+				cancelRecv()
+				<-recvDone
+				return err
+			}
+		case *wire.Message_Restore:
+			restore = b.Restore
+		case *wire.Message_Abort:
+			stop()
+			cancelRecv()
+			<-recvDone
+			return fmt.Errorf("%w by source: %s", ErrAborted, b.Abort.GetReason())
+		default:
+			stop()
+			cancelRecv()
+			<-recvDone
+			abort("unexpected " + wire.Name(m))
+			return fmt.Errorf("wait for restore: unexpected %s", wire.Name(m))
+		}
+	}
+	stop()
+	r := <-recvDone
+	if r.err != nil {
+		abort(r.err.Error())
+		return r.err
+	}
+	want := make([]images.File, len(restore.GetFiles()))
+	for i, f := range restore.GetFiles() {
+		want[i] = images.File{Name: f.GetName(), Size: f.GetSize()}
+	}
+	if !images.Equal(want, r.files) {
+		abort("images received do not match the manifest")
+		return errors.New("images received do not match the manifest")
+	}
+
+	t0 := time.Now()
+	pid, err := s.restore(ctx, in)
+	if err != nil {
+		abort(err.Error())
+		return err
+	}
+	in.pid = pid
+	prepared = true
+	err = in.ctl.Send(&wire.Message{Body: &wire.Message_Prepared{Prepared: &wire.Prepared{
+		Pid: int32(pid), RestoreNanos: uint64(time.Since(t0)), ReceivedBytes: images.Total(r.files)}}})
+	if err != nil {
+		s.inDoubtHold(in, fmt.Errorf("send prepared: %w", err))
+		return err
+	}
+	in.log.Info("prepared", "pid", pid)
+	committed, err = s.awaitCommit(ctx, in, stream)
+	return err
+}
+
+// awaitCommit waits for COMMIT or ABORT with the tree stopped. It returns
+// true once the tree runs.
+func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transport.Stream) (bool, error) {
+	// Shutdown does not cut this wait short at once: the source may have
+	// killed its copy already, so the service gives COMMIT CommitWait to
+	// arrive before it leaves the tree in doubt.
+	waitCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	stopOnShutdown := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(s.cfg.CommitWait, cancel)
+		context.AfterFunc(waitCtx, func() { t.Stop() })
+	})
+	defer stopOnShutdown()
+	stop := deadline(waitCtx, stream, s.cfg.StepTimeout)
+	defer stop()
+	m, err := in.ctl.Recv()
+	if err != nil {
+		s.inDoubtHold(in, fmt.Errorf("wait for commit: %w", err))
+		return false, fmt.Errorf("%w: %w", ErrInDoubt, err)
+	}
+	switch b := m.GetBody().(type) {
+	case *wire.Message_Commit:
+		if err := in.group.Signal(syscall.SIGCONT); err != nil {
+			// The source's copy is gone: keep trying is all we can do.
+			in.log.Error("continue restored tree", "err", err)
+		}
+		in.log.Info("committed: tree runs", "pid", in.pid)
+		err := in.ctl.Send(&wire.Message{Body: &wire.Message_Committed{Committed: &wire.Committed{Pid: int32(in.pid)}}})
+		return true, err
+	case *wire.Message_Abort:
+		s.cleanup(in)
+		return false, fmt.Errorf("%w by source after prepared: %s", ErrAborted, b.Abort.GetReason())
+	default:
+		s.inDoubtHold(in, fmt.Errorf("unexpected %s while prepared", wire.Name(m)))
+		return false, fmt.Errorf("%w: unexpected %s", ErrInDoubt, wire.Name(m))
+	}
+}
+
+// inDoubtHold keeps a prepared tree stopped and records it.
+func (s *Server) inDoubtHold(in *incoming, why error) {
+	s.mu.Lock()
+	s.inDoubt[in.id] = in.pid
+	s.mu.Unlock()
+	state := fmt.Sprintf("in-doubt pid=%d cgroup=%s/%s reason=%q\n", in.pid, cgroup.Parent, in.id, why.Error())
+	if err := os.WriteFile(filepath.Join(in.dir, "state"), []byte(state), 0o600); err != nil {
+		in.log.Error("record in-doubt state", "err", err)
+	}
+	in.log.Error("migration in doubt: restored tree kept stopped; resolve by hand (kill it, or SIGCONT its cgroup if the source copy is gone)",
+		"pid", in.pid, "cgroup", cgroup.Parent+"/"+in.id, "reason", why)
+}
+
+func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File, error) {
+	st, err := in.sess.AcceptStream(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("images stream: %w", err)
+	}
+	defer st.Close()
+	if st.Kind() != transport.KindImages {
+		return nil, fmt.Errorf("images stream: got a %s stream", st.Kind())
+	}
+	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
+	defer stop()
+	files, err := images.Receive(st, filepath.Join(in.dir, "images"), s.cfg.Limits, nil)
+	if err != nil {
+		return nil, fmt.Errorf("receive images: %w", err)
+	}
+	in.log.Info("images received", "files", len(files), "bytes", images.Total(files))
+	return files, nil
+}
+
+// restore restores the tree stopped, inside a cgroup this service owns.
+func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
+	g, err := cgroup.Create(in.id)
+	if err != nil {
+		return 0, fmt.Errorf("restore: %w", err)
+	}
+	in.group = g
+	pid, err := s.crit.Restore(ctx, criu.RestoreRequest{
+		ImagesDir:    filepath.Join(in.dir, "images"),
+		WorkDir:      in.dir,
+		Options:      in.opts,
+		LeaveStopped: true,
+		Hooks:        criu.Hooks{Started: g.Add},
+	}, nil)
+	if err != nil {
+		return 0, fmt.Errorf("restore: %w", err)
+	}
+	return pid, nil
+}
+
+// cleanup kills whatever was restored and removes the migration's files
+// and cgroup.
+func (s *Server) cleanup(in *incoming) {
+	if in.group != nil {
+		if err := in.group.Kill(5 * time.Second); err != nil {
+			in.log.Error("kill restored tree", "err", err)
+		}
+		if err := in.group.Remove(); err != nil {
+			in.log.Warn("remove cgroup", "err", err)
+		}
+	}
+	if in.dir != "" {
+		if err := os.RemoveAll(in.dir); err != nil {
+			in.log.Warn("remove work dir", "err", err)
+		}
+	}
+}
+
+// removeImages drops a committed migration's files; the cgroup stays: the
+// tree lives in it.
+func (s *Server) removeImages(in *incoming) {
+	if err := os.RemoveAll(in.dir); err != nil {
+		in.log.Warn("remove work dir", "err", err)
+	}
+}

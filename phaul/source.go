@@ -1,0 +1,376 @@
+package phaul
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/images"
+	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/core/transport"
+	"github.com/phaul/phaul/core/wire"
+)
+
+// Sentinels callers (and tests) branch on.
+var (
+	ErrBadTarget = errors.New("phaul: process cannot be migrated")
+	ErrRefused   = errors.New("phaul: destination refused the migration")
+	ErrInDoubt   = errors.New("phaul: migration in doubt: the source tree is gone and the destination did not confirm")
+	ErrAborted   = errors.New("phaul: destination aborted")
+)
+
+// Migrate moves the tree rooted at cfg.PID to cfg.To. It returns the
+// migration's statistics (never nil) and nil only when the tree runs on the
+// destination. On any other error the tree runs on the source, except when
+// the error wraps ErrInDoubt.
+func Migrate(ctx context.Context, cfg MigrateConfig) (*Stats, error) {
+	id := newID()
+	st := newStats(id, cfg.Mode, cfg.To, cfg.PID)
+	st.mark(PhasePreflight)
+	log := discardIfNil(cfg.Logger).With("migration", id)
+	s := &source{cfg: cfg, log: log, stats: st}
+	err := s.run(ctx)
+	switch {
+	case err == nil:
+		st.Result = ResultOK
+	case errors.Is(err, ErrInDoubt):
+		st.Result = ResultInDoubt
+	default:
+		st.Result = ResultFailed
+	}
+	if err != nil {
+		st.Error = err.Error()
+	}
+	st.TotalMS = ms(time.Since(st.start))
+	if s.sess != nil {
+		st.BytesWire = s.sess.BytesWire()
+	}
+	return st, err
+}
+
+type source struct {
+	cfg   MigrateConfig
+	log   *slog.Logger
+	stats *Stats
+	sess  *transport.Session
+	ctl   *wire.Conn
+}
+
+func (s *source) progress(p Phase, bytes uint64) {
+	if s.cfg.Progress != nil {
+		s.cfg.Progress(Event{Phase: p, Bytes: bytes, Elapsed: time.Since(s.stats.start)})
+	}
+}
+
+func (s *source) phase(p Phase) {
+	s.stats.mark(p)
+	s.log.Info("phase", "phase", p)
+	s.progress(p, 0)
+}
+
+func (s *source) run(ctx context.Context) error {
+	cfg := s.cfg
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if err := checkTarget(cfg.PID); err != nil {
+		return err
+	}
+	id, err := transport.LoadTLS(cfg.TLSDir)
+	if err != nil {
+		return fmt.Errorf("tls dir: %w", err)
+	}
+	bin, err := criu.Locate(ctx, cfg.CRIUPath, s.log)
+	if err != nil {
+		return err
+	}
+	s.log.Info("using criu", "path", bin.Path, "from", bin.Source, "version", bin.Version.String())
+	local, err := localReport(ctx, cfg.CRIUPath, s.log)
+	if err != nil {
+		return err
+	}
+	if !local.GetOk() {
+		return fmt.Errorf("this host cannot migrate: %s", failedItems(local))
+	}
+
+	imagesDir := filepath.Join(cfg.WorkDir, s.stats.MigrationID)
+	if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
+		return fmt.Errorf("work dir: %w", err)
+	}
+	if err := os.Mkdir(imagesDir, 0o700); err != nil {
+		return fmt.Errorf("work dir: %w", err)
+	}
+	defer func() {
+		if err := os.RemoveAll(imagesDir); err != nil {
+			s.log.Warn("remove images", "dir", imagesDir, "err", err)
+		}
+	}()
+
+	s.phase(PhaseConnect)
+	tcfg := cfg.Transport
+	tcfg.Identity = id
+	tcfg.Logger = s.log
+	sess, err := transport.Dial(ctx, cfg.To, tcfg)
+	if err != nil {
+		return err
+	}
+	s.sess = sess
+	defer sess.Close()
+	stream, err := sess.OpenStream(ctx, transport.KindControl)
+	if err != nil {
+		return fmt.Errorf("control stream: %w", err)
+	}
+	defer stream.Close()
+	s.ctl = wire.NewConn(stream)
+	if err := s.hello(ctx, stream, local); err != nil {
+		return err
+	}
+	return s.dumpAndCommit(ctx, bin, imagesDir, stream)
+}
+
+// hello exchanges pre-flight reports and measures the round trip.
+func (s *source) hello(ctx context.Context, stream *transport.Stream, local *wire.HostReport) error {
+	cfg := s.cfg
+	stop := deadline(ctx, stream, cfg.HelloTimeout)
+	defer stop()
+	err := s.ctl.Send(&wire.Message{Body: &wire.Message_Hello{Hello: &wire.Hello{
+		MinVersion: wire.MinVersion, MaxVersion: wire.MaxVersion,
+		MigrationId: s.stats.MigrationID, Mode: wire.Mode_MODE_COLD,
+		Host: local, Criu: optionsToWire(cfg.CRIU),
+	}}})
+	if err != nil {
+		return err
+	}
+	m, err := s.ctl.Recv()
+	if err != nil {
+		return fmt.Errorf("hello: %w", err)
+	}
+	r := m.GetHelloReply()
+	if r == nil {
+		return fmt.Errorf("hello: %w: got %s", wire.ErrFrame, wire.Name(m))
+	}
+	if !r.GetAccepted() {
+		return fmt.Errorf("%w: %s", ErrRefused, r.GetReason())
+	}
+	if r.GetVersion() < wire.MinVersion || r.GetVersion() > wire.MaxVersion {
+		return fmt.Errorf("hello: destination chose protocol version %d", r.GetVersion())
+	}
+	if err := checkPeer(local, r.GetHost()); err != nil {
+		s.abort(fmt.Sprintf("source refuses: %v", err))
+		return err
+	}
+	// The best of three pings: downtime subtracts half of it.
+	rtt := time.Duration(1<<63 - 1)
+	for seq := uint64(1); seq <= 3; seq++ {
+		t0 := time.Now()
+		if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Ping{Ping: &wire.Ping{Seq: seq}}}); err != nil {
+			return err
+		}
+		m, err := s.ctl.Recv()
+		if err != nil {
+			return fmt.Errorf("ping: %w", err)
+		}
+		if m.GetPong().GetSeq() != seq {
+			return fmt.Errorf("ping: %w: got %s", wire.ErrFrame, wire.Name(m))
+		}
+		rtt = min(rtt, time.Since(t0))
+	}
+	s.stats.RTTMS = ms(rtt)
+	s.log.Info("destination accepted", "peer", s.sess.Peer().String(), "rtt", rtt,
+		"dest_kernel", r.GetHost().GetKernel(), "dest_criu", r.GetHost().GetCriuVersion())
+	return nil
+}
+
+// abort tells the destination to drop the migration; best effort.
+func (s *source) abort(reason string) {
+	if s.ctl == nil {
+		return
+	}
+	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Abort{Abort: &wire.Abort{Reason: reason}}}); err != nil {
+		s.log.Debug("send abort", "err", err)
+	}
+}
+
+// dumpAndCommit runs the dump; its post-dump notification ships the images
+// and waits for PREPARED. Then it commits.
+func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir string, ctlStream *transport.Stream) error {
+	cfg := s.cfg
+	var (
+		frozen, dumped time.Time
+		acked          bool // post-dump answered with success: CRIU kills the tree
+		prepared       *wire.Prepared
+		sent           []images.File
+	)
+	notify := criu.NotifyFunc(func(ctx context.Context, script string, _ int32) error {
+		switch script {
+		case "pre-dump":
+			frozen = time.Now()
+			s.phase(PhaseDump)
+		case "post-dump":
+			dumped = time.Now()
+			s.stats.CRIUDumpMS = ms(dumped.Sub(frozen))
+			var err error
+			sent, prepared, err = s.transfer(ctx, imagesDir, ctlStream)
+			if err != nil {
+				s.log.Warn("rolling back", "err", err)
+				return err
+			}
+			acked = true
+		}
+		return nil
+	})
+	err := bin.Dump(ctx, criu.DumpRequest{Pid: cfg.PID, ImagesDir: imagesDir, Options: cfg.CRIU}, notify)
+	if err != nil && !acked {
+		s.phase(PhaseRollback)
+		s.abort(fmt.Sprintf("source dump failed: %v", err))
+		return s.rolledBack(fmt.Errorf("dump: %w", err))
+	}
+	if err != nil {
+		// CRIU failed after post-dump succeeded. Whether the tree died
+		// decides: one copy must run.
+		if alive, _ := linux.ProcessExists(cfg.PID); alive {
+			s.phase(PhaseRollback)
+			s.abort(fmt.Sprintf("source dump failed after post-dump: %v", err))
+			return s.rolledBack(fmt.Errorf("dump: %w", err))
+		}
+		s.log.Warn("criu failed after killing the tree; committing", "err", err)
+	}
+	s.stats.DestPID = int(prepared.GetPid())
+	s.stats.CRIURestoreMS = ms(time.Duration(prepared.GetRestoreNanos()))
+	s.stats.BytesImages = images.Total(sent)
+	s.stats.Rounds = append(s.stats.Rounds, Round{Round: 1, Kind: "final", BytesImages: s.stats.BytesImages,
+		Files: len(sent), DurationMS: ms(time.Since(frozen))})
+
+	s.phase(PhaseCommit)
+	stop := deadline(ctx, ctlStream, cfg.CommitTimeout)
+	defer stop()
+	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Commit{Commit: &wire.Commit{}}}); err != nil {
+		s.phase(PhaseInDoubt)
+		return fmt.Errorf("%w: send commit: %w", ErrInDoubt, err)
+	}
+	m, err := s.ctl.Recv()
+	if err != nil {
+		s.phase(PhaseInDoubt)
+		return fmt.Errorf("%w: wait for committed: %w", ErrInDoubt, err)
+	}
+	c := m.GetCommitted()
+	if c == nil {
+		s.phase(PhaseInDoubt)
+		return fmt.Errorf("%w: destination answered %s to commit: %s", ErrInDoubt, wire.Name(m), m.GetAbort().GetReason())
+	}
+	running := time.Now()
+	rtt := time.Duration(s.stats.RTTMS * float64(time.Millisecond))
+	s.stats.DowntimeMS = ms(running.Sub(frozen) - rtt/2)
+	s.stats.DestPID = int(c.GetPid())
+	s.phase(PhaseDone)
+	s.log.Info("migrated", "dest_pid", c.GetPid(), "downtime_ms", s.stats.DowntimeMS,
+		"bytes", s.stats.BytesImages)
+	return nil
+}
+
+// rolledBack confirms the source tree still runs and says so in err.
+func (s *source) rolledBack(err error) error {
+	if alive, _ := linux.ProcessExists(s.cfg.PID); alive {
+		return fmt.Errorf("%w (workload resumed on the source)", err)
+	}
+	return fmt.Errorf("%w (and pid %d no longer runs on the source)", err, s.cfg.PID)
+}
+
+// transfer ships the images and waits for PREPARED; it runs inside the
+// post-dump notification with the tree frozen.
+func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *transport.Stream) ([]images.File, *wire.Prepared, error) {
+	s.phase(PhaseTransfer)
+	st, err := s.sess.OpenStream(ctx, transport.KindImages)
+	if err != nil {
+		return nil, nil, fmt.Errorf("images stream: %w", err)
+	}
+	sent, err := images.Send(st, imagesDir, func(n uint64) { s.progress(PhaseTransfer, n) })
+	if cerr := st.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("send images: %w", err)
+	}
+	manifest := make([]*wire.FileInfo, len(sent))
+	for i, f := range sent {
+		manifest[i] = &wire.FileInfo{Name: f.Name, Size: f.Size}
+	}
+	s.phase(PhaseRestore)
+	stop := deadline(ctx, ctlStream, s.cfg.PrepareTimeout)
+	defer stop()
+	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Restore{Restore: &wire.Restore{Files: manifest}}}); err != nil {
+		return nil, nil, err
+	}
+	m, err := s.ctl.Recv()
+	if err != nil {
+		return nil, nil, fmt.Errorf("wait for prepared: %w", err)
+	}
+	if a := m.GetAbort(); a != nil {
+		return nil, nil, fmt.Errorf("%w: %s", ErrAborted, a.GetReason())
+	}
+	p := m.GetPrepared()
+	if p == nil || p.GetPid() <= 0 {
+		return nil, nil, fmt.Errorf("wait for prepared: %w: got %s", wire.ErrFrame, wire.Name(m))
+	}
+	s.phase(PhasePrepared)
+	return sent, p, nil
+}
+
+// deadline bounds the stream's reads and writes by timeout and by ctx;
+// the returned func lifts it.
+func deadline(ctx context.Context, st *transport.Stream, timeout time.Duration) func() {
+	st.SetDeadline(time.Now().Add(timeout))
+	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
+	return func() {
+		stop()
+		st.SetDeadline(time.Time{})
+	}
+}
+
+// checkTarget refuses processes phaul must not move: none, pid 1, phaul
+// itself or any of its ancestors (moving one would kill phaul mid-way).
+func checkTarget(pid int) error {
+	if pid == 1 {
+		return fmt.Errorf("%w: pid 1 is the host's init", ErrBadTarget)
+	}
+	if alive, err := linux.ProcessExists(pid); err != nil || !alive {
+		return fmt.Errorf("%w: pid %d does not exist", ErrBadTarget, pid)
+	}
+	for p := os.Getpid(); p > 1; {
+		if p == pid {
+			if p == os.Getpid() {
+				return fmt.Errorf("%w: pid %d is phaul itself", ErrBadTarget, pid)
+			}
+			return fmt.Errorf("%w: pid %d is an ancestor of phaul", ErrBadTarget, pid)
+		}
+		st, err := linux.ReadProcessStat(p)
+		if err != nil {
+			break
+		}
+		p = st.PPID
+	}
+	return nil
+}
+
+func newID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func optionsToWire(o criu.Options) *wire.CriuOptions {
+	return &wire.CriuOptions{TcpEstablished: o.TCPEstablished, FileLocks: o.FileLocks, ExtUnixSk: o.ExtUnixSk,
+		ShellJob: o.ShellJob, LinkRemap: o.LinkRemap, GhostLimit: o.GhostLimit, ManageCgroups: o.ManageCgroups}
+}
+
+func optionsFromWire(w *wire.CriuOptions) criu.Options {
+	return criu.Options{TCPEstablished: w.GetTcpEstablished(), FileLocks: w.GetFileLocks(), ExtUnixSk: w.GetExtUnixSk(),
+		ShellJob: w.GetShellJob(), LinkRemap: w.GetLinkRemap(), GhostLimit: w.GetGhostLimit(), ManageCgroups: w.GetManageCgroups()}
+}

@@ -1,0 +1,105 @@
+package phaul
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"time"
+)
+
+// Result of a migration.
+const (
+	ResultOK      = "ok"       // the tree runs on the destination only
+	ResultFailed  = "failed"   // the tree still runs on the source only
+	ResultInDoubt = "in-doubt" // the source tree is gone; the destination holds it stopped or unknown
+)
+
+// Stats describe one migration, from the source's point of view. Every
+// duration is measured on the source's monotonic clock; no value mixes the
+// two hosts' clocks. The JSON form is the --stats-json schema (README).
+type Stats struct {
+	MigrationID   string      `json:"migration_id"`
+	Mode          Mode        `json:"mode"`
+	Result        string      `json:"result"`
+	Error         string      `json:"error,omitempty"`
+	Destination   string      `json:"destination"`
+	SourcePID     int         `json:"source_pid"`
+	DestPID       int         `json:"dest_pid,omitempty"`
+	Phases        []PhaseMark `json:"phases"`
+	DowntimeMS    float64     `json:"downtime_ms"`
+	TotalMS       float64     `json:"total_ms"`
+	CRIUDumpMS    float64     `json:"criu_dump_ms"`
+	CRIURestoreMS float64     `json:"criu_restore_ms"`
+	RTTMS         float64     `json:"rtt_ms"`
+	BytesWire     uint64      `json:"bytes_wire"`
+	BytesImages   uint64      `json:"bytes_images"`
+	Rounds        []Round     `json:"rounds"`
+
+	start  time.Time // monotonic reference
+}
+
+// PhaseMark records when a phase began.
+type PhaseMark struct {
+	Phase Phase     `json:"phase"`
+	At    time.Time `json:"at"`   // source wall clock, for humans
+	TMS   float64   `json:"t_ms"` // since the migration began, monotonic
+}
+
+// Round is one memory transfer round; cold migration has exactly one, the
+// final dump.
+type Round struct {
+	Round       int     `json:"round"`
+	Kind        string  `json:"kind"` // "final"
+	BytesImages uint64  `json:"bytes_images"`
+	Files       int     `json:"files"`
+	DurationMS  float64 `json:"duration_ms"` // dump start to images received
+}
+
+func newStats(id string, mode Mode, to string, pid int) *Stats {
+	return &Stats{MigrationID: id, Mode: mode, Destination: to, SourcePID: pid, Result: ResultFailed,
+		start: time.Now(), Phases: []PhaseMark{}, Rounds: []Round{}}
+}
+
+func (s *Stats) mark(p Phase) time.Time {
+	now := time.Now()
+	s.Phases = append(s.Phases, PhaseMark{Phase: p, At: now, TMS: ms(now.Sub(s.start))})
+	return now
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// WriteJSON writes s as one JSON object and a newline.
+func (s *Stats) WriteJSON(w io.Writer) error {
+	b, err := json.Marshal(s)
+	if err != nil {
+		return fmt.Errorf("encode stats: %w", err)
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+// AppendJSONFile appends s to the file at path (one object per line).
+func (s *Stats) AppendJSONFile(path string) (err error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("stats file: %w", err)
+	}
+	defer func() {
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}()
+	return s.WriteJSON(f)
+}
+
+// Event is a progress report.
+type Event struct {
+	Phase   Phase
+	Bytes   uint64        // image bytes sent so far in this phase
+	Elapsed time.Duration // since the migration began
+}
+
+// Progress receives events; it is called from the migration's goroutine
+// and must not block for long.
+type Progress func(Event)
