@@ -254,7 +254,10 @@ func checkPtraceScope() CheckItem {
 		return it
 	}
 	it.Available = s.AllowsPrivilegedAttach()
-	it.Detail = "yama ptrace_scope " + s.String()
+	it.Detail = s.String()
+	if s != linux.PtraceScopeNoYama {
+		it.Detail = "yama ptrace_scope " + it.Detail
+	}
 	if it.Available {
 		it.Detail += ": root (CAP_SYS_PTRACE) may attach, as CRIU dump/restore and pidfd_getfd need"
 	} else {
@@ -309,12 +312,13 @@ func CPUCompatible(src, dst CPU) error {
 	if len(src.Flags) == 0 || len(dst.Flags) == 0 {
 		return fmt.Errorf("%w: a host reported no CPU flags", ErrCPUIncompatible)
 	}
-	if src.FlagsDigest != "" && src.FlagsDigest == dst.FlagsDigest {
-		return nil
+	have := make(map[string]bool, len(dst.Flags))
+	for _, f := range dst.Flags {
+		have[f] = true
 	}
 	var missing []string
 	for _, f := range src.Flags {
-		if !slices.Contains(dst.Flags, f) {
+		if !have[f] {
 			missing = append(missing, f)
 		}
 	}
