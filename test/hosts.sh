@@ -42,8 +42,10 @@ down() {
 	local ns
 	for ns in "$src" "$dst" "$cli"; do
 		# Deleting a namespace deletes its veth ends and so their peers.
-		if exists "$ns"; then
-			ip netns delete "$ns"
+		# Another run may delete it at the same time: only failing to
+		# make it go away is an error.
+		if exists "$ns" && ! ip netns delete "$ns" && exists "$ns"; then
+			die 1 "cannot delete namespace $ns"
 		fi
 	done
 }

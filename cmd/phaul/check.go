@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"slices"
 	"strings"
 	"text/tabwriter"
 
@@ -25,7 +24,7 @@ func checkCommand() *cli.Command {
 			// Also a global flag; repeated here so that `phaul check --criu X`
 			// parses (urfave/cli v2 parses a subcommand's arguments with its
 			// own flags only).
-			&cli.StringFlag{Name: "criu", Usage: "CRIU binary (default: $PHAUL_CRIU, /opt/phaul/criu/bin/criu, criu on PATH)"},
+			criuFlag(),
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 0 {
@@ -50,18 +49,6 @@ func checkCommand() *cli.Command {
 			return nil
 		},
 	}
-}
-
-// stringFlag returns the innermost explicitly set value of a flag defined
-// both globally and on the command. c.String alone would return the
-// command's unset default and hide `phaul --criu X check`.
-func stringFlag(c *cli.Context, name string) string {
-	for _, cc := range c.Lineage() {
-		if slices.Contains(cc.LocalFlagNames(), name) {
-			return cc.String(name)
-		}
-	}
-	return c.String(name)
 }
 
 func writeCheckJSON(w io.Writer, r *phaul.CheckReport) error {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -19,7 +20,7 @@ func main() {
 		Name:  "phaul",
 		Usage: "live-migrate a process tree between Linux hosts with CRIU",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "criu", Usage: "CRIU binary (default: $PHAUL_CRIU, /opt/phaul/criu/bin/criu, criu on PATH)"},
+			criuFlag(),
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log as JSON lines"},
 		},
@@ -44,4 +45,22 @@ func main() {
 		fmt.Fprintln(os.Stderr, "phaul:", msg)
 	}
 	os.Exit(code)
+}
+
+// criuFlag is --criu, accepted globally and by every command that runs CRIU
+// (read it with stringFlag).
+func criuFlag() cli.Flag {
+	return &cli.StringFlag{Name: "criu", Usage: "CRIU binary (default: $PHAUL_CRIU, /opt/phaul/criu/bin/criu, criu on PATH)"}
+}
+
+// stringFlag returns the innermost explicitly set value of a flag defined
+// both globally and on the command. c.String alone would return the
+// command's unset default and hide `phaul --criu X check`.
+func stringFlag(c *cli.Context, name string) string {
+	for _, cc := range c.Lineage() {
+		if slices.Contains(cc.LocalFlagNames(), name) {
+			return cc.String(name)
+		}
+	}
+	return c.String(name)
 }

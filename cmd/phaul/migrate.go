@@ -27,6 +27,7 @@ func migrateCommand() *cli.Command {
 		Usage:     "move a running process tree to a phaul serve destination",
 		UsageText: "phaul migrate --to HOST:PORT --tls-dir DIR [--mode cold] [--work-dir DIR] [--stats-json FILE] [CRIU options] PID",
 		Flags: []cli.Flag{
+			criuFlag(),
 			&cli.StringFlag{Name: "to", Required: true, Usage: "destination HOST:PORT; its certificate must name HOST"},
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
 			&cli.StringFlag{Name: "mode", Value: string(phaul.ModeCold), Usage: "cold"},
@@ -56,7 +57,7 @@ func migrateCommand() *cli.Command {
 			cfg := phaul.DefaultMigrateConfig()
 			cfg.To, cfg.TLSDir, cfg.Mode, cfg.PID = c.String("to"), c.String("tls-dir"), mode, pid
 			cfg.WorkDir = c.String("work-dir")
-			cfg.CRIUPath = c.String("criu")
+			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.CRIU = criu.Options{
 				TCPEstablished: c.Bool("tcp-established"),
 				FileLocks:      c.Bool("file-locks"),

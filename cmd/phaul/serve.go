@@ -13,6 +13,7 @@ func serveCommand() *cli.Command {
 		Usage:     "receive and restore migrations (destination service)",
 		UsageText: "phaul serve --listen ADDR:PORT --work-dir DIR --tls-dir DIR",
 		Flags: []cli.Flag{
+			criuFlag(),
 			&cli.StringFlag{Name: "listen", Required: true, Usage: "address to listen on, ADDR:PORT"},
 			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "directory this service owns: one subdirectory per migration"},
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
@@ -27,7 +28,7 @@ func serveCommand() *cli.Command {
 			cfg.Listen = c.String("listen")
 			cfg.WorkDir = c.String("work-dir")
 			cfg.TLSDir = c.String("tls-dir")
-			cfg.CRIUPath = c.String("criu")
+			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.MaxMigrations = c.Int("max-migrations")
 			cfg.CommitWait = c.Duration("commit-wait")
 			cfg.Logger = newLogger(c)

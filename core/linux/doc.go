@@ -2,10 +2,10 @@
 // that imports golang.org/x/sys/unix or unsafe.
 //
 // It has one file per kernel interface (uffd.go, pagemap.go, softdirty.go,
-// pidfd.go, ptrace.go, cgroup.go, kernel.go, cpu.go, proc.go) and exports
-// typed functions only: addresses are uint64, lengths name their unit, file
-// descriptors live in owner types (*os.File, *Uffd, *Pidfd, *Pagemap) with an
-// idempotent Close.
+// pidfd.go, ptrace.go, cgroup.go, kernel.go, cpu.go, proc.go, socket.go)
+// and exports typed functions only: addresses are uint64, lengths name their
+// unit, file descriptors live in owner types (*os.File, *net.UnixConn, *Uffd,
+// *Pidfd, *Pagemap) with an idempotent Close.
 //
 // Feature probes (HavePagemapScan, HaveSoftDirty, HaveUserfaultfd,
 // HavePidfdGetfd, HaveFreezerV2, ...) run once and cache only conclusive

@@ -27,7 +27,7 @@ const ptraceScopePath = "/proc/sys/kernel/yama/ptrace_scope"
 func (s PtraceScope) String() string {
 	switch s {
 	case PtraceScopeNoYama:
-		return "no Yama: classic ptrace permissions"
+		return "Yama off (classic ptrace permissions)"
 	case PtraceScopeClassic:
 		return "0 (classic ptrace permissions)"
 	case PtraceScopeRestricted:

@@ -8,29 +8,35 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// SeqpacketPair returns a connected AF_UNIX SOCK_SEQPACKET pair: local is
-// registered with the runtime poller (Close unblocks its readers), remote is
-// a plain file meant to be handed to a child (exec.Cmd.ExtraFiles). Both are
-// close-on-exec; the caller owns both and must close remote once the child
-// has started.
+// SeqpacketPair returns the two ends of an AF_UNIX SOCK_SEQPACKET
+// socketpair(2), the transport of CRIU's swrk RPC: local, non-blocking and
+// in the Go poller, for this process; remote, blocking, to hand to a child
+// through exec.Cmd.ExtraFiles (which clears its close-on-exec flag). Both
+// are close-on-exec here. The caller owns both and closes remote once the
+// child has started.
 func SeqpacketPair() (local *net.UnixConn, remote *os.File, err error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, fmt.Errorf("socketpair: %w", err)
 	}
 	lf := os.NewFile(uintptr(fds[0]), "seqpacket-local")
-	defer lf.Close() // FileConn dups it
 	remote = os.NewFile(uintptr(fds[1]), "seqpacket-remote")
-	c, err := net.FileConn(lf)
+	c, err := net.FileConn(lf) // a dup; lf is closed below either way
+	if cerr := lf.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
 	if err != nil {
 		remote.Close()
-		return nil, nil, fmt.Errorf("seqpacket conn: %w", err)
+		if c != nil {
+			c.Close()
+		}
+		return nil, nil, fmt.Errorf("socketpair conn: %w", err)
 	}
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		c.Close()
 		remote.Close()
-		return nil, nil, fmt.Errorf("seqpacket conn: unexpected type %T", c)
+		return nil, nil, fmt.Errorf("socketpair conn: got %T", c)
 	}
 	return uc, remote, nil
 }

@@ -64,6 +64,7 @@ type Session struct {
 	peer        Peer
 	dialer      bool
 	kindTimeout time.Duration
+	frameBytes  int // bounds a data frame; maxFrameBytes but for benchmarks
 
 	openMu sync.Mutex // serialises OpenStream so stream IDs follow call order
 	opened int        // streams opened; guarded by openMu
@@ -91,6 +92,7 @@ func newSession(conn *tls.Conn, cfg Config, log *slog.Logger, dialer bool) (*Ses
 		},
 		dialer:      dialer,
 		kindTimeout: cfg.HandshakeTimeout,
+		frameBytes:  maxFrameBytes,
 	}
 	newMux := yamux.Server
 	if dialer {
@@ -138,7 +140,7 @@ func (s *Session) OpenStream(ctx context.Context, kind StreamKind) (*Stream, err
 		return nil, fmt.Errorf("open %v stream: %w", kind, s.closedErr(err))
 	}
 	s.opened++
-	st := &Stream{ys: ys, kind: kind}
+	st := &Stream{ys: ys, kind: kind, frameBytes: s.frameBytes}
 	err = withDeadline(ctx, s.kindTimeout, ys.SetWriteDeadline, func() error {
 		_, err := ys.Write([]byte{byte(kind)})
 		return err
@@ -189,7 +191,7 @@ func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
 		_ = ys.Close() // refused
 		return nil, fmt.Errorf("accept stream %d: %w", ys.StreamID(), err)
 	}
-	return &Stream{ys: ys, kind: kind}, nil
+	return &Stream{ys: ys, kind: kind, frameBytes: s.frameBytes}, nil
 }
 
 // closedErr marks err as net.ErrClosed once the session has ended, so

@@ -217,7 +217,7 @@ func TestAcceptStreamRules(t *testing.T) {
 	serverCfg.HandshakeTimeout = 200 * time.Millisecond // bounds the kind read
 	clientCfg := testConfig(p.identity(t, "client-a.example"), nil)
 	tests := []struct {
-		name  string
+		name    string
 		kinds   []byte // first byte of each stream; empty: none sent
 		want    error  // for the last stream; earlier ones must succeed
 		timeout bool   // the last stream fails with a timeout

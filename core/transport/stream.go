@@ -11,9 +11,10 @@ import (
 // Write and Close are safe for concurrent use; concurrent Writes do not
 // interleave.
 type Stream struct {
-	ys   *yamux.Stream
-	kind StreamKind
-	wmu  sync.Mutex // makes each Write atomic: it may span several frames
+	ys         *yamux.Stream
+	kind       StreamKind
+	frameBytes int        // largest frame Write sends
+	wmu        sync.Mutex // makes each Write atomic: it may span several frames
 }
 
 // Kind reports what the stream carries.
@@ -35,7 +36,7 @@ func (s *Stream) Write(p []byte) (int, error) {
 	defer s.wmu.Unlock()
 	total := 0
 	for len(p) > 0 {
-		n, err := s.ys.Write(p[:min(len(p), maxFrameBytes)])
+		n, err := s.ys.Write(p[:min(len(p), s.frameBytes)])
 		total += n
 		if err != nil {
 			return total, err

@@ -24,7 +24,14 @@
 // inside a Netns, with its output in files: nothing ties it to the test but
 // its log, so a restored copy is found, checked and killed the same way
 // (Running, CheckHealthy, cleanup). Its log format is documented at the top of
-// workload.c; Steps and Health read it.
+// workload.c; Steps and Health read it. CorruptPage writes into its memory, the
+// negative control that proves the checks can fail. StartUnixSink runs the
+// outside peer that WorkloadOpts.ExtUnix needs.
+//
+// For CRIU, run it inside the tree's netns (Netns.Command), so the netns is
+// not dumped; the flags each mode needs are listed in WorkloadOpts. There TCP
+// connections are locked per connection with iptables unless CRIU gets
+// --network-lock nftables (this machine kind has no iptables).
 //
 // Helpers that take a testing.TB call its Fatal on failure and may be used
 // from the test's goroutine only.

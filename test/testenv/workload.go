@@ -1,7 +1,6 @@
 package testenv
 
 import (
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -9,7 +8,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,7 +23,8 @@ type WorkloadOpts struct {
 	Flock       bool          // holds flock on Workload.FlockPath; CRIU needs --file-locks
 	Ghost       bool          // an open, unlinked file: a ghost file in CRIU's images
 	GhostKiB    int           // its size; 0: 64. Over 1024 CRIU needs --ghost-limit
-	ExtUnix     string        // path of a bound unixgram socket outside the tree (UnixSink); CRIU needs --ext-unix-sk
+	GhostLink   bool          // Ghost, but a second hard link keeps nlink 1; CRIU needs --link-remap
+	ExtUnix     string        // UnixSink.Path, a peer outside the tree; CRIU needs --ext-unix-sk
 	Shm         bool          // the memory is MAP_SHARED anonymous instead of private
 }
 
@@ -52,52 +51,6 @@ type Workload struct {
 
 // ErrNoSteps is returned by LastStep before the first step line.
 var ErrNoSteps = errors.New("workload logged no step yet")
-
-var buildOnce = sync.OnceValues(buildWorkload)
-
-// BuildWorkload compiles test/workload/workload.c with cc, once per test
-// binary, and returns the binary's path. The binary lives in a directory of
-// the temp dir named by the source's hash, kept for later runs (and for
-// restores, which reopen the executable by path).
-func BuildWorkload(tb testing.TB) string {
-	tb.Helper()
-	RequireCommand(tb, "cc")
-	path, err := buildOnce()
-	if err != nil {
-		tb.Fatalf("build workload: %v", err)
-	}
-	return path
-}
-
-func buildWorkload() (string, error) {
-	root, err := repoRoot()
-	if err != nil {
-		return "", err
-	}
-	src := filepath.Join(root, "test", "workload", "workload.c")
-	code, err := os.ReadFile(src)
-	if err != nil {
-		return "", err
-	}
-	sum := sha256.Sum256(code)
-	dir := filepath.Join(os.TempDir(), fmt.Sprintf("phaul-workload-%x", sum[:8]))
-	bin := filepath.Join(dir, "workload") // Running matches this base name
-	if _, err := os.Stat(bin); err == nil {
-		return bin, nil
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", err
-	}
-	// Build beside it and rename, so concurrent test binaries never run a
-	// half-written file.
-	tmp := fmt.Sprintf("%s.%d.tmp", bin, os.Getpid())
-	out, err := exec.Command("cc", "-O2", "-pthread", "-Wall", "-Wextra", "-o", tmp, src).CombinedOutput()
-	if err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("cc %s: %w\n%s", src, err, out)
-	}
-	return bin, os.Rename(tmp, bin)
-}
 
 // StartWorkload starts the workload inside ns (nil: the test's own network
 // namespace) as the init of a new PID namespace and the leader of a new
@@ -190,9 +143,12 @@ func (w *Workload) args(o WorkloadOpts) []string {
 	if o.Flock {
 		a = append(a, "--flock", w.FlockPath)
 	}
-	if o.Ghost {
+	if o.Ghost || o.GhostLink {
 		a = append(a, "--ghost", filepath.Join(w.Dir, "workload.ghost"),
 			"--ghost-kib", strconv.Itoa(def(o.GhostKiB, 64)))
+	}
+	if o.GhostLink {
+		a = append(a, "--ghost-link")
 	}
 	if o.ExtUnix != "" {
 		a = append(a, "--ext-unix", o.ExtUnix)
@@ -253,94 +209,6 @@ func running(logPath string) ([]int, error) {
 	return pids, nil
 }
 
-func (w *Workload) state() (logState, error) {
-	data, err := os.ReadFile(w.Log)
-	if errors.Is(err, os.ErrNotExist) {
-		return logState{}, nil // not started yet
-	}
-	if err != nil {
-		return logState{}, err
-	}
-	return parseLog(data)
-}
-
-// Steps returns every step line logged so far, by all copies, in log order.
-func (w *Workload) Steps() ([]Step, error) {
-	st, err := w.state()
-	return st.steps, err
-}
-
-// LastStep returns the last step logged, or ErrNoSteps.
-func (w *Workload) LastStep() (Step, error) {
-	st, err := w.state()
-	if err != nil {
-		return Step{}, err
-	}
-	if len(st.steps) == 0 {
-		return Step{}, ErrNoSteps
-	}
-	return st.steps[len(st.steps)-1], nil
-}
-
-// Lines returns the complete lines of the log that start with prefix, such
-// as "ok tcp" or "CORRUPT".
-func (w *Workload) Lines(prefix string) ([]string, error) {
-	st, err := w.state()
-	var out []string
-	for _, l := range st.lines {
-		if strings.HasPrefix(l, prefix) {
-			out = append(out, l)
-		}
-	}
-	return out, err
-}
-
-// Health returns nil if the log so far is healthy, else an error wrapping
-// ErrUnhealthy: a CORRUPT or FAIL line, a step that is not one more than the
-// one before (went back, repeated or skipped), or a verification count that
-// went back. A malformed log is an error too.
-func (w *Workload) Health() error {
-	st, err := w.state()
-	if err != nil {
-		return err
-	}
-	return st.health()
-}
-
-// CheckHealthy fails the test unless Health is nil.
-func (w *Workload) CheckHealthy(tb testing.TB) {
-	tb.Helper()
-	if err := w.Health(); err != nil {
-		tb.Fatalf("workload %s: %v\n%s", w.Log, err, w.tail())
-	}
-}
-
-// WaitProgress waits until n more steps than the last one logged now are
-// logged. It fails the test at once if the log turns unhealthy.
-func (w *Workload) WaitProgress(tb testing.TB, n int) {
-	tb.Helper()
-	from, err := w.LastStep()
-	if err != nil && !errors.Is(err, ErrNoSteps) {
-		tb.Fatalf("workload log: %v", err)
-	}
-	timeout := 30*time.Second + 4*time.Duration(n)*stepPeriod
-	last := from.N
-	ok, err := poll(timeout, func() (bool, error) {
-		st, err := w.state()
-		if err == nil {
-			err = st.health()
-		}
-		if len(st.steps) > 0 {
-			last = st.steps[len(st.steps)-1].N
-		}
-		return last >= from.N+uint64(n), err
-	})
-	if err != nil || !ok {
-		tb.Fatalf("workload: %d steps from %d wanted, at %d after %v (running: %v): %v\n%s",
-			n, from.N, last, timeout, Running(tb, w.Log), err, w.tail())
-	}
-}
-
 // Stop sends SIGTERM to every copy and waits until none runs; each copy logs
 // "exit signal=TERM" and exits 0.
 func (w *Workload) Stop(tb testing.TB) {
@@ -382,50 +250,6 @@ func (w *Workload) WaitExit(tb testing.TB, timeout time.Duration) int {
 	}
 }
 
-// CorruptPage flips bits in one word of page, through /proc/PID/mem of the
-// one running copy, without telling its ledger: the next verification must
-// log CORRUPT and exit 3. A writer that rewrites the page first hides it, so
-// use PagesPerSec < 0 for a certain result.
-func (w *Workload) CorruptPage(page int) (err error) {
-	st, err := w.state()
-	if err != nil {
-		return err
-	}
-	addr, pages, err := st.region()
-	if err != nil {
-		return err
-	}
-	if page < 0 || page >= pages {
-		return fmt.Errorf("corrupt page %d: workload has %d", page, pages)
-	}
-	pids, err := running(w.Log)
-	if err != nil {
-		return err
-	}
-	if len(pids) != 1 {
-		return fmt.Errorf("corrupt page: %d copies run: %v", len(pids), pids)
-	}
-	f, err := os.OpenFile(fmt.Sprintf("/proc/%d/mem", pids[0]), os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-	}()
-	off := int64(addr) + int64(page)*4096 + 512 // word 64: pattern, not header
-	var word [8]byte
-	if _, err := f.ReadAt(word[:], off); err != nil {
-		return fmt.Errorf("read page %d: %w", page, err)
-	}
-	word[0] ^= 0xff
-	if _, err := f.WriteAt(word[:], off); err != nil {
-		return fmt.Errorf("write page %d: %w", page, err)
-	}
-	return nil
-}
-
 // tail returns the end of the log and the output, for failure messages.
 func (w *Workload) tail() string {
 	var b strings.Builder
@@ -451,6 +275,9 @@ func (w *Workload) cleanup(tb testing.TB) {
 	if err != nil || !ok {
 		tb.Errorf("kill workload copies of %s: %v", w.Log, err)
 	}
+	// Also one that never reached exec; os.Process holds a pidfd, so this
+	// cannot hit a reused PID.
+	w.cmd.Process.Kill()
 	select {
 	case <-w.done:
 	case <-time.After(10 * time.Second):

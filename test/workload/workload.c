@@ -22,11 +22,15 @@
 //   --flock FILE     holds flock(LOCK_EX) on FILE (--file-locks)
 //   --ghost FILE     writes --ghost-kib KiB (64) to FILE, unlinks and rereads
 //                    it: a ghost file (over 1024 KiB needs --ghost-limit)
+//   --ghost-link     with --ghost, first links FILE.link to it: open, unlinked,
+//                    yet nlink 1 (--link-remap)
 //   --ext-unix PATH  SOCK_DGRAM socket connected to PATH, bound outside the
 //                    tree; sends "tick seq=N" each step, MSG_DONTWAIT, a full
 //                    queue counts a drop (--ext-unix-sk)
 //   --shm            the region is MAP_SHARED (CRIU's shmem path)
-// --link-remap is not covered: it only changes how CRIU keeps --ghost's file.
+// workload --sink PATH --log FILE is that outside peer instead: it binds a
+// SOCK_DGRAM socket at PATH and logs "sink tick seq=N" per tick received.
+// CRIU finds the peer with sock_diag, so run it in the workload's netns.
 // Exit: 0 on SIGTERM, 2 usage or setup, 3 corruption, 4 mode failure.
 // Build: cc -O2 -pthread -o workload workload.c
 #define _GNU_SOURCE
@@ -61,8 +65,8 @@
 
 static struct {
 	long mib, threads, rate, verify_ms, ghost_kib;
-	const char *log, *flock, *ghost, *ext_unix;
-	int tcp, shm;
+	const char *log, *flock, *ghost, *ext_unix, *sink;
+	int tcp, shm, ghost_link;
 } o = {.mib = 64, .threads = 2, .rate = 1000, .verify_ms = 250, .ghost_kib = 64};
 
 static uint64_t *region; // npages pages of WORDS words
@@ -264,9 +268,12 @@ static void setup_ghost(void) {
 		FAIL("ghost", "open %s: %s", o.ghost, strerror(errno));
 	for (size_t k = 0; k < n / 8; k++)
 		ghost_want[k] = xorshift(&s);
-	if (pwrite(ghost_fd, ghost_want, n, 0) != (ssize_t)n || unlink(o.ghost))
+	char link_path[4096];
+	snprintf(link_path, sizeof(link_path), "%s.link", o.ghost);
+	if (pwrite(ghost_fd, ghost_want, n, 0) != (ssize_t)n ||
+	    (o.ghost_link && link(o.ghost, link_path)) || unlink(o.ghost))
 		FAIL("ghost", "write %s: %s", o.ghost, strerror(errno));
-	logline("ok ghost bytes=%zu", n);
+	logline("ok ghost bytes=%zu nlink=%d", n, o.ghost_link);
 }
 
 static void check_ghost(void) {
@@ -274,7 +281,7 @@ static void check_ghost(void) {
 	struct stat st;
 	if (fstat(ghost_fd, &st))
 		FAIL("ghost", "stat: %s", strerror(errno));
-	if (st.st_nlink != 0 || st.st_size != (off_t)n)
+	if (st.st_nlink != (nlink_t)o.ghost_link || st.st_size != (off_t)n)
 		FAIL("ghost", "nlink=%lu size=%ld", (unsigned long)st.st_nlink, (long)st.st_size);
 	if (pread(ghost_fd, ghost_got, n, 0) != (ssize_t)n)
 		FAIL("ghost", "read: %s", strerror(errno));
@@ -283,15 +290,34 @@ static void check_ghost(void) {
 	logline("ok ghost");
 }
 
-static void setup_ext_unix(void) {
+// unix_dgram returns a SOCK_DGRAM socket bound or connected to path.
+static int unix_dgram(const char *path, int (*op)(int, const struct sockaddr *, socklen_t)) {
 	struct sockaddr_un a = {.sun_family = AF_UNIX};
-	if (strlen(o.ext_unix) >= sizeof(a.sun_path))
-		FAIL("ext-unix", "path too long");
-	strcpy(a.sun_path, o.ext_unix);
-	unix_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	if (unix_fd < 0 || connect(unix_fd, (void *)&a, sizeof(a)))
+	if (strlen(path) >= sizeof(a.sun_path))
+		return errno = ENAMETOOLONG, -1;
+	strcpy(a.sun_path, path);
+	int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	return fd < 0 || op(fd, (void *)&a, sizeof(a)) ? -1 : fd;
+}
+
+static void setup_ext_unix(void) {
+	if ((unix_fd = unix_dgram(o.ext_unix, connect)) < 0)
 		FAIL("ext-unix", "connect %s: %s", o.ext_unix, strerror(errno));
 	logline("ok ext-unix path=%s", o.ext_unix);
+}
+
+static _Noreturn void run_sink(void) {
+	int fd = unix_dgram(o.sink, bind);
+	if (fd < 0)
+		FAIL("sink", "bind %s: %s", o.sink, strerror(errno));
+	logline("sink ready path=%s", o.sink);
+	for (char buf[64];;) {
+		ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+		if (n < 0 && errno != EINTR)
+			FAIL("sink", "recv: %s", strerror(errno));
+		if (n >= 0)
+			buf[n] = 0, logline("sink %s", buf);
+	}
 }
 
 static void tick_ext_unix(void) {
@@ -330,16 +356,17 @@ static void parse(int argc, char **argv) {
 		{"mib", 1, 0, 'm'}, {"threads", 1, 0, 't'}, {"rate", 1, 0, 'r'},
 		{"verify-ms", 1, 0, 'v'}, {"ghost-kib", 1, 0, 'K'}, {"log", 1, 0, 'l'},
 		{"flock", 1, 0, 'F'}, {"ghost", 1, 0, 'G'}, {"ext-unix", 1, 0, 'U'},
-		{"tcp-pair", 0, 0, 'T'}, {"shm", 0, 0, 'S'}, {0}};
+		{"sink", 1, 0, 'k'}, {"tcp-pair", 0, 0, 'T'}, {"shm", 0, 0, 'S'},
+		{"ghost-link", 0, 0, 'L'}, {0}};
 	long *num[128] = {['m'] = &o.mib, ['t'] = &o.threads, ['r'] = &o.rate,
 			  ['v'] = &o.verify_ms, ['K'] = &o.ghost_kib};
 	const char **str[128] = {['l'] = &o.log, ['F'] = &o.flock, ['G'] = &o.ghost,
-				 ['U'] = &o.ext_unix};
+				 ['U'] = &o.ext_unix, ['k'] = &o.sink};
 	int c, bad = 0;
 	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		char *end;
-		if (c == 'T' || c == 'S')
-			*(c == 'T' ? &o.tcp : &o.shm) = 1;
+		if (c == 'T' || c == 'S' || c == 'L')
+			*(c == 'T' ? &o.tcp : c == 'S' ? &o.shm : &o.ghost_link) = 1;
 		else if (c > 0 && c < 128 && str[c])
 			*str[c] = optarg;
 		else if (c > 0 && c < 128 && num[c])
@@ -351,7 +378,7 @@ static void parse(int argc, char **argv) {
 	    o.rate < 0 || o.verify_ms < 0 || o.ghost_kib < 1) {
 		fprintf(stderr, "usage: workload --log FILE [--mib N] [--threads T] "
 				"[--rate PAGES_PER_SEC] [--verify-ms MS] [--tcp-pair] [--flock FILE] "
-				"[--ghost FILE [--ghost-kib K]] [--ext-unix PATH] [--shm]\n");
+				"[--ghost FILE [--ghost-kib K] [--ghost-link]] [--ext-unix PATH] [--shm] | --sink PATH --log FILE\n");
 		exit(2);
 	}
 }
@@ -371,6 +398,8 @@ int main(int argc, char **argv) {
 		perror(o.log);
 		return 2;
 	}
+	if (o.sink)
+		run_sink();
 	// Every thread inherits the block and main takes SIGTERM with
 	// sigtimedwait: a blocked signal is queued even for a pid-ns init.
 	sigset_t term;

@@ -1,0 +1,203 @@
+package transport
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+)
+
+// This file holds the harness behind BenchmarkControlRTTUnderLoad: the
+// dialer pings over the control stream while bulk streams write as fast as
+// they can; the listener echoes pings and discards bulk data.
+
+// rttParams says what measureRTT does.
+type rttParams struct {
+	IdlePings   int // pings before the bulk streams start
+	LoadPings   int // pings while they run
+	BulkStreams int
+	FrameBytes  int // Session.frameBytes of the dialer; 0: a whole window
+}
+
+// rttReport is what measureRTT found; durations are sorted.
+type rttReport struct {
+	Idle, Load []time.Duration
+	BulkBytes  int64
+	BulkTime   time.Duration
+}
+
+func (r rttReport) String() string {
+	return fmt.Sprintf("idle p50 %v p99 %v | load p50 %v p99 %v | bulk %.0f MB/s",
+		pct(r.Idle, 50), pct(r.Idle, 99), pct(r.Load, 50), pct(r.Load, 99), r.mbps())
+}
+
+func (r rttReport) mbps() float64 {
+	return float64(r.BulkBytes) / r.BulkTime.Seconds() / 1e6
+}
+
+// pct returns the p-th percentile of sorted samples.
+func pct(sorted []time.Duration, p int) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[min(len(sorted)-1, len(sorted)*p/100)]
+}
+
+// bulkBuf is what bulk streams write: 1 MiB per Write, as a page sender
+// would hand over a batch of pages.
+const bulkWriteBytes = 1 << 20
+
+// measureRTT runs the dialing side of the measurement on s; the peer must
+// run serveRTT.
+func measureRTT(ctx context.Context, s *Session, p rttParams) (rep rttReport, err error) {
+	if p.FrameBytes == 0 {
+		p.FrameBytes = 1 << 30 // yamux then sends up to a whole window per frame
+	}
+	s.frameBytes = p.FrameBytes
+	ctl, err := s.OpenStream(ctx, KindControl)
+	if err != nil {
+		return rep, err
+	}
+	defer ctl.Close()
+	if rep.Idle, err = ping(ctl, p.IdlePings); err != nil {
+		return rep, fmt.Errorf("idle pings: %w", err)
+	}
+
+	// The bulk writers stop when stop closes; flowing closes once they
+	// have written several windows, so the path is full when pings start.
+	var (
+		stop    = make(chan struct{})
+		flowing = make(chan struct{})
+		once    sync.Once
+		written atomic.Int64
+		full    = int64(8 * maxWindowBytes)
+	)
+	buf := make([]byte, bulkWriteBytes)
+	rand.Read(buf)
+	var g errgroup.Group
+	start := time.Now()
+	for range p.BulkStreams {
+		st, err := s.OpenStream(ctx, KindPages)
+		if err != nil {
+			close(stop)
+			return rep, errors.Join(err, g.Wait())
+		}
+		g.Go(func() error {
+			defer st.Close()
+			for {
+				select {
+				case <-stop:
+					return nil
+				default:
+				}
+				n, err := st.Write(buf)
+				if written.Add(int64(n)) >= full {
+					once.Do(func() { close(flowing) })
+				}
+				if err != nil {
+					return fmt.Errorf("bulk write: %w", err)
+				}
+			}
+		})
+	}
+	if p.BulkStreams > 0 {
+		<-flowing
+	}
+	rep.Load, err = ping(ctl, p.LoadPings)
+	close(stop)
+	err = errors.Join(err, g.Wait())
+	rep.BulkBytes, rep.BulkTime = written.Load(), time.Since(start)
+	return rep, err
+}
+
+// ping sends n 8-byte pings on ctl and returns the sorted round-trip times.
+func ping(ctl *Stream, n int) ([]time.Duration, error) {
+	rtts := make([]time.Duration, 0, n)
+	var out, in [8]byte
+	for i := range n {
+		binary.BigEndian.PutUint64(out[:], uint64(i))
+		t0 := time.Now()
+		if _, err := ctl.Write(out[:]); err != nil {
+			return nil, err
+		}
+		if _, err := io.ReadFull(ctl, in[:]); err != nil {
+			return nil, err
+		}
+		rtts = append(rtts, time.Since(t0))
+		if in != out {
+			return nil, fmt.Errorf("pong %x for ping %x", in, out)
+		}
+	}
+	slices.Sort(rtts)
+	return rtts, nil
+}
+
+// serveRTT is the listening side: it echoes the control stream and drains
+// bulk streams until the session ends.
+func serveRTT(ctx context.Context, s *Session) error {
+	var g errgroup.Group
+	defer g.Wait()
+	for {
+		st, err := s.AcceptStream(ctx)
+		if errors.Is(err, net.ErrClosed) {
+			return g.Wait()
+		}
+		if err != nil {
+			return errors.Join(err, g.Wait())
+		}
+		g.Go(func() error {
+			defer st.Close()
+			var err error
+			if st.Kind() == KindControl {
+				_, err = io.Copy(st, st)
+			} else {
+				_, err = io.Copy(io.Discard, st)
+			}
+			if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		})
+	}
+}
+
+// loopbackRTT measures over a TLS session on 127.0.0.1 in this process.
+func loopbackRTT(tb testing.TB, p rttParams) rttReport {
+	tb.Helper()
+	pk := newPKI(tb)
+	l := listen(tb, testConfig(pk.identity(tb, "127.0.0.1"), nil))
+	client, server := pair(tb, l, testConfig(pk.identity(tb, "client-a.example"), nil))
+	ctx := context.Background()
+	errc := make(chan error, 1)
+	go func() { errc <- serveRTT(ctx, server) }()
+	rep, err := measureRTT(ctx, client, p)
+	client.Close()
+	if serr := <-errc; err == nil {
+		err = serr
+	}
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return rep
+}
+
+// TestControlRTTUnderLoad runs the harness briefly on loopback. It checks
+// that the harness works, logs the numbers and asserts no timing; the
+// benchmark measures.
+func TestControlRTTUnderLoad(t *testing.T) {
+	rep := loopbackRTT(t, rttParams{IdlePings: 50, LoadPings: 50, BulkStreams: 2, FrameBytes: maxFrameBytes})
+	t.Logf("loopback, 2 bulk streams: %v", rep)
+	if len(rep.Idle) != 50 || len(rep.Load) != 50 || rep.BulkBytes == 0 {
+		t.Fatalf("incomplete measurement: %d idle, %d load pings, %d bulk bytes", len(rep.Idle), len(rep.Load), rep.BulkBytes)
+	}
+}

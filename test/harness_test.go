@@ -1,0 +1,359 @@
+package test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/phaul/phaul/core/cgroup"
+	"github.com/phaul/phaul/test/testenv"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// servePort is where phaul serve listens inside the destination namespace.
+const servePort = 7000
+
+var buildPhaul = sync.OnceValues(func() (string, error) {
+	dir, err := os.MkdirTemp("", "phaul-e2e-bin-")
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "phaul")
+	out, err := exec.Command("go", "build", "-o", bin, "github.com/phaul/phaul/cmd/phaul").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("go build phaul: %v\n%s", err, out)
+	}
+	return bin, nil
+})
+
+// env is two test hosts with certificates, a destination service and the
+// phaul binary.
+type env struct {
+	t         *testing.T
+	bin       string
+	hosts     *testenv.Hosts
+	dir       string
+	srcTLS    string
+	dstTLS    string
+	srcWork   string
+	dstWork   string
+	serve     *exec.Cmd
+	serveLog  string
+	serveDone chan struct{}
+}
+
+func newEnv(t *testing.T, opts testenv.HostsOpts) *env {
+	t.Helper()
+	testenv.RequireRoot(t)
+	testenv.RequireCRIU(t)
+	bin, err := buildPhaul()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, bin: bin, hosts: testenv.NewHosts(t, opts), dir: t.TempDir()}
+	e.srcTLS = filepath.Join(e.dir, "tls-src")
+	e.dstTLS = filepath.Join(e.dir, "tls-dst")
+	e.srcWork = filepath.Join(e.dir, "work-src")
+	e.dstWork = filepath.Join(e.dir, "work-dst")
+	ca := filepath.Join(e.dir, "ca")
+	e.run(nil, "certs", "--ca-dir", ca, "--out", e.srcTLS, "--host", e.hosts.Src.Addr.String())
+	e.run(nil, "certs", "--ca-dir", ca, "--out", e.dstTLS, "--host", e.hosts.Dst.Addr.String())
+	return e
+}
+
+// run runs phaul with args (in ns if set) and fails the test on error.
+func (e *env) run(ns *testenv.Netns, args ...string) string {
+	e.t.Helper()
+	out, code := e.phaul(ns, args...)
+	if code != 0 {
+		e.t.Fatalf("phaul %v: exit %d\n%s", args, code, out)
+	}
+	return out
+}
+
+// phaul runs phaul with args (in ns if set) and returns its combined output
+// and exit status.
+func (e *env) phaul(ns *testenv.Netns, args ...string) (string, int) {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	var cmd *exec.Cmd
+	if ns != nil {
+		cmd = ns.Command(ctx, e.bin, args...)
+	} else {
+		cmd = exec.CommandContext(ctx, e.bin, args...)
+	}
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return string(out), 0
+	case errors.As(err, &ee):
+		return string(out), ee.ExitCode()
+	default:
+		e.t.Fatalf("phaul %v: %v", args, err)
+		return "", -1
+	}
+}
+
+// phaulShell runs script with sh in the source namespace.
+func (e *env) phaulShell(script string) (string, int) {
+	e.t.Helper()
+	out, err := e.hosts.Src.Command(context.Background(), "sh", "-c", script).CombinedOutput()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return string(out), ee.ExitCode()
+	}
+	if err != nil {
+		e.t.Fatalf("sh -c %q: %v", script, err)
+	}
+	return string(out), 0
+}
+
+func (e *env) destAddr() string {
+	return fmt.Sprintf("%s:%d", e.hosts.Dst.Addr, servePort)
+}
+
+// startServe runs phaul serve in the destination namespace until cleanup,
+// which stops it with SIGTERM and checks that it exits 0.
+func (e *env) startServe(extra ...string) {
+	e.t.Helper()
+	e.serveLog = filepath.Join(e.dir, "serve.log")
+	e.startServeAt(e.destAddr(), extra...)
+}
+
+// startServeAt runs phaul serve on addr, logging to e.serveLog.
+func (e *env) startServeAt(addr string, extra ...string) {
+	e.t.Helper()
+	logf, err := os.Create(e.serveLog)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer logf.Close()
+	args := append([]string{"--log-level", "debug", "serve", "--listen", addr,
+		"--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, extra...)
+	e.serve = e.hosts.Dst.Command(context.Background(), e.bin, args...)
+	e.serve.Stdout, e.serve.Stderr = logf, logf
+	if err := e.serve.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.serveDone = make(chan struct{})
+	go func() { // owned by e; cleanup waits for it
+		e.serve.Wait()
+		close(e.serveDone)
+	}()
+	e.t.Cleanup(e.stopServe)
+	testenv.WaitFor(e.t, 30*time.Second, func() (bool, error) {
+		select {
+		case <-e.serveDone:
+			return false, fmt.Errorf("serve exited: %v\n%s", e.serve.ProcessState, e.readServeLog())
+		default:
+		}
+		return strings.Contains(e.readServeLog(), "msg=serving"), nil
+	})
+}
+
+func (e *env) readServeLog() string {
+	b, _ := os.ReadFile(e.serveLog)
+	return string(b)
+}
+
+func (e *env) stopServe() {
+	if e.serve == nil || e.serve.Process == nil {
+		return
+	}
+	select {
+	case <-e.serveDone:
+		return
+	default:
+	}
+	e.serve.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-e.serveDone:
+		if code := e.serve.ProcessState.ExitCode(); code != 0 {
+			e.t.Errorf("serve exited %d after SIGTERM\n%s", code, e.readServeLog())
+		}
+	case <-time.After(90 * time.Second):
+		e.serve.Process.Kill()
+		<-e.serveDone
+		e.t.Errorf("serve ignored SIGTERM for 90s\n%s", e.readServeLog())
+	}
+}
+
+// result is one phaul migrate run.
+type result struct {
+	out   string
+	code  int
+	stats map[string]any
+}
+
+func (r result) str(key string) string {
+	s, _ := r.stats[key].(string)
+	return s
+}
+
+func (r result) num(key string) float64 {
+	f, _ := r.stats[key].(float64)
+	return f
+}
+
+// migrate runs phaul migrate in the source namespace.
+func (e *env) migrate(pid int, extra ...string) result {
+	e.t.Helper()
+	statsPath := filepath.Join(e.dir, fmt.Sprintf("stats-%d.json", time.Now().UnixNano()))
+	args := append([]string{"migrate", "--to", e.destAddr(), "--tls-dir", e.srcTLS,
+		"--work-dir", e.srcWork, "--stats-json", statsPath}, extra...)
+	args = append(args, fmt.Sprint(pid))
+	out, code := e.phaul(e.hosts.Src, args...)
+	r := result{out: out, code: code}
+	if b, err := os.ReadFile(statsPath); err == nil {
+		sc := bufio.NewScanner(bytes.NewReader(b))
+		for sc.Scan() {
+			r.stats = map[string]any{}
+			if err := json.Unmarshal(sc.Bytes(), &r.stats); err != nil {
+				e.t.Fatalf("stats json: %v\n%s", err, b)
+			}
+		}
+	}
+	if id := r.str("migration_id"); id != "" {
+		e.t.Cleanup(func() { removeCgroup(e.t, id) })
+	}
+	e.t.Logf("phaul migrate exit %d\n%s", code, out)
+	return r
+}
+
+// removeCgroup removes phaul/<id> once its tree is gone (test cleanup kills
+// workloads first: cleanups run last-in first-out).
+func removeCgroup(t *testing.T, id string) {
+	g, err := cgroup.Open(id)
+	if err != nil {
+		return
+	}
+	if err := g.Kill(5 * time.Second); err != nil {
+		t.Errorf("cgroup %s: %v", id, err)
+	}
+	if err := g.Remove(); err != nil {
+		t.Errorf("cgroup %s: %v", id, err)
+	}
+}
+
+// assertMigrated checks the workload after a successful migration: exactly
+// one copy runs, in the destination namespace, under a new pid; it keeps
+// stepping, its steps never went back, and it verified all of its memory
+// twice more after the restore.
+func (e *env) assertMigrated(w *testenv.Workload, r result) int {
+	t := e.t
+	t.Helper()
+	if r.code != 0 {
+		t.Fatalf("migrate exit %d, want 0\n%s\nserve log:\n%s", r.code, r.out, e.readServeLog())
+	}
+	if r.str("result") != "ok" {
+		t.Fatalf("stats result %q, want ok: %v", r.str("result"), r.stats)
+	}
+	var pid int
+	testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
+		pids := w.Running(t)
+		if len(pids) != 1 {
+			return false, nil
+		}
+		pid = pids[0]
+		return true, nil
+	})
+	if pids := w.Running(t); len(pids) != 1 {
+		t.Fatalf("%d copies run after migration: %v", len(pids), pids)
+	}
+	if pid == w.PID() {
+		t.Fatalf("the source process %d still runs; no copy on the destination", pid)
+	}
+	if int(r.num("dest_pid")) != pid {
+		t.Fatalf("stats dest_pid %v, running copy %d", r.stats["dest_pid"], pid)
+	}
+	if in, err := e.hosts.Dst.Contains(pid); err != nil || !in {
+		t.Fatalf("pid %d does not run in the destination namespace: %v", pid, err)
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", w.PID())); err == nil {
+		if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", w.PID())); !bytes.Contains(st, []byte(") Z")) {
+			t.Fatalf("source process %d still exists: %s", w.PID(), st)
+		}
+	}
+	before, err := w.LastStep()
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.WaitFor(t, time.Minute, func() (bool, error) {
+		last, err := w.LastStep()
+		return last.Verified >= before.Verified+2, errors.Join(err, w.Health())
+	})
+	w.WaitProgress(t, 5)
+	w.CheckHealthy(t)
+	e.assertNoImagesLeft()
+	return pid
+}
+
+// assertOnSource checks the workload after a failed migration: the source
+// process still runs, alone, and keeps stepping healthily.
+func (e *env) assertOnSource(w *testenv.Workload) {
+	t := e.t
+	t.Helper()
+	pids := w.Running(t)
+	if len(pids) != 1 || pids[0] != w.PID() {
+		t.Fatalf("after a failed migration want only the source %d running, got %v", w.PID(), pids)
+	}
+	if in, err := e.hosts.Src.Contains(w.PID()); err != nil || !in {
+		t.Fatalf("pid %d is not in the source namespace: %v", w.PID(), err)
+	}
+	w.WaitProgress(t, 5)
+	w.CheckHealthy(t)
+}
+
+// assertNoImagesLeft checks that neither work dir holds a migration.
+func (e *env) assertNoImagesLeft() {
+	t := e.t
+	t.Helper()
+	for _, dir := range []string{e.srcWork, e.dstWork} {
+		// The destination cleans up after it answered; give it a moment.
+		testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
+			ents, err := os.ReadDir(dir)
+			if errors.Is(err, os.ErrNotExist) {
+				return true, nil
+			}
+			var names []string
+			for _, e := range ents {
+				names = append(names, e.Name())
+			}
+			if len(names) > 0 {
+				return false, nil
+			}
+			return true, err
+		})
+	}
+}
+
+// assertNoCgroup checks that a failed migration left no cgroup behind.
+func assertNoCgroup(t *testing.T, r result) {
+	t.Helper()
+	id := r.str("migration_id")
+	if id == "" {
+		return
+	}
+	testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
+		_, err := cgroup.Open(id)
+		return err != nil, nil
+	})
+}
