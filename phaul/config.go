@@ -92,6 +92,10 @@ type ServeConfig struct {
 	// StepTimeout the wait for each later source message before PREPARED.
 	HelloTimeout time.Duration
 	StepTimeout  time.Duration
+	// RestoreTimeout bounds CRIU's restore (a restore can block, e.g. on a
+	// file lock another process holds); past it the restore is killed and
+	// the migration aborted.
+	RestoreTimeout time.Duration
 	// CommitWait is how long a PREPARED migration waits for COMMIT or ABORT
 	// after its connection is lost or the service is told to stop, before
 	// it is left in doubt.
@@ -104,13 +108,14 @@ type ServeConfig struct {
 // DefaultServeConfig returns a ServeConfig with defaults set.
 func DefaultServeConfig() ServeConfig {
 	return ServeConfig{
-		WorkDir:       "/var/lib/phaul",
-		Transport:     transport.DefaultConfig(),
-		Limits:        images.DefaultLimits(),
-		MaxMigrations: 8,
-		HelloTimeout:  30 * time.Second,
-		StepTimeout:   10 * time.Minute,
-		CommitWait:    30 * time.Second,
+		WorkDir:        "/var/lib/phaul",
+		Transport:      transport.DefaultConfig(),
+		Limits:         images.DefaultLimits(),
+		MaxMigrations:  8,
+		HelloTimeout:   30 * time.Second,
+		StepTimeout:    10 * time.Minute,
+		RestoreTimeout: 5 * time.Minute,
+		CommitWait:     30 * time.Second,
 	}
 }
 
@@ -129,7 +134,7 @@ func (c ServeConfig) Validate() error {
 	if c.MaxMigrations <= 0 {
 		errs = append(errs, errors.New("max migrations must be positive"))
 	}
-	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.CommitWait <= 0 {
+	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 {
 		errs = append(errs, errors.New("timeouts must be positive"))
 	}
 	return errors.Join(errs...)

@@ -416,6 +416,9 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 		return 0, fmt.Errorf("restore: %w", err)
 	}
 	in.group = g
+	ctx, cancel := context.WithTimeoutCause(ctx, s.cfg.RestoreTimeout,
+		fmt.Errorf("restore took longer than %v", s.cfg.RestoreTimeout))
+	defer cancel()
 	pid, err := s.crit.Restore(ctx, criu.RestoreRequest{
 		ImagesDir:    filepath.Join(in.dir, "images"),
 		WorkDir:      in.dir,

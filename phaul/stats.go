@@ -36,7 +36,7 @@ type Stats struct {
 	BytesImages   uint64      `json:"bytes_images"`
 	Rounds        []Round     `json:"rounds"`
 
-	start  time.Time // monotonic reference
+	start time.Time // monotonic reference
 }
 
 // PhaseMark records when a phase began.

@@ -128,6 +128,7 @@ func TestBadInput(t *testing.T) {
 				t.Fatalf("exit 0, want failure\n%s", out)
 			}
 			last := lastLine(out)
+			t.Logf("exit %d: %s", code, last)
 			if !strings.HasPrefix(last, "phaul: ") || !strings.Contains(strings.ToLower(last), strings.ToLower(tt.want)) {
 				t.Fatalf("error line %q does not say %q\n%s", last, tt.want, out)
 			}

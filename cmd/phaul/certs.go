@@ -1,46 +1,42 @@
 package main
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/phaul/phaul/core/pki"
 )
 
+// certsCommand is "phaul certs": it creates the CA if there is none and
+// issues one node's certificate into that node's tls-dir.
 func certsCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "certs",
-		Usage:     "create a CA (if none) and a node certificate for the named hosts",
-		UsageText: "phaul certs --ca-dir CADIR --out DIR --host NAME_OR_IP [--host ...]",
+		Usage:     "create the CA if needed and issue a node certificate",
+		UsageText: "phaul certs --ca-dir CADIR --out DIR --host NAME_OR_IP [--host NAME_OR_IP ...]",
+		Description: "The CA (ca.crt, ca.key) lives in --ca-dir and is created there on first use.\n" +
+			"--out receives ca.crt, node.crt and node.key: copy it to the node as its tls-dir.\n" +
+			"ca.key never goes into --out; keep it off the nodes.",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "ca-dir", Required: true, Usage: "the CA's directory (ca.crt, ca.key); created if empty"},
-			&cli.StringFlag{Name: "out", Required: true, Usage: "where ca.crt, node.crt and node.key go: a node's --tls-dir"},
-			&cli.StringSliceFlag{Name: "host", Required: true, Usage: "DNS name or IP the node is reached by (repeat)"},
+			&cli.StringFlag{Name: "ca-dir", Usage: "directory of the CA; created with a new CA if empty", Required: true},
+			&cli.StringFlag{Name: "out", Usage: "node `DIR` to write ca.crt, node.crt, node.key into", Required: true},
+			&cli.StringSliceFlag{Name: "host", Usage: "DNS name or IP the node is reached by (repeatable)", Required: true},
 		},
 		Action: func(c *cli.Context) error {
 			caDir, out, hosts := c.String("ca-dir"), c.String("out"), c.StringSlice("host")
 			if c.NArg() != 0 {
-				return cli.Exit("usage: phaul certs --ca-dir CADIR --out DIR --host NAME_OR_IP", 2)
+				return cli.Exit("usage: "+c.Command.UsageText, 2)
 			}
-			same, err := sameDir(caDir, out)
-			if err != nil {
+			if same, err := sameDir(caDir, out); err != nil {
 				return err
+			} else if same {
+				return cli.Exit("phaul certs: --out must not be --ca-dir: a node's tls-dir must never hold ca.key", 2)
 			}
-			if same {
-				return cli.Exit("--out must not be the CA directory: a node must never hold ca.key", 2)
-			}
-			ca, err := pki.LoadCA(caDir)
-			if errors.Is(err, fs.ErrNotExist) {
-				ca, err = pki.CreateCA(caDir)
-				if err == nil {
-					fmt.Fprintf(os.Stderr, "created CA in %s\n", caDir)
-				}
-			}
+			ca, created, err := pki.LoadOrCreateCA(caDir)
 			if err != nil {
 				return err
 			}
@@ -48,27 +44,37 @@ func certsCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(os.Stderr, "wrote %s: ca.crt, node.crt (%v, valid until %s), node.key\n",
-				out, hosts, cert.NotAfter.Format("2006-01-02"))
+			w := c.App.Writer
+			if created {
+				fmt.Fprintf(w, "created CA %q: %s, %s (keep ca.key off the nodes)\n", ca.Cert.Subject.CommonName,
+					filepath.Join(caDir, pki.CACertFile), filepath.Join(caDir, pki.CAKeyFile))
+			} else {
+				fmt.Fprintf(w, "using CA %q in %s\n", ca.Cert.Subject.CommonName, caDir)
+			}
+			fmt.Fprintf(w, "wrote %s, %s, %s\n", filepath.Join(out, pki.CACertFile),
+				filepath.Join(out, pki.NodeCertFile), filepath.Join(out, pki.NodeKeyFile))
+			fmt.Fprintf(w, "node certificate for %s, valid until %s\n",
+				strings.Join(hosts, ", "), cert.NotAfter.UTC().Format("2006-01-02"))
 			return nil
 		},
 	}
 }
 
-// sameDir reports whether a and b name the same directory; b need not exist.
+// sameDir reports whether a and b name the same directory, by path or, if
+// both exist, by identity (symlinks, bind mounts).
 func sameDir(a, b string) (bool, error) {
-	aa, err := filepath.Abs(a)
+	absA, err := filepath.Abs(a)
 	if err != nil {
 		return false, err
 	}
-	bb, err := filepath.Abs(b)
+	absB, err := filepath.Abs(b)
 	if err != nil {
 		return false, err
 	}
-	if aa == bb {
+	if absA == absB {
 		return true, nil
 	}
-	sa, errA := os.Stat(aa)
-	sb, errB := os.Stat(bb)
-	return errA == nil && errB == nil && os.SameFile(sa, sb), nil
+	infoA, errA := os.Stat(a)
+	infoB, errB := os.Stat(b)
+	return errA == nil && errB == nil && os.SameFile(infoA, infoB), nil
 }

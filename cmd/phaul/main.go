@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -42,7 +43,10 @@ func main() {
 		code = ec.ExitCode()
 	}
 	if msg := err.Error(); msg != "" {
-		fmt.Fprintln(os.Stderr, "phaul:", msg)
+		if !strings.HasPrefix(msg, "phaul: ") {
+			msg = "phaul: " + msg
+		}
+		fmt.Fprintln(os.Stderr, msg)
 	}
 	os.Exit(code)
 }

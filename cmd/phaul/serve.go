@@ -18,6 +18,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "directory this service owns: one subdirectory per migration"},
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
+			&cli.DurationFlag{Name: "restore-timeout", Value: def.RestoreTimeout, Usage: "kill a CRIU restore that takes longer and abort the migration"},
 			&cli.DurationFlag{Name: "commit-wait", Value: def.CommitWait, Usage: "on shutdown, how long a prepared migration waits for COMMIT"},
 		},
 		Action: func(c *cli.Context) error {
@@ -31,6 +32,7 @@ func serveCommand() *cli.Command {
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.MaxMigrations = c.Int("max-migrations")
 			cfg.CommitWait = c.Duration("commit-wait")
+			cfg.RestoreTimeout = c.Duration("restore-timeout")
 			cfg.Logger = newLogger(c)
 			cfg.Transport.Logger = cfg.Logger
 			return phaul.Serve(c.Context, cfg)

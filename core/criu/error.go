@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 )
@@ -24,6 +25,7 @@ type Error struct {
 	ExitCode int    // -1 if CRIU did not exit (only the RPC failed) or was killed
 	Errno    int    // cr_errno from the RPC response, 0 if none
 	Message  string // cr_errmsg from the RPC response
+	Cause    string // the first error line of the log that is not noise
 	LogTail  []string
 	Err      error // cause: *exec.ExitError, socket error, notifier error, ...
 }
@@ -33,28 +35,55 @@ func (e *Error) Error() string {
 	if e.Errno != 0 {
 		s += fmt.Sprintf(", errno %d", e.Errno)
 	}
-	switch {
-	case e.Err != nil:
+	if e.Err != nil {
 		s += ": " + e.Err.Error()
-	case e.Message != "":
+	}
+	var ne *notifyError
+	switch {
+	case errors.As(e.Err, &ne):
+		// phaul failed the script on purpose; CRIU's log only echoes that.
+	case e.Cause != "":
+		s += ": " + e.Cause
+	case e.Message != "" && !isNoise(e.Message):
 		s += ": " + e.Message
-	}
-	if line := e.lastErrorLine(); line != "" {
-		s += ": " + line
-	}
-	return s
-}
-
-// lastErrorLine picks the most telling log line: the last one CRIU marked as
-// an error, else the last line.
-func (e *Error) lastErrorLine() string {
-	for i := len(e.LogTail) - 1; i >= 0; i-- {
-		if strings.Contains(e.LogTail[i], "Error") {
-			return strings.TrimSpace(e.LogTail[i])
+	default:
+		if n := len(e.LogTail); n > 0 {
+			s += ": " + e.LogTail[n-1]
 		}
 	}
-	if n := len(e.LogTail); n > 0 {
-		return strings.TrimSpace(e.LogTail[n-1])
+	// One line: callers print it as the command's error.
+	return strings.Join(strings.Fields(s), " ")
+}
+
+// isNoise reports error lines CRIU prints on every run here, or that only
+// say that an action failed without saying why.
+func isNoise(line string) bool {
+	for _, n := range []string{"Can't setup RLIMIT_NOFILE", "Dumping FAILED", "Restoring FAILED",
+		"Pre-dumping FAILED", "Lazy pages transfer FAILED"} {
+		if strings.Contains(line, n) {
+			return true
+		}
+	}
+	return false
+}
+
+// firstError returns the first "Error (" line of a CRIU log that is not
+// noise, without its timestamp, or "".
+func firstError(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(io.LimitReader(f, 256<<20))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		i := strings.Index(line, "Error (")
+		if i < 0 || isNoise(line) {
+			continue
+		}
+		return strings.TrimSpace(line[i:])
 	}
 	return ""
 }

@@ -127,7 +127,7 @@ func (s *swrk) call(ctx context.Context, req *rpc.CriuReq, n Notifier) (*rpc.Cri
 		resp, err := s.recv()
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("%w (%w)", ctx.Err(), err)
+				return nil, context.Cause(ctx)
 			}
 			return nil, err
 		}
@@ -223,6 +223,7 @@ func (s *swrk) fail(resp *rpc.CriuResp, cause error, logPath string) *Error {
 	}
 	if logPath != "" {
 		e.LogTail = tailFile(logPath, MaxLogLines)
+		e.Cause = firstError(logPath)
 	}
 	if len(e.LogTail) == 0 {
 		e.LogTail = s.stderr.lines(MaxLogLines)

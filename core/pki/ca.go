@@ -11,6 +11,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -97,6 +98,18 @@ func CreateCA(dir string) (*CA, error) {
 		return nil, fmt.Errorf("create CA in %s: %w", dir, existsAs(err, ErrCAExists))
 	}
 	return ca, nil
+}
+
+// LoadOrCreateCA loads the CA in dir, or creates one if dir holds neither
+// ca.crt nor ca.key, and reports whether it created it. A dir holding only
+// one of them is an error, never overwritten.
+func LoadOrCreateCA(dir string) (ca *CA, created bool, err error) {
+	ca, err = LoadCA(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		ca, err = CreateCA(dir)
+		created = err == nil
+	}
+	return ca, created, err
 }
 
 // LoadCA reads the CA in dir. Missing files give an error wrapping

@@ -40,6 +40,22 @@ func TestCreateLoadCA(t *testing.T) {
 	}
 }
 
+func TestLoadOrCreateCA(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	ca, created, err := LoadOrCreateCA(dir)
+	if err != nil || !created {
+		t.Fatalf("first LoadOrCreateCA = %v, %v", created, err)
+	}
+	ca2, created, err := LoadOrCreateCA(dir)
+	if err != nil || created || !ca2.Cert.Equal(ca.Cert) {
+		t.Fatalf("second LoadOrCreateCA = %v, %v; want the same CA, loaded", created, err)
+	}
+	removeFile(t, dir, CAKeyFile)
+	if _, _, err := LoadOrCreateCA(dir); !errors.Is(err, ErrCAExists) {
+		t.Fatalf("LoadOrCreateCA with only ca.crt = %v, want ErrCAExists", err)
+	}
+}
+
 func TestCreateCARefusesExisting(t *testing.T) {
 	tests := []struct {
 		name    string

@@ -1,32 +1,43 @@
 package transport
 
 import (
+	"fmt"
 	"testing"
 	"time"
 )
 
-// BenchmarkControlRTTUnderLoad measures control-stream ping RTT while two
-// bulk streams on the same session write as fast as they can, against the
-// idle RTT measured in the same run. ns/op is the mean RTT under load.
-// Percentiles need many samples: run with -benchtime=2000x.
+// BenchmarkControlRTTUnderLoad measures the round-trip time of pings on the
+// control stream while two bulk streams of the same session write as fast
+// as they can, against the idle RTT measured in the same run. ns/op is the
+// mean RTT under load. Percentiles need many samples: run with
+// -benchtime=2000x. Variants:
 //
-// frame=64KiB is Stream.Write as shipped; frame=window lets yamux send up
-// to a whole stream window per frame, as a plain yamux.Stream does.
+//	frames=shipped       Stream.Write as shipped: frames of 16-64 KiB
+//	frames=window        yamux sends up to a whole window per frame
+//	control=second-conn  pings on a second TLS connection (the last resort)
+//	window=min           Config.RTT of 1µs: the smallest window, 256 KiB
+//
+// loopback runs both ends in this process over 127.0.0.1. shaped runs them
+// in two network namespaces joined by a veth pair whose sending side is a
+// 200 Mbit/s token bucket, with TCP_NOTSENT_LOWAT off and at 16 KiB; it
+// needs root, ip and tc, and skips saying so otherwise.
 func BenchmarkControlRTTUnderLoad(b *testing.B) {
-	frames := []struct {
-		name  string
-		bytes int
+	variants := []struct {
+		name string
+		p    rttParams
 	}{
-		{"frame=16KiB", 16 << 10},
-		{"frame=64KiB", maxFrameBytes},
-		{"frame=window", 0},
+		{"frames=shipped", rttParams{}},
+		{"frames=window", rttParams{Unchunked: true}},
+		{"control=second-conn", rttParams{SeparateConn: true}},
+		{"window=min", rttParams{RTT: time.Microsecond}},
 	}
 	const idlePings = 500
 	b.Run("loopback", func(b *testing.B) {
-		for _, f := range frames {
-			b.Run(f.name, func(b *testing.B) {
-				rep := loopbackRTT(b, rttParams{IdlePings: idlePings, LoadPings: b.N, BulkStreams: 2, FrameBytes: f.bytes})
-				reportRTT(b, rep)
+		for _, v := range variants {
+			b.Run(v.name, func(b *testing.B) {
+				p := v.p
+				p.IdlePings, p.LoadPings, p.BulkStreams = idlePings, b.N, 2
+				reportRTT(b, loopbackRTT(b, p))
 			})
 		}
 	})
@@ -34,10 +45,21 @@ func BenchmarkControlRTTUnderLoad(b *testing.B) {
 		link := newShapedLink(b)
 		pk := newPKI(b)
 		serverDir, clientDir := pk.issue(b, linkAddrB), pk.issue(b, "client-a.example")
-		for _, f := range frames {
-			b.Run(f.name, func(b *testing.B) {
-				rep := link.measure(b, serverDir, clientDir, rttParams{IdlePings: idlePings, LoadPings: b.N, BulkStreams: 2, FrameBytes: f.bytes})
-				reportRTT(b, rep)
+		for _, lowat := range []uint32{0, 16 << 10} {
+			name := "lowat=off"
+			if lowat > 0 {
+				name = fmt.Sprintf("lowat=%dKiB", lowat>>10)
+			}
+			b.Run(name, func(b *testing.B) {
+				link.setNotSentLowat(b, lowat)
+				for _, v := range variants {
+					b.Run(v.name, func(b *testing.B) {
+						p := v.p
+						p.IdlePings, p.LoadPings, p.BulkStreams = idlePings, b.N, 2
+						p.Bandwidth = 200e6 / 8 // the configuration matching the link
+						reportRTT(b, link.measure(b, serverDir, clientDir, p))
+					})
+				}
 			})
 		}
 	})

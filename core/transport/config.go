@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -18,11 +19,17 @@ const (
 	maxWindowBytes = 16 << 20
 )
 
-// maxFrameBytes bounds the payload of one yamux data frame on a data stream.
-// yamux writes a whole frame before the next queued frame, so this bounds
-// how long a control message waits behind bulk data that yamux has already
-// taken (see doc.go for the measurements).
-const maxFrameBytes = 64 << 10
+// Bounds on the payload of one yamux data frame written by Stream.Write.
+// yamux writes a whole frame before the next queued one, so a control
+// message waits behind at most one frame per busy stream. The frame is sized
+// to take frameTime on the configured link, within these bounds: smaller
+// frames cost throughput (each frame is two TLS records and two writes),
+// larger ones delay control messages. See doc.go for the measurements.
+const (
+	minFrameBytes = 16 << 10
+	maxFrameBytes = 64 << 10
+	frameTime     = 500 * time.Microsecond
+)
 
 // Config configures both ends of a transport. The zero value is not valid;
 // start from DefaultConfig.
@@ -61,6 +68,14 @@ type Config struct {
 	// MaxHandshakes bounds the server handshakes in progress at once; a
 	// peer that never speaks holds one slot for HandshakeTimeout.
 	MaxHandshakes int
+
+	// Control, if not nil, is called on every socket before it connects
+	// (Dial) or listens (Listen; accepted sockets inherit its options),
+	// as net.Dialer.Control. It is where the caller sets socket options
+	// this package cannot: TCP_NOTSENT_LOWAT of about 16 KiB keeps bulk
+	// data queued in user space, where control messages can pass it,
+	// instead of in the kernel's send buffer (see doc.go).
+	Control func(network, address string, c syscall.RawConn) error
 }
 
 // DefaultConfig returns a Config for a fast LAN: 1 GiB/s and 1 ms RTT, giving
@@ -114,6 +129,13 @@ func (c Config) Validate() error {
 func (c Config) windowBytes() uint32 {
 	bdp := float64(c.Bandwidth) * c.RTT.Seconds()
 	return uint32(min(max(bdp, minWindowBytes), maxWindowBytes))
+}
+
+// frameBytes is the largest data frame Stream.Write sends: frameTime worth
+// of Bandwidth, clamped.
+func (c Config) frameBytes() int {
+	n := float64(c.Bandwidth) * frameTime.Seconds()
+	return int(min(max(n, minFrameBytes), maxFrameBytes))
 }
 
 // logger returns c.Logger, or a logger that discards.

@@ -33,7 +33,7 @@ func Dial(ctx context.Context, addr string, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
 	log := cfg.logger().With("peer", addr)
-	d := net.Dialer{Timeout: cfg.HandshakeTimeout}
+	d := net.Dialer{Timeout: cfg.HandshakeTimeout, Control: cfg.Control}
 	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)

@@ -45,7 +45,7 @@ func Listen(ctx context.Context, addr string, cfg Config) (*Listener, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
-	var lc net.ListenConfig
+	lc := net.ListenConfig{Control: cfg.Control}
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", addr, err)

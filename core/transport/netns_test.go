@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -12,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // The shaped link: two network namespaces joined by a veth pair with
@@ -72,15 +75,24 @@ func newShapedLink(tb testing.TB) *shapedLink {
 		run(tb, "ip", "-n", s.ns, "link", "set", s.dev, "up")
 	}
 	run(tb, append([]string{"tc", "-n", l.nsA, "qdisc", "add", "dev", vethA, "root"}, linkShapeA...)...)
-	for _, kv := range strings.Fields(os.Getenv("EXP_SYSCTL")) { // EXPERIMENT
-		run(tb, "ip", "netns", "exec", l.nsA, "sysctl", "-w", strings.ReplaceAll(kv, ",", " "))
-	}
 	// netem is a module some kernels lack; the link is still shaped.
 	shapeB := append([]string{"tc", "-n", l.nsB, "qdisc", "add", "dev", vethB, "root"}, linkShapeB...)
 	if out, err := exec.Command(shapeB[0], shapeB[1:]...).CombinedOutput(); err != nil {
 		tb.Logf("no added delay on the return path: %s: %v: %s", strings.Join(shapeB, " "), err, bytes.TrimSpace(out))
 	}
 	return l
+}
+
+// setNotSentLowat sets net.ipv4.tcp_notsent_lowat in namespace a, the
+// default TCP_NOTSENT_LOWAT of its sockets, including open ones: the same
+// effect as setting the option through Config.Control, which this package's
+// tests cannot do without the constant from x/sys/unix. 0 means unlimited.
+func (l *shapedLink) setNotSentLowat(tb testing.TB, bytes uint32) {
+	tb.Helper()
+	if bytes == 0 {
+		bytes = 1<<32 - 1
+	}
+	run(tb, "ip", "netns", "exec", l.nsA, "sysctl", "-q", "-w", fmt.Sprintf("net.ipv4.tcp_notsent_lowat=%d", bytes))
 }
 
 // measure runs the listener in b and the measuring dialer in a.
@@ -150,12 +162,11 @@ func helperMain(mode string) error {
 	if err != nil {
 		return err
 	}
-	cfg := DefaultConfig()
-	cfg.Identity = id
 	var p rttParams
 	if err := json.Unmarshal([]byte(os.Getenv(paramsEnv)), &p); err != nil {
 		return err
 	}
+	cfg := p.config(id)
 	switch mode {
 	case "rtt-server":
 		l, err := Listen(ctx, os.Getenv(addrEnv), cfg)
@@ -164,19 +175,27 @@ func helperMain(mode string) error {
 		}
 		defer l.Close()
 		fmt.Println("ready")
-		s, err := l.Accept(ctx)
-		if err != nil {
-			return err
+		var g errgroup.Group
+		for range p.sessions() {
+			s, err := l.Accept(ctx)
+			if err != nil {
+				return errors.Join(err, g.Wait())
+			}
+			defer s.Close()
+			g.Go(func() error { return serveRTT(context.Background(), s) })
 		}
-		defer s.Close()
-		return serveRTT(context.Background(), s)
+		return g.Wait()
 	case "rtt-client":
-		s, err := Dial(ctx, os.Getenv(addrEnv), cfg)
-		if err != nil {
-			return err
+		var ss []*Session
+		for range p.sessions() {
+			s, err := Dial(ctx, os.Getenv(addrEnv), cfg)
+			if err != nil {
+				return err
+			}
+			defer s.Close()
+			ss = append(ss, s)
 		}
-		defer s.Close()
-		rep, err := measureRTT(context.Background(), s, p)
+		rep, err := measureRTT(context.Background(), ss, p)
 		if err != nil {
 			return err
 		}

@@ -23,10 +23,38 @@ import (
 
 // rttParams says what measureRTT does.
 type rttParams struct {
-	IdlePings   int // pings before the bulk streams start
-	LoadPings   int // pings while they run
-	BulkStreams int
-	FrameBytes  int // Session.frameBytes of the dialer; 0: a whole window
+	IdlePings   int           // pings before the bulk streams start
+	LoadPings   int           // pings while they run
+	BulkStreams int           // streams writing as fast as they can
+	Bandwidth   int64         // Config.Bandwidth of both ends; 0: the default
+	RTT         time.Duration // Config.RTT of both ends; 0: the default
+	// Unchunked lets yamux send a whole window per frame, as a plain
+	// yamux.Stream does, instead of Stream.Write's frames.
+	Unchunked bool
+	// SeparateConn pings over a second session (a second TLS connection)
+	// instead of the bulk session's control stream.
+	SeparateConn bool
+}
+
+// config returns DefaultConfig for p with id.
+func (p rttParams) config(id *Identity) Config {
+	cfg := DefaultConfig()
+	cfg.Identity = id
+	if p.Bandwidth > 0 {
+		cfg.Bandwidth = p.Bandwidth
+	}
+	if p.RTT > 0 {
+		cfg.RTT = p.RTT
+	}
+	return cfg
+}
+
+// sessions is how many sessions the dialer opens for p.
+func (p rttParams) sessions() int {
+	if p.SeparateConn {
+		return 2
+	}
+	return 1
 }
 
 // rttReport is what measureRTT found; durations are sorted.
@@ -57,37 +85,40 @@ func pct(sorted []time.Duration, p int) time.Duration {
 // would hand over a batch of pages.
 const bulkWriteBytes = 1 << 20
 
-// measureRTT runs the dialing side of the measurement on s; the peer must
-// run serveRTT.
-func measureRTT(ctx context.Context, s *Session, p rttParams) (rep rttReport, err error) {
-	if p.FrameBytes == 0 {
-		p.FrameBytes = 1 << 30 // yamux then sends up to a whole window per frame
+// measureRTT runs the dialing side of the measurement on p.sessions()
+// sessions: bulk streams go on the first, pings on the last. The peer must
+// run serveRTT on each.
+func measureRTT(ctx context.Context, ss []*Session, p rttParams) (rep rttReport, err error) {
+	var ctl *Stream
+	for _, s := range ss {
+		if p.Unchunked {
+			s.frameBytes = 1 << 30
+		}
+		if ctl, err = s.OpenStream(ctx, KindControl); err != nil {
+			return rep, err
+		}
+		defer ctl.Close()
 	}
-	s.frameBytes = p.FrameBytes
-	ctl, err := s.OpenStream(ctx, KindControl)
-	if err != nil {
-		return rep, err
-	}
-	defer ctl.Close()
+	bulk := ss[0]
 	if rep.Idle, err = ping(ctl, p.IdlePings); err != nil {
 		return rep, fmt.Errorf("idle pings: %w", err)
 	}
 
 	// The bulk writers stop when stop closes; flowing closes once they
-	// have written several windows, so the path is full when pings start.
+	// have written several windows, so queues are full when pings start.
 	var (
 		stop    = make(chan struct{})
 		flowing = make(chan struct{})
 		once    sync.Once
 		written atomic.Int64
-		full    = int64(8 * maxWindowBytes)
+		full    = int64(8 << 20)
 	)
 	buf := make([]byte, bulkWriteBytes)
 	rand.Read(buf)
 	var g errgroup.Group
 	start := time.Now()
 	for range p.BulkStreams {
-		st, err := s.OpenStream(ctx, KindPages)
+		st, err := bulk.OpenStream(ctx, KindPages)
 		if err != nil {
 			close(stop)
 			return rep, errors.Join(err, g.Wait())
@@ -171,21 +202,27 @@ func serveRTT(ctx context.Context, s *Session) error {
 	}
 }
 
-// loopbackRTT measures over a TLS session on 127.0.0.1 in this process.
+// loopbackRTT measures over TLS sessions on 127.0.0.1 in this process.
 func loopbackRTT(tb testing.TB, p rttParams) rttReport {
 	tb.Helper()
 	pk := newPKI(tb)
-	l := listen(tb, testConfig(pk.identity(tb, "127.0.0.1"), nil))
-	client, server := pair(tb, l, testConfig(pk.identity(tb, "client-a.example"), nil))
+	l := listen(tb, p.config(pk.identity(tb, "127.0.0.1")))
+	clientCfg := p.config(pk.identity(tb, "client-a.example"))
 	ctx := context.Background()
-	errc := make(chan error, 1)
-	go func() { errc <- serveRTT(ctx, server) }()
-	rep, err := measureRTT(ctx, client, p)
-	client.Close()
-	if serr := <-errc; err == nil {
-		err = serr
+	var (
+		clients []*Session
+		g       errgroup.Group
+	)
+	for range p.sessions() {
+		client, server := pair(tb, l, clientCfg)
+		clients = append(clients, client)
+		g.Go(func() error { return serveRTT(ctx, server) })
 	}
-	if err != nil {
+	rep, err := measureRTT(ctx, clients, p)
+	for _, c := range clients {
+		c.Close()
+	}
+	if err = errors.Join(err, g.Wait()); err != nil {
 		tb.Fatal(err)
 	}
 	return rep
@@ -195,9 +232,14 @@ func loopbackRTT(tb testing.TB, p rttParams) rttReport {
 // that the harness works, logs the numbers and asserts no timing; the
 // benchmark measures.
 func TestControlRTTUnderLoad(t *testing.T) {
-	rep := loopbackRTT(t, rttParams{IdlePings: 50, LoadPings: 50, BulkStreams: 2, FrameBytes: maxFrameBytes})
-	t.Logf("loopback, 2 bulk streams: %v", rep)
-	if len(rep.Idle) != 50 || len(rep.Load) != 50 || rep.BulkBytes == 0 {
-		t.Fatalf("incomplete measurement: %d idle, %d load pings, %d bulk bytes", len(rep.Idle), len(rep.Load), rep.BulkBytes)
+	for _, p := range []rttParams{
+		{IdlePings: 50, LoadPings: 50, BulkStreams: 2},
+		{IdlePings: 50, LoadPings: 50, BulkStreams: 1, SeparateConn: true},
+	} {
+		rep := loopbackRTT(t, p)
+		t.Logf("loopback %+v: %v", p, rep)
+		if len(rep.Idle) != p.IdlePings || len(rep.Load) != p.LoadPings || rep.BulkBytes == 0 {
+			t.Fatalf("incomplete measurement: %d idle, %d load pings, %d bulk bytes", len(rep.Idle), len(rep.Load), rep.BulkBytes)
+		}
 	}
 }

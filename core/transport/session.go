@@ -64,7 +64,7 @@ type Session struct {
 	peer        Peer
 	dialer      bool
 	kindTimeout time.Duration
-	frameBytes  int // bounds a data frame; maxFrameBytes but for benchmarks
+	frameBytes  int // largest frame Stream.Write sends
 
 	openMu sync.Mutex // serialises OpenStream so stream IDs follow call order
 	opened int        // streams opened; guarded by openMu
@@ -92,7 +92,7 @@ func newSession(conn *tls.Conn, cfg Config, log *slog.Logger, dialer bool) (*Ses
 		},
 		dialer:      dialer,
 		kindTimeout: cfg.HandshakeTimeout,
-		frameBytes:  maxFrameBytes,
+		frameBytes:  cfg.frameBytes(),
 	}
 	newMux := yamux.Server
 	if dialer {

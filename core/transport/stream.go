@@ -28,9 +28,9 @@ func (s *Stream) ID() uint32 { return s.ys.StreamID() }
 func (s *Stream) Read(p []byte) (int, error) { return s.ys.Read(p) }
 
 // Write sends p, blocking while the stream's window is exhausted. It splits
-// p into frames of at most maxFrameBytes so that frames of other streams,
-// control messages above all, wait behind at most one such frame per busy
-// stream instead of a whole window's worth.
+// p into frames of 16 to 64 KiB (by Config.Bandwidth) so that frames of other
+// streams, control messages above all, wait behind at most one such frame
+// per busy stream instead of a whole window's worth.
 func (s *Stream) Write(p []byte) (int, error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
 // InstalledCRIU is where deploy/install-criu.sh puts CRIU.
@@ -47,6 +49,20 @@ func RequireCommand(tb testing.TB, name string) string {
 	}
 	requireFound(tb, err)
 	return path
+}
+
+// RequireKernelFeature skips the test if probe (a core/linux probe such as
+// linux.HavePagemapScan) reports a missing feature (linux.ErrNotSupported), on
+// CI too: CI cannot install a kernel feature. Any other error fails the test.
+func RequireKernelFeature(tb testing.TB, probe func() error) {
+	tb.Helper()
+	switch err := probe(); {
+	case err == nil:
+	case errors.Is(err, linux.ErrNotSupported):
+		tb.Skipf("SKIP: kernel lacks it: %v", err)
+	default:
+		tb.Fatalf("feature probe failed: %v", err)
+	}
 }
 
 // requireFound skips (fails on CI) on a missing program and fails on any

@@ -9,6 +9,8 @@ import (
 	"runtime"
 	"testing"
 	"time"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
 // recordTB records a gate's verdict; Skipf and Fatalf end the goroutine as
@@ -61,6 +63,27 @@ func TestRequireFound(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Setenv("CI", tt.ci)
 			r := runGate(t, func(tb testing.TB) { requireFound(tb, tt.err) })
+			if r.skipped != tt.skip || r.failed != tt.failure {
+				t.Errorf("skipped=%v failed=%v (%q), want skipped=%v failed=%v",
+					r.skipped, r.failed, r.msg, tt.skip, tt.failure)
+			}
+		})
+	}
+}
+
+func TestRequireKernelFeature(t *testing.T) {
+	tests := []struct {
+		name          string
+		err           error
+		skip, failure bool
+	}{
+		{name: "present"},
+		{name: "missing", err: fmt.Errorf("PAGEMAP_SCAN (Linux 6.7+): %w", linux.ErrNotSupported), skip: true},
+		{name: "probe broken", err: errors.New("probe PAGEMAP_SCAN: too many open files"), failure: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := runGate(t, func(tb testing.TB) { RequireKernelFeature(tb, func() error { return tt.err }) })
 			if r.skipped != tt.skip || r.failed != tt.failure {
 				t.Errorf("skipped=%v failed=%v (%q), want skipped=%v failed=%v",
 					r.skipped, r.failed, r.msg, tt.skip, tt.failure)

@@ -1,0 +1,107 @@
+package test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/phaul/phaul/test/testenv"
+)
+
+// TestCRIUOptions migrates workloads that hold state CRIU refuses to dump
+// without an option: without the option the migration fails and the
+// workload keeps running on the source; with it the workload moves and its
+// own checks of that state keep passing.
+func TestCRIUOptions(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.startServe()
+	tests := []struct {
+		name    string
+		opts    testenv.WorkloadOpts
+		flags   []string
+		sink    bool   // an external unix socket the workload sends to
+		wantErr string // without flags
+		// sharedFS says why the move itself cannot work on test hosts that
+		// share one filesystem (the positive half is then skipped).
+		sharedFS string
+	}{
+		{name: "tcp-established", opts: testenv.WorkloadOpts{TCPPair: true}, flags: []string{"--tcp-established"},
+			wantErr: "--tcp-established"},
+		{name: "file-locks", opts: testenv.WorkloadOpts{Flock: true}, flags: []string{"--file-locks"},
+			wantErr: "--file-locks",
+			sharedFS: "the frozen source still holds the flock on the very inode the destination's restore must lock: " +
+				"CRIU's restore blocks until --restore-timeout; needs per-host filesystems (container moves with their own rootfs)"},
+		{name: "ext-unix-sk", flags: []string{"--ext-unix-sk"}, sink: true, wantErr: "--ext-unix-sk"},
+		{name: "ghost-limit", opts: testenv.WorkloadOpts{Ghost: true, GhostKiB: 2048}, flags: []string{"--ghost-limit", "4M"},
+			wantErr: "increase limit"},
+		{name: "link-remap", opts: testenv.WorkloadOpts{GhostLink: true}, flags: []string{"--link-remap"},
+			wantErr: "link"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ee := *e
+			ee.t = t
+			opts := tt.opts
+			opts.MiB, opts.PagesPerSec = 16, 500
+			var sink *testenv.UnixSink
+			if tt.sink {
+				sink = testenv.StartUnixSink(t, e.hosts.Src)
+				opts.ExtUnix = sink.Path
+			}
+			w := testenv.StartWorkload(t, e.hosts.Src, opts)
+			w.WaitProgress(t, 3)
+
+			r := ee.migrate(w.PID())
+			if r.code == 0 {
+				t.Fatalf("migrated without %v; CRIU should have refused", tt.flags)
+			}
+			if !strings.Contains(lastLine(r.out), tt.wantErr) {
+				t.Fatalf("error %q does not say %q", lastLine(r.out), tt.wantErr)
+			}
+			t.Logf("without %v: %s", tt.flags, lastLine(r.out))
+			ee.assertOnSource(w)
+			ee.assertNoImagesLeft()
+			assertNoCgroup(t, r)
+
+			if tt.sharedFS != "" {
+				t.Skipf("SKIP the move with %v on these test hosts: %s", tt.flags, tt.sharedFS)
+			}
+			r = ee.migrate(w.PID(), tt.flags...)
+			ee.assertMigrated(w, r)
+			if sink != nil {
+				// The moved workload still reaches the socket outside it.
+				before, err := sink.Ticks()
+				if err != nil {
+					t.Fatal(err)
+				}
+				testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
+					now, err := sink.Ticks()
+					return len(now) >= len(before)+3, err
+				})
+			}
+		})
+	}
+}
+
+// TestRestoreFailureResumesSource makes the destination's restore fail
+// (CRIU is killed by --restore-timeout while it restores): the destination
+// must kill the half-restored tree and abort, the source must resume its
+// workload, and both ends must be clean.
+func TestRestoreFailureResumesSource(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.startServe("--restore-timeout", "30ms")
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500})
+	r := e.migrate(w.PID())
+	if r.code == 0 {
+		t.Fatalf("migrated although the destination's restore must fail\n%s", r.out)
+	}
+	if !strings.Contains(lastLine(r.out), "restore") {
+		t.Fatalf("error %q does not name the restore", lastLine(r.out))
+	}
+	e.assertOnSource(w)
+	e.assertNoImagesLeft()
+	assertNoCgroup(t, r)
+	if !strings.Contains(e.readServeLog(), "migration failed") {
+		t.Errorf("serve log does not report the failure:\n%s", e.readServeLog())
+	}
+}
