@@ -2,12 +2,12 @@ package test
 
 import (
 	"fmt"
-	"time"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/phaul/phaul/test/testenv"
 )

@@ -46,7 +46,7 @@ func (e *Error) Error() string {
 		s += ": " + e.Cause
 	case e.Message != "" && !isNoise(e.Message):
 		s += ": " + e.Message
-	default:
+	case e.Err == nil:
 		if n := len(e.LogTail); n > 0 {
 			s += ": " + e.LogTail[n-1]
 		}

@@ -39,11 +39,11 @@
 // # Control latency under bulk load
 //
 // Control messages share the connection with bulk image and page data, so
-// the bytes queued ahead of a control message delay it. They queue in four
-// places; BenchmarkControlRTTUnderLoad measures control ping RTT while two
-// bulk streams write flat out, against idle RTT (2 cores; "shaped" is a veth
-// pair between two network namespaces with a 200 Mbit/s tbf on the sending
-// side, no added delay; p50/p99):
+// the bytes queued ahead of a control message delay it.
+// BenchmarkControlRTTUnderLoad measures control ping RTT while two bulk
+// streams write flat out, against idle RTT (2 cores; "shaped" is a veth pair
+// between two network namespaces with a 200 Mbit/s tbf on the sending side,
+// no added delay; p50/p99):
 //
 //	loopback, 1 MiB windows                 idle 66/334µs
 //	  yamux as is (frame = window)          load 1.3/3.6ms   22x/23x  715 MB/s
@@ -56,6 +56,8 @@
 //	  TCP_NOTSENT_LOWAT 16 KiB, 16 KiB frames load 8.2/10.9ms         24 MB/s
 //	  same, control on a second connection  load 5.4/10.9ms
 //	  same, bulk paced at 24 MB/s           load 5.4/7.9ms
+//
+// The bytes queue in four places:
 //
 //  1. yamux's send queue: yamux sends a stream's data as one frame of up to
 //     the whole window and writes a frame completely before the next, so a
