@@ -21,7 +21,7 @@ vet:
 
 # Unit tests first (fast), then the end-to-end suite with real CRIU,
 # processes, namespaces and sockets.
-test: vet
+test: criu vet
 	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test$$)
 	$(GO) test -count=1 -timeout 40m -v ./test/
 

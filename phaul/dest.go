@@ -424,6 +424,7 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 		WorkDir:      in.dir,
 		Options:      in.opts,
 		LeaveStopped: true,
+		CgroupRoot:   "/" + cgroup.Parent + "/" + in.id,
 		Hooks:        criu.Hooks{Started: g.Add},
 	}, nil)
 	if err != nil {

@@ -101,6 +101,10 @@ type RestoreRequest struct {
 	// caller continues it.
 	LeaveStopped bool
 	LogLevel     int
+	// CgroupRoot, when set and the cgroup mode is not ignore, is where
+	// CRIU re-creates the dumped cgroups (CRIU's --cgroup-root): the
+	// root task's cgroup becomes CgroupRoot in every hierarchy.
+	CgroupRoot string
 	// Hooks.Started runs before CRIU forks the tree: restored tasks inherit
 	// the cgroups CRIU is in when the mode is ignore.
 	Hooks Hooks
@@ -114,6 +118,9 @@ func (b *Binary) Restore(ctx context.Context, r RestoreRequest, n Notifier) (int
 		NetworkLock:  rpc.CriuNetworkLockMethod_NFTABLES.Enum(),
 	}
 	r.Options.apply(opts)
+	if r.CgroupRoot != "" && opts.GetManageCgroupsMode() != rpc.CriuCgMode_IGNORE {
+		opts.CgRoot = []*rpc.CgroupRoot{{Path: strp(r.CgroupRoot)}}
+	}
 	resp, err := b.action(ctx, "restore", rpc.CriuReqType_RESTORE, r.ImagesDir, r.WorkDir, r.LogLevel, opts, n, r.Hooks)
 	if err != nil {
 		return 0, err
