@@ -22,7 +22,8 @@ func TestCRIUOptions(t *testing.T) {
 		sink    bool   // an external unix socket the workload sends to
 		wantErr string // without flags
 		// sharedFS says why the move itself cannot work on test hosts that
-		// share one filesystem (the positive half is then skipped).
+		// share one filesystem and one kernel (the positive half is then
+		// skipped, loudly).
 		sharedFS string
 	}{
 		{name: "tcp-established", opts: testenv.WorkloadOpts{TCPPair: true}, flags: []string{"--tcp-established"},
@@ -34,6 +35,11 @@ func TestCRIUOptions(t *testing.T) {
 		{name: "ext-unix-sk", flags: []string{"--ext-unix-sk"}, sink: true, wantErr: "--ext-unix-sk"},
 		{name: "ghost-limit", opts: testenv.WorkloadOpts{Ghost: true, GhostKiB: 2048}, flags: []string{"--ghost-limit", "4M"},
 			wantErr: "increase limit"},
+		{name: "shell-job", opts: testenv.WorkloadOpts{InSession: true}, flags: []string{"--shell-job"},
+			wantErr: "session leader",
+			sharedFS: "CRIU refuses a session leader outside the tree's PID namespace even with --shell-job " +
+				"(cr-dump.c: 'outside of its pid namespace'), and a tree in the host PID namespace cannot be restored " +
+				"on the same kernel while its frozen source holds its pids; needs two kernels"},
 		{name: "link-remap", opts: testenv.WorkloadOpts{GhostLink: true}, flags: []string{"--link-remap"},
 			wantErr: "link"},
 	}

@@ -196,6 +196,9 @@ func helperMain(mode string) error {
 			ss = append(ss, s)
 		}
 		rep, err := measureRTT(context.Background(), ss, p)
+		for _, s := range ss {
+			err = errors.Join(err, hangUp(s))
+		}
 		if err != nil {
 			return err
 		}

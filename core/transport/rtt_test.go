@@ -174,31 +174,60 @@ func ping(ctl *Stream, n int) ([]time.Duration, error) {
 }
 
 // serveRTT is the listening side: it echoes the control stream and drains
-// bulk streams until the session ends.
+// bulk streams. The dialer closes its bulk streams before the control
+// stream, so once the control stream ends serveRTT closes the session, and
+// the dialer waits for that (hangUp): closing the other way round would fail
+// the window updates still in flight here.
 func serveRTT(ctx context.Context, s *Session) error {
-	var g errgroup.Group
-	defer g.Wait()
-	for {
-		st, err := s.AcceptStream(ctx)
-		if errors.Is(err, net.ErrClosed) {
-			return g.Wait()
-		}
-		if err != nil {
-			return errors.Join(err, g.Wait())
-		}
-		g.Go(func() error {
-			defer st.Close()
-			var err error
+	defer s.Close()
+	var (
+		data    errgroup.Group // bulk stream readers; Wait after accepting ends
+		ctlDone = make(chan error, 1)
+		accept  = make(chan error, 1)
+	)
+	go func() {
+		for {
+			st, err := s.AcceptStream(ctx)
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					err = nil
+				}
+				accept <- err
+				return
+			}
 			if st.Kind() == KindControl {
-				_, err = io.Copy(st, st)
-			} else {
-				_, err = io.Copy(io.Discard, st)
+				go func() {
+					_, err := io.Copy(st, st)
+					ctlDone <- errors.Join(err, st.Close())
+				}()
+				continue
 			}
-			if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) {
-				return nil
-			}
-			return err
-		})
+			data.Go(func() error {
+				_, err := io.Copy(io.Discard, st)
+				return errors.Join(err, st.Close())
+			})
+		}
+	}()
+	var err error
+	select {
+	case err = <-ctlDone:
+		s.Close() // ends the accept loop
+		err = errors.Join(err, <-accept)
+	case err = <-accept:
+		s.Close()
+	}
+	return errors.Join(err, data.Wait())
+}
+
+// hangUp waits for the listener to close s after a measurement, then
+// closes s.
+func hangUp(s *Session) error {
+	defer s.Close()
+	select {
+	case <-s.Done():
+		return nil
+	case <-time.After(waitLimit):
+		return errors.New("peer did not close the session")
 	}
 }
 
@@ -220,7 +249,7 @@ func loopbackRTT(tb testing.TB, p rttParams) rttReport {
 	}
 	rep, err := measureRTT(ctx, clients, p)
 	for _, c := range clients {
-		c.Close()
+		err = errors.Join(err, hangUp(c))
 	}
 	if err = errors.Join(err, g.Wait()); err != nil {
 		tb.Fatal(err)

@@ -26,6 +26,10 @@ type WorkloadOpts struct {
 	GhostLink   bool          // Ghost, but a second hard link keeps nlink 1; CRIU needs --link-remap
 	ExtUnix     string        // UnixSink.Path, a peer outside the tree; CRIU needs --ext-unix-sk
 	Shm         bool          // the memory is MAP_SHARED anonymous instead of private
+	// InSession keeps the workload in the test's session instead of making
+	// it a session leader: its session leader is outside the dumped tree,
+	// so CRIU needs --shell-job.
+	InSession bool
 }
 
 // stepPeriod is the workload's step interval.
@@ -82,7 +86,7 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 	// No pipes: the process must outlive this side of a migration.
 	w.cmd = &exec.Cmd{
 		Path: path, Args: argv, Stdout: out, Stderr: out,
-		SysProcAttr: &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Setsid: true},
+		SysProcAttr: &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Setsid: !opts.InSession},
 	}
 	err = w.cmd.Start()
 	out.Close() // the child has its own copy
