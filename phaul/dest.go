@@ -411,7 +411,8 @@ func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File
 
 // restore restores the tree stopped, inside a cgroup this service owns.
 func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
-	g, err := cgroup.Create(in.id)
+	managed := in.opts.ManageCgroups != "" && in.opts.ManageCgroups != "ignore"
+	g, err := cgroup.Create(in.id, managed)
 	if err != nil {
 		return 0, fmt.Errorf("restore: %w", err)
 	}

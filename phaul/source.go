@@ -50,7 +50,7 @@ func Migrate(ctx context.Context, cfg MigrateConfig) (*Stats, error) {
 	}
 	st.TotalMS = ms(time.Since(st.start))
 	if s.sess != nil {
-		st.BytesWire = 0 // TODO(transport): byte counters
+		st.BytesWire = s.sess.BytesWire()
 	}
 	return st, err
 }

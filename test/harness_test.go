@@ -287,6 +287,14 @@ func (e *env) assertMigrated(w *testenv.Workload, r result) int {
 	if in, err := e.hosts.Dst.Contains(pid); err != nil || !in {
 		t.Fatalf("pid %d does not run in the destination namespace: %v", pid, err)
 	}
+	// It lives in the cgroups the destination made for this migration,
+	// not in the service's own.
+	want := "/" + cgroup.Parent + "/" + r.str("migration_id")
+	for _, h := range []string{"freezer", ""} {
+		if got := procCgroup(t, pid, h); got != want {
+			t.Fatalf("pid %d in %q cgroup %q, want %q", pid, h, got, want)
+		}
+	}
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d", w.PID())); err == nil {
 		if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", w.PID())); !bytes.Contains(st, []byte(") Z")) {
 			t.Fatalf("source process %d still exists: %s", w.PID(), st)
@@ -356,4 +364,27 @@ func assertNoCgroup(t *testing.T, r result) {
 		_, err := cgroup.Open(id)
 		return err != nil, nil
 	})
+}
+
+// procCgroup returns pid's cgroup in the v1 hierarchy with controller (or
+// name=) h, or in cgroup v2 for h == "".
+func procCgroup(t *testing.T, pid int, h string) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.SplitN(line, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		for _, c := range strings.Split(f[1], ",") {
+			if c == h {
+				return f[2]
+			}
+		}
+	}
+	t.Fatalf("pid %d has no %q cgroup:\n%s", pid, h, b)
+	return ""
 }

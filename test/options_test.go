@@ -1,10 +1,14 @@
 package test
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -109,5 +113,57 @@ func TestRestoreFailureResumesSource(t *testing.T) {
 	assertNoCgroup(t, r)
 	if !strings.Contains(e.readServeLog(), "migration failed") {
 		t.Errorf("serve log does not report the failure:\n%s", e.readServeLog())
+	}
+}
+
+// TestManageCgroups moves a workload that lives in cgroups of its own in
+// every hierarchy. By default (ignore) the destination puts the tree in
+// phaul/<id> of the freezer and cgroup v2 hierarchies only; with
+// --manage-cgroups soft CRIU re-creates its cgroups, rooted at phaul/<id>,
+// in every hierarchy (pids included).
+func TestManageCgroups(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.startServe()
+	for _, tt := range []struct {
+		name     string
+		flags    []string
+		wantPids func(id string) string
+	}{
+		{"ignore", nil, func(string) string { return "/" }},
+		{"soft", []string{"--manage-cgroups", "soft"}, func(id string) string { return "/phaul/" + id }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ee := *e
+			ee.t = t
+			w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500})
+			own := fmt.Sprintf("phaul-test-%d", w.PID())
+			roots, err := linux.CgroupRoots()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range roots {
+				dir := filepath.Join(r, own)
+				if err := os.Mkdir(dir, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { os.Remove(dir) })
+				for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+					if v, err := os.ReadFile(filepath.Join(r, f)); err == nil {
+						os.WriteFile(filepath.Join(dir, f), v, 0)
+					}
+				}
+				if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(fmt.Sprint(w.PID())), 0); err != nil {
+					t.Fatalf("move workload into %s: %v", dir, err)
+				}
+			}
+			if got := procCgroup(t, w.PID(), "pids"); got != "/"+own {
+				t.Fatalf("workload in pids cgroup %q, want /%s", got, own)
+			}
+			r := ee.migrate(w.PID(), tt.flags...)
+			pid := ee.assertMigrated(w, r)
+			if got, want := procCgroup(t, pid, "pids"), tt.wantPids(r.str("migration_id")); got != want {
+				t.Fatalf("restored copy in pids cgroup %q, want %q", got, want)
+			}
+		})
 	}
 }

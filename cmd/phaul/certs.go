@@ -34,7 +34,7 @@ func certsCommand() *cli.Command {
 			if same, err := sameDir(caDir, out); err != nil {
 				return err
 			} else if same {
-				return cli.Exit("phaul certs: --out must not be --ca-dir: a node's tls-dir must never hold ca.key", 2)
+				return cli.Exit("certs: --out must not be --ca-dir: a node's tls-dir must never hold ca.key", 2)
 			}
 			ca, created, err := pki.LoadOrCreateCA(caDir)
 			if err != nil {

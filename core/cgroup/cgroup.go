@@ -25,8 +25,15 @@ type Group struct {
 	Paths []string // absolute directories, one per hierarchy
 }
 
-// roots lists the hierarchies phaul uses.
-func roots() []string {
+// roots lists the hierarchies phaul uses: the freezer v1 and cgroup v2
+// ones, or with all every mounted hierarchy.
+func roots(all bool) []string {
+	if all {
+		rs, err := linux.CgroupRoots()
+		if err == nil {
+			return rs
+		}
+	}
 	var rs []string
 	if p, err := linux.FreezerV1Root(); err == nil {
 		rs = append(rs, p)
@@ -37,13 +44,17 @@ func roots() []string {
 	return rs
 }
 
-// Create makes phaul/<name> in every mounted hierarchy. An existing group of
-// that name is an error (it is not ours to reuse).
-func Create(name string) (*Group, error) {
+// Create makes phaul/<name> in the freezer v1 and the cgroup v2 hierarchy,
+// or with all in every mounted hierarchy (for CRIU's managed cgroup modes,
+// which re-create a tree's cgroups in all of them). An existing group of
+// that name is an error (it is not ours to reuse). In a v1 cpuset hierarchy
+// the new groups get their parent's cpus and mems, without which no task
+// can join them.
+func Create(name string, all bool) (*Group, error) {
 	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
 		return nil, fmt.Errorf("cgroup %q: bad name", name)
 	}
-	rs := roots()
+	rs := roots(all)
 	if len(rs) == 0 {
 		return nil, ErrNoHierarchy
 	}
@@ -54,20 +65,51 @@ func Create(name string) (*Group, error) {
 			g.Remove()
 			return nil, fmt.Errorf("create cgroup %s: %w", parent, err)
 		}
+		if err := inheritCpuset(r, parent); err != nil {
+			g.Remove()
+			return nil, err
+		}
 		dir := filepath.Join(parent, name)
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			g.Remove()
 			return nil, fmt.Errorf("create cgroup %s: %w", dir, err)
 		}
 		g.Paths = append(g.Paths, dir)
+		if err := inheritCpuset(parent, dir); err != nil {
+			g.Remove()
+			return nil, err
+		}
 	}
 	return g, nil
 }
 
-// Open returns the existing group phaul/<name> (for gc and inspection).
+// inheritCpuset copies cpuset.cpus and cpuset.mems from parent to an empty
+// child; a no-op outside a v1 cpuset hierarchy.
+func inheritCpuset(parent, child string) error {
+	for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+		cur, err := os.ReadFile(filepath.Join(child, f))
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if err != nil || strings.TrimSpace(string(cur)) != "" {
+			continue
+		}
+		v, err := os.ReadFile(filepath.Join(parent, f))
+		if err != nil {
+			return fmt.Errorf("cgroup %s: %w", parent, err)
+		}
+		if err := os.WriteFile(filepath.Join(child, f), v, 0); err != nil {
+			return fmt.Errorf("cgroup %s: %w", child, err)
+		}
+	}
+	return nil
+}
+
+// Open returns the existing group phaul/<name> in every hierarchy that has
+// it (for cleanup, gc and inspection).
 func Open(name string) (*Group, error) {
 	g := &Group{Name: name}
-	for _, r := range roots() {
+	for _, r := range roots(true) {
 		dir := filepath.Join(r, Parent, name)
 		if st, err := os.Stat(dir); err == nil && st.IsDir() {
 			g.Paths = append(g.Paths, dir)
@@ -146,13 +188,31 @@ func (g *Group) Kill(timeout time.Duration) error {
 	}
 }
 
-// Remove deletes the group's directories; it fails while processes remain.
+// Remove deletes the group's directories, children first (CRIU may have
+// created some below it); it fails while processes remain.
 func (g *Group) Remove() error {
 	var errs []error
 	for _, dir := range g.Paths {
-		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := removeTree(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", dir, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// removeTree removes a cgroup directory and its child cgroups. Cgroup
+// directories hold only control files, which rmdir takes with them.
+func removeTree(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if e.IsDir() {
+			if err := removeTree(filepath.Join(dir, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	return os.Remove(dir)
 }

@@ -227,6 +227,9 @@ func (s *swrk) fail(resp *rpc.CriuResp, cause error, logPath string) *Error {
 	}
 	if len(e.LogTail) == 0 {
 		e.LogTail = s.stderr.lines(MaxLogLines)
+		if n := len(e.LogTail); n > 0 && e.Cause == "" {
+			e.Cause = e.LogTail[n-1] // CRIU died before it had a log
+		}
 	}
 	return e
 }

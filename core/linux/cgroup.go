@@ -198,3 +198,31 @@ func exists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
 }
+
+// CgroupRoots returns the mount point of every cgroup hierarchy, v1 and v2,
+// each once (the root mount preferred over bind mounts of a subtree).
+func CgroupRoots() ([]string, error) {
+	ms, err := readMounts()
+	if err != nil {
+		return nil, err
+	}
+	seen := map[string]bool{} // hierarchy, by super options
+	var roots []string
+	for _, m := range ms {
+		if m.fstype != "cgroup" && m.fstype != "cgroup2" {
+			continue
+		}
+		key := m.fstype + ":" + strings.Join(m.superOpts, ",")
+		if seen[key] {
+			continue
+		}
+		p, ok := findMount(ms, func(o mount) bool {
+			return o.fstype == m.fstype && strings.Join(o.superOpts, ",") == strings.Join(m.superOpts, ",")
+		})
+		if ok {
+			seen[key] = true
+			roots = append(roots, p)
+		}
+	}
+	return roots, nil
+}

@@ -34,14 +34,18 @@ func Dial(ctx context.Context, addr string, cfg Config) (*Session, error) {
 	}
 	log := cfg.logger().With("peer", addr)
 	d := net.Dialer{Timeout: cfg.HandshakeTimeout, Control: cfg.Control}
-	raw, err := d.DialContext(ctx, "tcp", addr)
+	tcp, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
+	raw := &countingConn{Conn: tcp}
 	conn := tls.Client(raw, cfg.Identity.clientTLS(host))
 	err = withDeadline(ctx, cfg.HandshakeTimeout, raw.SetDeadline, func() error {
 		if err := conn.HandshakeContext(ctx); err != nil {
 			return fmt.Errorf("tls handshake: %w", classifyDial(err))
+		}
+		if err := checkALPN(conn); err != nil {
+			return err
 		}
 		return readPreface(conn)
 	})
@@ -50,6 +54,9 @@ func Dial(ctx context.Context, addr string, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
 	s, err := newSession(conn, cfg, log, true)
+	if s != nil {
+		s.wire = raw
+	}
 	if err != nil {
 		_ = raw.Close()
 		return nil, fmt.Errorf("dial %s: %w", addr, err)

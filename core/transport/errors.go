@@ -25,7 +25,7 @@ var (
 	// handshake, typically because our certificate is not from its CA.
 	ErrPeerRejected = errors.New("transport: peer rejected the handshake")
 	// ErrProtocol is returned when the peer speaks TLS but not this
-	// protocol: a wrong preface byte.
+	// protocol: no "phaul/1" ALPN, or a wrong preface byte.
 	ErrProtocol = errors.New("transport: protocol error")
 	// ErrStreamKind is returned by OpenStream and AcceptStream for a
 	// stream kind that is unknown or out of order: the control stream

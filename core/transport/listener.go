@@ -141,11 +141,15 @@ func (l *Listener) acceptLoop() {
 
 // handshake authenticates raw and hands the session to Accept, or logs why
 // the peer was refused and closes raw.
-func (l *Listener) handshake(raw net.Conn) {
-	log := l.log.With("peer", raw.RemoteAddr().String())
+func (l *Listener) handshake(tcp net.Conn) {
+	log := l.log.With("peer", tcp.RemoteAddr().String())
+	raw := &countingConn{Conn: tcp}
 	conn := tls.Server(raw, l.tlsConf)
 	err := withDeadline(l.ctx, l.cfg.HandshakeTimeout, raw.SetDeadline, func() error {
 		if err := conn.HandshakeContext(l.ctx); err != nil {
+			return err
+		}
+		if err := checkALPN(conn); err != nil {
 			return err
 		}
 		_, err := conn.Write([]byte{prefaceAccepted})
@@ -159,6 +163,9 @@ func (l *Listener) handshake(raw net.Conn) {
 		return
 	}
 	s, err := newSession(conn, l.cfg, log, false)
+	if s != nil {
+		s.wire = raw
+	}
 	if err != nil {
 		_ = raw.Close()
 		log.Warn("peer refused", "reason", "session setup", "err", err)

@@ -64,7 +64,8 @@ type Session struct {
 	peer        Peer
 	dialer      bool
 	kindTimeout time.Duration
-	frameBytes  int // largest frame Stream.Write sends
+	frameBytes  int           // largest frame Stream.Write sends
+	wire        *countingConn // the TCP connection, counted
 
 	openMu sync.Mutex // serialises OpenStream so stream IDs follow call order
 	opened int        // streams opened; guarded by openMu

@@ -119,6 +119,15 @@ func (id *Identity) clientTLS(host string) *tls.Config {
 	}
 }
 
+// checkALPN fails a connection whose peer did not agree on alpnProtocol;
+// crypto/tls lets a handshake without ALPN through.
+func checkALPN(conn *tls.Conn) error {
+	if p := conn.ConnectionState().NegotiatedProtocol; p != alpnProtocol {
+		return fmt.Errorf("%w: peer negotiated protocol %q, want %q", ErrProtocol, p, alpnProtocol)
+	}
+	return nil
+}
+
 // classifyDial adds the sentinel that describes a failed client handshake
 // or preface read, keeping the cause in the chain.
 func classifyDial(err error) error {
@@ -154,6 +163,8 @@ func refusalReason(err error) string {
 		return "client refused our certificate"
 	case errors.As(err, &record):
 		return "not TLS"
+	case errors.Is(err, ErrProtocol):
+		return "not phaul"
 	case errors.As(err, &netErr) && netErr.Timeout():
 		return "handshake timeout"
 	}

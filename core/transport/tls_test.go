@@ -217,8 +217,8 @@ func TestDialErrors(t *testing.T) {
 }
 
 // TestDialNotPhaul dials servers that are not phaul servers: one that
-// sends garbage, one that speaks TLS without our preface, one that never
-// speaks.
+// sends garbage, one that speaks TLS without our preface or without our
+// ALPN protocol, one that never speaks.
 func TestDialNotPhaul(t *testing.T) {
 	p := newPKI(t)
 	serverID := p.identity(t, "127.0.0.1")
@@ -237,6 +237,15 @@ func TestDialNotPhaul(t *testing.T) {
 			io.Copy(io.Discard, c) // until the client hangs up
 		}, ErrProtocol, nil},
 		{"silent", func(c net.Conn) { io.Copy(io.Discard, c) }, nil, new(net.Error)},
+		{"no ALPN", func(c net.Conn) {
+			conf := serverID.serverTLS()
+			conf.NextProtos = nil
+			tc := tls.Server(c, conf)
+			if tc.Handshake() == nil {
+				tc.Write([]byte{prefaceAccepted})
+			}
+			io.Copy(io.Discard, c)
+		}, ErrProtocol, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
