@@ -45,7 +45,7 @@ var buildPhaul = sync.OnceValues(func() (string, error) {
 // env is two test hosts with certificates, a destination service and the
 // phaul binary.
 type env struct {
-	t         *testing.T
+	t         testing.TB
 	bin       string
 	hosts     *testenv.Hosts
 	dir       string
@@ -58,7 +58,7 @@ type env struct {
 	serveDone chan struct{}
 }
 
-func newEnv(t *testing.T, opts testenv.HostsOpts) *env {
+func newEnv(t testing.TB, opts testenv.HostsOpts) *env {
 	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireCRIU(t)
@@ -240,7 +240,7 @@ func (e *env) migrate(pid int, extra ...string) result {
 
 // removeCgroup removes phaul/<id> once its tree is gone (test cleanup kills
 // workloads first: cleanups run last-in first-out).
-func removeCgroup(t *testing.T, id string) {
+func removeCgroup(t testing.TB, id string) {
 	g, err := cgroup.Open(id)
 	if err != nil {
 		return
@@ -354,7 +354,7 @@ func (e *env) assertNoImagesLeft() {
 }
 
 // assertNoCgroup checks that a failed migration left no cgroup behind.
-func assertNoCgroup(t *testing.T, r result) {
+func assertNoCgroup(t testing.TB, r result) {
 	t.Helper()
 	id := r.str("migration_id")
 	if id == "" {
@@ -368,7 +368,7 @@ func assertNoCgroup(t *testing.T, r result) {
 
 // procCgroup returns pid's cgroup in the v1 hierarchy with controller (or
 // name=) h, or in cgroup v2 for h == "".
-func procCgroup(t *testing.T, pid int, h string) string {
+func procCgroup(t testing.TB, pid int, h string) string {
 	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
 	if err != nil {
