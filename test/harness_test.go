@@ -91,6 +91,16 @@ func (e *env) run(ns *testenv.Netns, args ...string) string {
 // and exit status.
 func (e *env) phaul(ns *testenv.Netns, args ...string) (string, int) {
 	e.t.Helper()
+	out, code := e.phaulQuiet(ns, args...)
+	if code < 0 {
+		e.t.Fatalf("phaul %v: %s", args, out)
+	}
+	return out, code
+}
+
+// phaulQuiet is phaul without failing the test; a run that could not
+// start returns code -1 and the error as output. Safe from any goroutine.
+func (e *env) phaulQuiet(ns *testenv.Netns, args ...string) (string, int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	var cmd *exec.Cmd
@@ -107,8 +117,7 @@ func (e *env) phaul(ns *testenv.Netns, args ...string) (string, int) {
 	case errors.As(err, &ee):
 		return string(out), ee.ExitCode()
 	default:
-		e.t.Fatalf("phaul %v: %v", args, err)
-		return "", -1
+		return fmt.Sprintf("%v\n%s", err, out), -1
 	}
 }
 
@@ -216,11 +225,19 @@ func (r result) num(key string) float64 {
 // migrate runs phaul migrate in the source namespace.
 func (e *env) migrate(pid int, extra ...string) result {
 	e.t.Helper()
+	r := e.migrateQuiet(pid, extra...)
+	e.t.Logf("phaul migrate exit %d\n%s", r.code, r.out)
+	return r
+}
+
+// migrateQuiet is migrate without logging; safe to call from several
+// goroutines.
+func (e *env) migrateQuiet(pid int, extra ...string) result {
 	statsPath := filepath.Join(e.dir, fmt.Sprintf("stats-%d.json", time.Now().UnixNano()))
 	args := append([]string{"migrate", "--to", e.destAddr(), "--tls-dir", e.srcTLS,
 		"--work-dir", e.srcWork, "--stats-json", statsPath}, extra...)
 	args = append(args, fmt.Sprint(pid))
-	out, code := e.phaul(e.hosts.Src, args...)
+	out, code := e.phaulQuiet(e.hosts.Src, args...)
 	r := result{out: out, code: code}
 	if b, err := os.ReadFile(statsPath); err == nil {
 		sc := bufio.NewScanner(bytes.NewReader(b))
@@ -234,7 +251,6 @@ func (e *env) migrate(pid int, extra ...string) result {
 	if id := r.str("migration_id"); id != "" {
 		e.t.Cleanup(func() { removeCgroup(e.t, id) })
 	}
-	e.t.Logf("phaul migrate exit %d\n%s", code, out)
 	return r
 }
 

@@ -1,0 +1,96 @@
+package test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/phaul/phaul/test/testenv"
+)
+
+// TestServeBadInput starts phaul serve with what it must refuse: each must
+// exit non-zero at once with a one-line error.
+func TestServeBadInput(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	withKey := filepath.Join(e.dir, "tls-with-key")
+	e.run(nil, "certs", "--ca-dir", withKey, "--out", withKey+"-node", "--host", "x")
+	for _, f := range []string{"node.crt", "node.key"} {
+		b, err := os.ReadFile(filepath.Join(withKey+"-node", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(withKey, f), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	notDir := filepath.Join(e.dir, "not-a-dir")
+	os.WriteFile(notDir, nil, 0o600)
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"tls dir holds ca.key", []string{"--listen", "127.0.0.1:0", "--work-dir", e.dstWork, "--tls-dir", withKey}, "ca.key"},
+		{"tls dir missing", []string{"--listen", "127.0.0.1:0", "--work-dir", e.dstWork, "--tls-dir", filepath.Join(e.dir, "none")}, "tls"},
+		{"work dir not writable", []string{"--listen", "127.0.0.1:0", "--work-dir", filepath.Join(notDir, "sub"), "--tls-dir", e.dstTLS}, "work dir"},
+		{"bad listen address", []string{"--listen", "no-port", "--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, "listen"},
+		{"criu missing", []string{"--criu", "/nonexistent/criu", "--listen", "127.0.0.1:0", "--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, "criu"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			out, err := exec.CommandContext(ctx, e.bin, append([]string{"serve"}, tt.args...)...).CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() == 0 {
+				t.Fatalf("serve: %v, want a non-zero exit\n%s", err, out)
+			}
+			last := lastLine(string(out))
+			t.Logf("exit %d: %s", ee.ExitCode(), last)
+			if !strings.HasPrefix(last, "phaul: ") || !strings.Contains(last, tt.want) {
+				t.Fatalf("error line %q does not say %q", last, tt.want)
+			}
+		})
+	}
+}
+
+// TestConcurrentMigrations moves two workloads to one destination at the
+// same time: each lands in its own directory and cgroup, and each is
+// verified as a single migration is.
+func TestConcurrentMigrations(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.startServe()
+	ws := []*testenv.Workload{
+		testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, PagesPerSec: 1000}),
+		testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, PagesPerSec: 1000}),
+	}
+	results := make([]result, len(ws))
+	var wg sync.WaitGroup
+	for i, w := range ws {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = e.migrateQuiet(w.PID())
+		}()
+	}
+	wg.Wait()
+	ids := map[string]bool{}
+	for i, w := range ws {
+		t.Logf("migration %d: exit %d, %s", i, results[i].code, lastLine(results[i].out))
+		e.assertMigrated(w, results[i])
+		ids[results[i].str("migration_id")] = true
+	}
+	if len(ids) != len(ws) {
+		t.Fatalf("migration ids %v: want %d distinct", ids, len(ws))
+	}
+	if !strings.Contains(e.readServeLog(), fmt.Sprintf("migration=%s", results[1].str("migration_id"))) {
+		t.Fatalf("serve log does not mention the second migration")
+	}
+}
