@@ -11,6 +11,7 @@ import (
 
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/images"
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/core/transport"
 )
 
@@ -36,12 +37,23 @@ type MigrateConfig struct {
 	CommitTimeout  time.Duration
 }
 
+// notSentLowat bounds what the kernel queues unsent on the migration's
+// socket, so control messages wait behind little bulk data (measured in
+// core/transport/doc.go: 45 ms down to 8 ms on a 200 Mbit/s link).
+const notSentLowat = 16 << 10
+
+func defaultTransport() transport.Config {
+	c := transport.DefaultConfig()
+	c.Control = linux.SetTCPNotSentLowat(notSentLowat)
+	return c
+}
+
 // DefaultMigrateConfig returns a cold migration config with defaults set.
 func DefaultMigrateConfig() MigrateConfig {
 	return MigrateConfig{
 		Mode:           ModeCold,
 		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
-		Transport:      transport.DefaultConfig(),
+		Transport:      defaultTransport(),
 		HelloTimeout:   30 * time.Second,
 		PrepareTimeout: 10 * time.Minute,
 		CommitTimeout:  time.Minute,

@@ -243,93 +243,31 @@ func (s *Server) forget(in *incoming) {
 
 // receive runs a migration from its accepted hello to the end.
 func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.Stream) error {
-	committed := false
-	prepared := false
+	prepared, committed := false, false
 	defer func() {
 		switch {
 		case committed:
 			s.removeImages(in)
-		case prepared:
-			// handled where prepared is decided
-		default:
+		case !prepared:
 			s.cleanup(in)
 		}
+		// Prepared but not committed: awaitCommit cleaned up on ABORT or
+		// left the tree in doubt.
 	}()
-	abort := func(reason string) {
-		in.ctl.Send(&wire.Message{Body: &wire.Message_Abort{Abort: &wire.Abort{Reason: reason}}})
+	files, err := s.collect(ctx, in, stream)
+	if err != nil {
+		return err
 	}
-
-	// Images arrive on their own stream while control waits for RESTORE.
-	type result struct {
-		files []images.File
-		err   error
-	}
-	recvDone := make(chan result, 1)
-	rctx, cancelRecv := context.WithCancel(ctx)
-	defer cancelRecv()
-	go func() {
-		files, err := s.receiveImages(rctx, in)
-		recvDone <- result{files, err}
-	}()
-
-	var restore *wire.Restore
-	stop := deadline(ctx, stream, s.cfg.StepTimeout)
-	for restore == nil {
-		m, err := in.ctl.Recv()
-		if err != nil {
-			stop()
-			cancelRecv()
-			<-recvDone
-			return fmt.Errorf("wait for restore: %w", err)
-		}
-		switch b := m.GetBody().(type) {
-		case *wire.Message_Ping:
-			if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: &wire.Pong{Seq: b.Ping.GetSeq()}}}); err != nil {
-				stop()
-				cancelRecv()
-				<-recvDone
-				return err
-			}
-		case *wire.Message_Restore:
-			restore = b.Restore
-		case *wire.Message_Abort:
-			stop()
-			cancelRecv()
-			<-recvDone
-			return fmt.Errorf("%w by source: %s", ErrAborted, b.Abort.GetReason())
-		default:
-			stop()
-			cancelRecv()
-			<-recvDone
-			abort("unexpected " + wire.Name(m))
-			return fmt.Errorf("wait for restore: unexpected %s", wire.Name(m))
-		}
-	}
-	stop()
-	r := <-recvDone
-	if r.err != nil {
-		abort(r.err.Error())
-		return r.err
-	}
-	want := make([]images.File, len(restore.GetFiles()))
-	for i, f := range restore.GetFiles() {
-		want[i] = images.File{Name: f.GetName(), Size: f.GetSize()}
-	}
-	if !images.Equal(want, r.files) {
-		abort("images received do not match the manifest")
-		return errors.New("images received do not match the manifest")
-	}
-
 	t0 := time.Now()
 	pid, err := s.restore(ctx, in)
 	if err != nil {
-		abort(err.Error())
+		in.abort(err.Error())
 		return err
 	}
 	in.pid = pid
 	prepared = true
 	err = in.ctl.Send(&wire.Message{Body: &wire.Message_Prepared{Prepared: &wire.Prepared{
-		Pid: int32(pid), RestoreNanos: uint64(time.Since(t0)), ReceivedBytes: images.Total(r.files)}}})
+		Pid: int32(pid), RestoreNanos: uint64(time.Since(t0)), ReceivedBytes: images.Total(files)}}})
 	if err != nil {
 		s.inDoubtHold(in, fmt.Errorf("send prepared: %w", err))
 		return err
@@ -337,6 +275,84 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 	in.log.Info("prepared", "pid", pid)
 	committed, err = s.awaitCommit(ctx, in, stream)
 	return err
+}
+
+// abort tells the source to give up; best effort.
+func (in *incoming) abort(reason string) {
+	if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Abort{Abort: &wire.Abort{Reason: reason}}}); err != nil {
+		in.log.Debug("send abort", "err", err)
+	}
+}
+
+// collect receives the images (on their own stream) and the RESTORE
+// manifest (on control), answering pings, and checks that they agree.
+func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.Stream) ([]images.File, error) {
+	type result struct {
+		files []images.File
+		err   error
+	}
+	recvDone := make(chan result, 1)
+	rctx, cancelRecv := context.WithCancel(ctx)
+	defer func() {
+		cancelRecv()
+		<-recvDone // the receiver goroutine is owned here
+	}()
+	go func() {
+		files, err := s.receiveImages(rctx, in)
+		if err != nil && rctx.Err() == nil {
+			// Tell the source at once: it is still sending.
+			in.abort(err.Error())
+		}
+		recvDone <- result{files, err}
+	}()
+
+	stop := deadline(ctx, stream, s.cfg.StepTimeout)
+	defer stop()
+	var restore *wire.Restore
+	for restore == nil {
+		m, err := in.ctl.Recv()
+		if err != nil {
+			return nil, fmt.Errorf("wait for restore: %w", err)
+		}
+		switch b := m.GetBody().(type) {
+		case *wire.Message_Ping:
+			if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: &wire.Pong{Seq: b.Ping.GetSeq()}}}); err != nil {
+				return nil, err
+			}
+		case *wire.Message_Restore:
+			restore = b.Restore
+		case *wire.Message_Abort:
+			err := fmt.Errorf("%w by source: %s", ErrAborted, b.Abort.GetReason())
+			select {
+			case r := <-recvDone:
+				recvDone <- r // for the deferred wait
+				if r.err != nil {
+					err = fmt.Errorf("%w (after: %w)", r.err, err)
+				}
+			default:
+			}
+			return nil, err
+		default:
+			err := fmt.Errorf("wait for restore: unexpected %s", wire.Name(m))
+			in.abort(err.Error())
+			return nil, err
+		}
+	}
+	r := <-recvDone
+	recvDone <- r // for the deferred wait
+	if r.err != nil {
+		return nil, r.err // the source was told when it happened
+	}
+	want := make([]images.File, len(restore.GetFiles()))
+	for i, f := range restore.GetFiles() {
+		want[i] = images.File{Name: f.GetName(), Size: f.GetSize()}
+	}
+	if !images.Equal(want, r.files) {
+		err := errors.New("images received do not match the manifest")
+		in.abort(err.Error())
+		return nil, err
+	}
+	return r.files, nil
 }
 
 // awaitCommit waits for COMMIT or ABORT with the tree stopped. It returns

@@ -296,7 +296,7 @@ func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *tran
 		err = cerr
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("send images: %w", err)
+		return nil, nil, fmt.Errorf("send images: %w", s.peerReason(ctlStream, err))
 	}
 	manifest := make([]*wire.FileInfo, len(sent))
 	for i, f := range sent {
@@ -321,6 +321,17 @@ func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *tran
 	}
 	s.phase(PhasePrepared)
 	return sent, p, nil
+}
+
+// peerReason returns the destination's ABORT reason when one is waiting on
+// the control stream (it explains a broken data stream), else err.
+func (s *source) peerReason(ctlStream *transport.Stream, err error) error {
+	ctlStream.SetReadDeadline(time.Now().Add(2 * time.Second))
+	defer ctlStream.SetReadDeadline(time.Time{})
+	if m, rerr := s.ctl.Recv(); rerr == nil && m.GetAbort() != nil {
+		return fmt.Errorf("%w: %s", ErrAborted, m.GetAbort().GetReason())
+	}
+	return err
 }
 
 // deadline bounds the stream's reads and writes by timeout and by ctx;

@@ -132,6 +132,37 @@ func TestFaultDestinationDiesMidTransfer(t *testing.T) {
 	}
 }
 
+// TestFaultMigrateSIGTERMDuringTransfer stops phaul migrate (as ^C or a
+// service manager would) while images are on the wire: it must stop
+// sending, roll back and exit 1, not first ship the rest of the images.
+func TestFaultMigrateSIGTERMDuringTransfer(t *testing.T) {
+	// Slower still: the whole transfer takes about half a minute.
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: slowLink / 4})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
+	w.WaitProgress(t, 3)
+
+	m := e.startMigrate(w.PID(), "")
+	id := m.waitTransfer(e)
+	if err := m.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// The workload resumes on the source at once: CRIU's RPC socket is
+	// closed, which fails the post-dump notification.
+	w.WaitProgress(t, 3)
+	r := m.wait(2 * time.Minute)
+	assertRolledBack(t, r, id)
+	e.assertOnSource(w)
+	waitDirEmpty(t, e.srcWork, 10*time.Second)
+	waitDirEmpty(t, e.dstWork, 30*time.Second)
+	assertNoCgroup(t, r)
+	// Told to stop, migrate must not finish the transfer nor ask for a
+	// restore the destination then has to undo.
+	if log := e.readServeLog(); strings.Contains(r.out, "phase=restore") || strings.Contains(log, "images received") {
+		t.Errorf("after SIGTERM migrate went on sending the images and asked the destination to restore them\nserve log:\n%s", log)
+	}
+}
+
 // TestFaultInDoubt loses the connection while the destination holds the
 // restored tree PREPARED: phaul migrate is SIGKILLed the moment it logs
 // phase=prepared. Depending on the race the source CRIU either saw its RPC

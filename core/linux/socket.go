@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,4 +40,24 @@ func SeqpacketPair() (local *net.UnixConn, remote *os.File, err error) {
 		return nil, nil, fmt.Errorf("socketpair conn: got %T", c)
 	}
 	return uc, remote, nil
+}
+
+// SetTCPNotSentLowat bounds the unsent bytes the kernel queues on a TCP
+// socket (TCP_NOTSENT_LOWAT, Linux 3.12): writers block instead of filling
+// megabytes of send buffer, so a small control message is not queued behind
+// them. Its signature fits net.Dialer.Control and net.ListenConfig.Control.
+func SetTCPNotSentLowat(bytes int) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, bytes)
+		})
+		if err == nil {
+			err = serr
+		}
+		if err != nil {
+			return fmt.Errorf("set TCP_NOTSENT_LOWAT: %w", err)
+		}
+		return nil
+	}
 }

@@ -41,49 +41,57 @@
 // Control messages share the connection with bulk image and page data, so
 // the bytes queued ahead of a control message delay it.
 // BenchmarkControlRTTUnderLoad measures control ping RTT while two bulk
-// streams write flat out, against idle RTT (2 cores; "shaped" is a veth pair
-// between two network namespaces with a 200 Mbit/s tbf on the sending side,
-// no added delay; p50/p99):
+// streams write flat out, against idle RTT in the same run. Numbers from a
+// 2-core VM, p50 / p99, ranges over repeated runs:
 //
-//	loopback, 1 MiB windows                 idle 66/334µs
-//	  yamux as is (frame = window)          load 1.3/3.6ms   22x/23x  715 MB/s
-//	  64 KiB frames (shipped)               load 217µs/2.4ms 3.3x/7x  609 MB/s
-//	  64 KiB frames, 256 KiB windows        load 219µs/1.0ms 3.4x/6x  579 MB/s
-//	  control on a second TLS connection    load 112µs/1.5ms 1.8x/7x  624 MB/s
-//	shaped 200 Mbit/s, config 25 MB/s       idle ~0.15/0.3ms
-//	  default kernel, DefaultConfig (1 MiB) load 45/49ms              24 MB/s
-//	  default kernel, 16 KiB frames         load 16/24ms
-//	  TCP_NOTSENT_LOWAT 16 KiB, 16 KiB frames load 8.2/10.9ms         24 MB/s
-//	  same, control on a second connection  load 5.4/10.9ms
-//	  same, bulk paced at 24 MB/s           load 5.4/7.9ms
+//	loopback, DefaultConfig (1 MiB windows, 64 KiB frames); idle 65 / 200µs
+//	  frames as yamux makes them (= window)  1.3-1.6 / 4.4-5.3 ms  20x / 22x
+//	  64 KiB frames (shipped)                250-330µs / 2.6-3.3ms  4x / 13x
+//	  shipped, 256 KiB windows (RTT 1µs)     290µs / 1.2-1.9 ms     4x / 3-10x
+//	  control on a second TLS connection     140-170µs / 0.9-1.4ms  3x / 4-9x
+//	  bulk 450-670 MB/s throughout (CPU-bound: TLS on both ends)
+//
+//	veth between two netns, 200 Mbit/s tbf on the sending side, no added
+//	delay; Config 25 MB/s (256 KiB windows, 16 KiB frames); idle 0.15 / 0.3ms
+//	  DefaultConfig instead (1 MiB windows, 64 KiB frames)   45 / 49 ms
+//	  kernel defaults, shipped frames                        16 / 24 ms
+//	  kernel defaults, frames as yamux makes them            10.6 / 14 ms
+//	  kernel defaults, control on a second connection         5.4 / 11 ms
+//	  TCP_NOTSENT_LOWAT 16 KiB, shipped frames                8.2 / 11-14 ms
+//	  TCP_NOTSENT_LOWAT 16 KiB, frames as yamux makes them   13-16 / 24 ms
+//	  TCP_NOTSENT_LOWAT 16 KiB, control on a second conn      5.4 / 11 ms
+//	  TCP_NOTSENT_LOWAT 16 KiB, bulk paced at 24 MB/s (*)     5.4 / 7.9 ms
+//	  bulk 23.8 MB/s throughout; (*) a one-off experiment
 //
 // The bytes queue in four places:
 //
-//  1. yamux's send queue: yamux sends a stream's data as one frame of up to
-//     the whole window and writes a frame completely before the next, so a
-//     control frame waited behind a window's worth per busy stream.
-//     Stream.Write now splits writes into frames of 16 to 64 KiB
-//     (Config.Bandwidth x 500µs): a control frame waits behind at most one
-//     frame per busy stream. This is the 22x -> 3.3x on loopback.
-//  2. The kernel's send buffer: it autotunes to megabytes and holds all
-//     the window's bytes, 40 ms at 200 Mbit/s. Only TCP_NOTSENT_LOWAT bounds
-//     the unsent bytes without limiting bytes in flight; this package may
-//     not make that system call (core/linux may), so Config.Control is the
-//     hook for it (net.ipv4.tcp_notsent_lowat is the host-wide fallback).
-//     45 ms -> 8 ms on the shaped link, at the same throughput.
-//  3. The receiver's socket buffer and TLS decryption: bounded by the
-//     stream window, Config.Bandwidth x Config.RTT (256 KiB to 16 MiB).
-//     Overstating the RTT costs control latency (1 MiB vs 256 KiB windows:
-//     p99 2.4 vs 1.0 ms on loopback).
-//  4. The bottleneck queue and bytes in flight: about 130-200 KB on the
-//     shaped link (ss and tc show 64 KB GSO packets in the tbf and in
-//     flight). It is shared by every connection on the path, which is why a
-//     second TLS connection for control gains little (8.2 -> 5.4 ms p50,
-//     the same p99) and is not used. Pacing bulk below the bottleneck
-//     (SO_MAX_PACING_RATE, again through Config.Control) trims p99 to 8 ms.
+//  1. yamux's send queue. yamux sends as much of a write as the window
+//     allows as one frame and writes each frame whole, so a control frame
+//     waited behind up to a window per busy stream. Stream.Write splits
+//     writes into frames of Config.Bandwidth x 500µs, 16 to 64 KiB; a
+//     control frame now waits behind at most one frame per busy stream
+//     (loopback: 20x -> 4x at p50).
+//  2. The kernel's send buffer. It autotunes to megabytes and holds what
+//     the windows let through, tens of ms at 200 Mbit/s; smaller frames
+//     alone do not help then. TCP_NOTSENT_LOWAT bounds the unsent bytes
+//     without limiting bytes in flight, at no cost in throughput. This
+//     package may not make that system call (only core/linux may), so
+//     Config.Control is the hook for it; net.ipv4.tcp_notsent_lowat=16384
+//     is the host-wide fallback. With it, 16 / 24 ms -> 8 / 11 ms.
+//  3. The receiver's socket buffer and TLS decryption, bounded by the
+//     stream window, Config.Bandwidth x Config.RTT clamped to 256 KiB-16
+//     MiB. This dominates p99 on loopback: overstating the RTT costs
+//     control latency, understating it costs throughput.
+//  4. The bottleneck queue and the bytes in flight: 130-200 KB on the
+//     shaped link (ss and tc show 64 KB GSO packets queued in the tbf and
+//     unacknowledged). Every connection on the path shares it, so a second
+//     TLS connection for control gains 3 ms at p50 and nothing at p99; it
+//     is not used. Pacing bulk below the bottleneck (SO_MAX_PACING_RATE,
+//     again through Config.Control) trims p99.
 //
-// On a 200 Mbit/s link the floor is therefore about 5-10 ms under load:
-// well under a pre-copy round, but not idle RTT.
+// Under load a control message thus waits about 5-10 ms on a 200 Mbit/s
+// link and a few hundred µs (p99 a few ms) on fast ones: small next to a
+// pre-copy round, far from idle RTT.
 //
 // # Ownership
 //
