@@ -256,6 +256,9 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 	}()
 	files, err := s.collect(ctx, in, stream)
 	if err != nil {
+		if ctx.Err() != nil {
+			in.abort("destination shutting down")
+		}
 		return err
 	}
 	t0 := time.Now()
@@ -265,13 +268,15 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 		return err
 	}
 	in.pid = pid
-	prepared = true
 	err = in.ctl.Send(&wire.Message{Body: &wire.Message_Prepared{Prepared: &wire.Prepared{
 		Pid: int32(pid), RestoreNanos: uint64(time.Since(t0)), ReceivedBytes: images.Total(files)}}})
 	if err != nil {
-		s.inDoubtHold(in, fmt.Errorf("send prepared: %w", err))
-		return err
+		// PREPARED never reached the source (the stream is closed or
+		// reset, and a partial frame does not decode), so the source
+		// cannot have committed: the restored copy goes.
+		return fmt.Errorf("send prepared: %w", err)
 	}
+	prepared = true
 	in.log.Info("prepared", "pid", pid)
 	committed, err = s.awaitCommit(ctx, in, stream)
 	return err

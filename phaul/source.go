@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -291,9 +292,18 @@ func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *tran
 	if err != nil {
 		return nil, nil, fmt.Errorf("images stream: %w", err)
 	}
-	sent, err := images.Send(st, imagesDir, func(n uint64) { s.progress(PhaseTransfer, n) })
+	// Cancelling ctx (SIGTERM, SIGINT) must stop the transfer at once. A
+	// write deadline fails a write waiting for the stream's window; one
+	// waiting for the connection (slow link) is not woken by it, so every
+	// write also checks ctx first.
+	stopSend := context.AfterFunc(ctx, func() { st.SetWriteDeadline(time.Now()) })
+	sent, err := images.Send(ctxWriter{ctx, st}, imagesDir, func(n uint64) { s.progress(PhaseTransfer, n) })
+	stopSend()
 	if cerr := st.Close(); err == nil && cerr != nil {
 		err = cerr
+	}
+	if ctx.Err() != nil {
+		return nil, nil, fmt.Errorf("send images: interrupted: %w", context.Cause(ctx))
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("send images: %w", s.peerReason(ctlStream, err))
@@ -323,6 +333,19 @@ func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *tran
 	return sent, p, nil
 }
 
+// ctxWriter fails writes once ctx is done.
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+func (c ctxWriter) Write(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.w.Write(p)
+}
+
 // peerReason returns the destination's ABORT reason when one is waiting on
 // the control stream (it explains a broken data stream), else err.
 func (s *source) peerReason(ctlStream *transport.Stream, err error) error {
@@ -338,6 +361,10 @@ func (s *source) peerReason(ctlStream *transport.Stream, err error) error {
 // the returned func lifts it.
 func deadline(ctx context.Context, st *transport.Stream, timeout time.Duration) func() {
 	st.SetDeadline(time.Now().Add(timeout))
+	if ctx.Err() != nil {
+		// AfterFunc would run later, in its own goroutine.
+		st.SetDeadline(time.Now())
+	}
 	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
 	return func() {
 		stop()

@@ -187,7 +187,7 @@ func TestFaultInDoubt(t *testing.T) {
 	if strings.Contains(r.out, "phase=commit") {
 		// Not seen in practice: the kill follows the log line within
 		// microseconds, COMMIT needs CRIU to kill the tree and answer.
-		t.Fatalf("race lost: migrate sent COMMIT before it was killed; in doubt not reached\n%s", r.out)
+		t.Skipf("SKIP: race lost: migrate reached COMMIT before the kill landed; in doubt not reached\n%s", r.out)
 	}
 	// The source was frozen before the dump: no step after this one can
 	// come from the source unless CRIU resumed it.
@@ -279,6 +279,11 @@ func TestFaultInDoubt(t *testing.T) {
 		}
 	}
 	w.CheckHealthy(t)
+	// Killed -9, migrate could not remove its images: a job for a future
+	// `phaul gc` on the source.
+	if left := dirNames(t, e.srcWork); len(left) > 0 {
+		t.Logf("source leftover for phaul gc: %s/%v", e.srcWork, left)
+	}
 }
 
 // bgMigrate is phaul migrate running in the background in the source

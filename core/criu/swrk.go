@@ -148,6 +148,11 @@ func (s *swrk) call(ctx context.Context, req *rpc.CriuReq, n Notifier) (*rpc.Cri
 		}
 		ack := &rpc.CriuReq{Type: rpc.CriuReqType_NOTIFY.Enum(), NotifySuccess: &ok}
 		if err := s.send(ack); err != nil {
+			if ctx.Err() != nil {
+				// The socket was closed on purpose: CRIU saw EOF, which
+				// fails the script and rolls back.
+				return nil, fmt.Errorf("%s script interrupted: %w", script, context.Cause(ctx))
+			}
 			return nil, fmt.Errorf("ack %s: %w", script, err)
 		}
 		if nerr != nil {
