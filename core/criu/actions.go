@@ -75,6 +75,12 @@ type DumpRequest struct {
 	Options
 	LeaveRunning bool
 	LogLevel     int // 0: 4 (debug), enough for post-mortems
+	// PageServer, if set, is a connected socket CRIU streams the pages
+	// into, speaking the page-server protocol (RPC ps.fd, CRIU's
+	// --ps-socket): no listening socket another local process could reach
+	// first. CRIU then writes no pagemap or pages images locally and ends
+	// the session with FORCE_CLOSE. The caller keeps ownership.
+	PageServer *os.File
 }
 
 // Dump checkpoints a tree. Notifications go to n (nil: all succeed). With the
@@ -88,7 +94,12 @@ func (b *Binary) Dump(ctx context.Context, r DumpRequest, n Notifier) error {
 		NetworkLock:  rpc.CriuNetworkLockMethod_NFTABLES.Enum(),
 	}
 	r.Options.apply(opts)
-	_, err := b.action(ctx, "dump", rpc.CriuReqType_DUMP, r.ImagesDir, r.WorkDir, r.LogLevel, opts, n, Hooks{})
+	var hooks Hooks
+	if r.PageServer != nil {
+		hooks.ExtraFiles = []*os.File{r.PageServer}
+		opts.Ps = &rpc.CriuPageServerInfo{Fd: int32p(4)} // first extra file
+	}
+	_, err := b.action(ctx, "dump", rpc.CriuReqType_DUMP, r.ImagesDir, r.WorkDir, r.LogLevel, opts, n, hooks)
 	return err
 }
 

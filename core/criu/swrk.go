@@ -52,6 +52,9 @@ type Hooks struct {
 	// Started, if set, runs after CRIU started and before the first request:
 	// the place to move the child into cgroups before it forks anything.
 	Started func(pid int) error
+	// ExtraFiles are inherited by CRIU as fds 4, 5, ... (fd 3 is the RPC
+	// socket); requests refer to them by those numbers.
+	ExtraFiles []*os.File
 }
 
 func (b *Binary) start(ctx context.Context, action string, hooks Hooks, log *slog.Logger) (*swrk, error) {
@@ -61,7 +64,7 @@ func (b *Binary) start(ctx context.Context, action string, hooks Hooks, log *slo
 	}
 	defer remote.Close()
 	cmd := exec.CommandContext(ctx, b.Path, "swrk", "3")
-	cmd.ExtraFiles = []*os.File{remote} // RPC socket is fd 3 in the child
+	cmd.ExtraFiles = append([]*os.File{remote}, hooks.ExtraFiles...) // RPC socket is fd 3 in the child
 	errTail := &ringBuffer{max: 8 << 10}
 	cmd.Stdout = errTail
 	cmd.Stderr = errTail
