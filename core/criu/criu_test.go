@@ -23,7 +23,7 @@ func TestOptionsApply(t *testing.T) {
 	checks := map[string]bool{
 		"tcp_established": opts.GetTcpEstablished(), "file_locks": opts.GetFileLocks(),
 		"ext_unix_sk": opts.GetExtUnixSk(), "shell_job": opts.GetShellJob(), "link_remap": opts.GetLinkRemap(),
-		"ghost_limit": opts.GetGhostLimit() == 8<<20,
+		"ghost_limit":         opts.GetGhostLimit() == 8<<20,
 		"manage_cgroups_mode": opts.GetManageCgroupsMode() == rpc.CriuCgMode_SOFT,
 	}
 	for name, ok := range checks {
