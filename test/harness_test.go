@@ -56,6 +56,9 @@ type env struct {
 	serve     *exec.Cmd
 	serveLog  string
 	serveDone chan struct{}
+	// dstOwnDir, if set, is a directory the destination does not share
+	// with the source (see startServeAt).
+	dstOwnDir string
 }
 
 func newEnv(t testing.TB, opts testenv.HostsOpts) *env {
@@ -158,6 +161,15 @@ func (e *env) startServeAt(addr string, extra ...string) {
 	args := append([]string{"--log-level", "debug", "serve", "--listen", addr,
 		"--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, extra...)
 	e.serve = e.hosts.Dst.Command(context.Background(), e.bin, args...)
+	if e.dstOwnDir != "" {
+		// The destination host gets a filesystem of its own at dstOwnDir:
+		// a tmpfs in a mount namespace of its own, holding an empty
+		// workload.lock as a freshly provisioned host would. Restored
+		// trees live in that mount namespace too.
+		script := `mount -t tmpfs phaul-dst "$0" && : > "$0/workload.lock" && exec "$@"`
+		e.serve = e.hosts.Dst.Command(context.Background(), "unshare",
+			append([]string{"--mount", "--propagation", "private", "sh", "-c", script, e.dstOwnDir, e.bin}, args...)...)
+	}
 	e.serve.Stdout, e.serve.Stderr = logf, logf
 	if err := e.serve.Start(); err != nil {
 		e.t.Fatal(err)

@@ -32,10 +32,6 @@ func TestCRIUOptions(t *testing.T) {
 	}{
 		{name: "tcp-established", opts: testenv.WorkloadOpts{TCPPair: true}, flags: []string{"--tcp-established"},
 			wantErr: "--tcp-established"},
-		{name: "file-locks", opts: testenv.WorkloadOpts{Flock: true}, flags: []string{"--file-locks"},
-			wantErr: "--file-locks",
-			sharedFS: "the frozen source still holds the flock on the very inode the destination's restore must lock: " +
-				"CRIU's restore blocks until --restore-timeout; needs per-host filesystems (container moves with their own rootfs)"},
 		{name: "ext-unix-sk", flags: []string{"--ext-unix-sk"}, sink: true, wantErr: "--ext-unix-sk"},
 		{name: "ghost-limit", opts: testenv.WorkloadOpts{Ghost: true, GhostKiB: 2048}, flags: []string{"--ghost-limit", "4M"},
 			wantErr: "increase limit"},
@@ -91,6 +87,44 @@ func TestCRIUOptions(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFileLocks moves a workload holding a flock. The lock file lives in a
+// directory each host has its own copy of (the destination's is a tmpfs in
+// its own mount namespace): on one shared filesystem the frozen source would
+// still hold the very lock the restore must take, which no two real hosts
+// share.
+func TestFileLocks(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.dstOwnDir = filepath.Join(e.dir, "host-local")
+	if err := os.Mkdir(e.dstOwnDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500, Flock: true, FlockDir: e.dstOwnDir})
+	w.WaitProgress(t, 3)
+
+	r := e.migrate(w.PID())
+	if r.code == 0 || !strings.Contains(lastLine(r.out), "--file-locks") {
+		t.Fatalf("without --file-locks: exit %d, %q; want CRIU's refusal naming the flag", r.code, lastLine(r.out))
+	}
+	e.assertOnSource(w)
+	e.assertNoImagesLeft()
+
+	r = e.migrate(w.PID(), "--file-locks")
+	pid := e.assertMigrated(w, r)
+	// The moved workload holds the lock on the destination's file: its own
+	// check (it logs "ok flock" rounds and FAILs when it lost the lock)
+	// keeps passing, and the restored copy has the destination's file open.
+	locks, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(locks), fmt.Sprintf("FLOCK  ADVISORY  WRITE %d ", pid)) {
+		t.Fatalf("restored copy %d holds no flock:\n%s", pid, locks)
+	}
+	w.WaitProgress(t, 5)
+	w.CheckHealthy(t)
 }
 
 // TestRestoreFailureResumesSource makes the destination's restore fail

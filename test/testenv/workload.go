@@ -21,6 +21,7 @@ type WorkloadOpts struct {
 	Verify      time.Duration // period of full verification (ms resolution); 0: 250ms
 	TCPPair     bool          // an established 127.0.0.1 TCP pair; CRIU needs --tcp-established
 	Flock       bool          // holds flock on Workload.FlockPath; CRIU needs --file-locks
+	FlockDir    string        // directory of the lock file; "": the workload's own directory
 	Ghost       bool          // an open, unlinked file: a ghost file in CRIU's images
 	GhostKiB    int           // its size; 0: 64. Over 1024 CRIU needs --ghost-limit
 	GhostLink   bool          // Ghost, but a second hard link keeps nlink 1; CRIU needs --link-remap
@@ -72,6 +73,9 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 		Out:       filepath.Join(dir, "workload.out"),
 		FlockPath: filepath.Join(dir, "workload.lock"),
 		done:      make(chan struct{}),
+	}
+	if opts.FlockDir != "" {
+		w.FlockPath = filepath.Join(opts.FlockDir, "workload.lock")
 	}
 	argv := append([]string{bin}, w.args(opts)...)
 	path := bin
