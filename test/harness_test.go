@@ -10,6 +10,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -57,8 +59,10 @@ type env struct {
 	serveLog  string
 	serveDone chan struct{}
 	// dstOwnDir, if set, is a directory the destination does not share
-	// with the source (see startServeAt).
-	dstOwnDir string
+	// with the source; dstOwnPIDNS gives the destination a PID namespace
+	// of its own (see startServeAt).
+	dstOwnDir   string
+	dstOwnPIDNS bool
 }
 
 func newEnv(t testing.TB, opts testenv.HostsOpts) *env {
@@ -161,14 +165,21 @@ func (e *env) startServeAt(addr string, extra ...string) {
 	args := append([]string{"--log-level", "debug", "serve", "--listen", addr,
 		"--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, extra...)
 	e.serve = e.hosts.Dst.Command(context.Background(), e.bin, args...)
-	if e.dstOwnDir != "" {
-		// The destination host gets a filesystem of its own at dstOwnDir:
-		// a tmpfs in a mount namespace of its own, holding an empty
-		// workload.lock as a freshly provisioned host would. Restored
-		// trees live in that mount namespace too.
-		script := `mount -t tmpfs phaul-dst "$0" && : > "$0/workload.lock" && exec "$@"`
+	if e.dstOwnDir != "" || e.dstOwnPIDNS {
+		// The destination host gets a mount namespace of its own, with a
+		// tmpfs at dstOwnDir holding an empty workload.lock as a freshly
+		// provisioned host would, and with dstOwnPIDNS a PID namespace of
+		// its own (phaul serve is its init). Restored trees live there too.
+		flags := []string{"--mount", "--propagation", "private"}
+		if e.dstOwnPIDNS {
+			flags = append(flags, "--pid", "--fork", "--mount-proc")
+		}
+		script := `exec "$@"`
+		if e.dstOwnDir != "" {
+			script = `mount -t tmpfs phaul-dst "$0" && : > "$0/workload.lock" && exec "$@"`
+		}
 		e.serve = e.hosts.Dst.Command(context.Background(), "unshare",
-			append([]string{"--mount", "--propagation", "private", "sh", "-c", script, e.dstOwnDir, e.bin}, args...)...)
+			append(append(flags, "sh", "-c", script, e.dstOwnDir, e.bin), args...)...)
 	}
 	e.serve.Stdout, e.serve.Stderr = logf, logf
 	if err := e.serve.Start(); err != nil {
@@ -204,7 +215,16 @@ func (e *env) stopServe() {
 		return
 	default:
 	}
-	e.serve.Process.Signal(syscall.SIGTERM)
+	target := e.serve.Process.Pid
+	if e.dstOwnPIDNS {
+		// unshare --fork waits for phaul serve, its child, and does not
+		// pass signals on: signal phaul itself.
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", target, target))
+		if f := strings.Fields(string(b)); err == nil && len(f) == 1 {
+			target, _ = strconv.Atoi(f[0])
+		}
+	}
+	syscall.Kill(target, syscall.SIGTERM)
 	select {
 	case <-e.serveDone:
 		if code := e.serve.ProcessState.ExitCode(); code != 0 {
@@ -309,8 +329,8 @@ func (e *env) assertMigrated(w *testenv.Workload, r result) int {
 	if pid == w.PID() {
 		t.Fatalf("the source process %d still runs; no copy on the destination", pid)
 	}
-	if int(r.num("dest_pid")) != pid {
-		t.Fatalf("stats dest_pid %v, running copy %d", r.stats["dest_pid"], pid)
+	if dp := int(r.num("dest_pid")); !slices.Contains(nsPids(t, pid), dp) {
+		t.Fatalf("stats dest_pid %d, running copy %d (NSpid %v)", dp, pid, nsPids(t, pid))
 	}
 	if in, err := e.hosts.Dst.Contains(pid); err != nil || !in {
 		t.Fatalf("pid %d does not run in the destination namespace: %v", pid, err)
@@ -415,4 +435,29 @@ func procCgroup(t testing.TB, pid int, h string) string {
 	}
 	t.Fatalf("pid %d has no %q cgroup:\n%s", pid, h, b)
 	return ""
+}
+
+// nsPids returns pid's numbers in every PID namespace it is in, the host's
+// first (NSpid in /proc/PID/status): the destination reports its own.
+func nsPids(t testing.TB, pid int) []int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && f[0] == "NSpid:" {
+			var pids []int
+			for _, s := range f[1:] {
+				n, err := strconv.Atoi(s)
+				if err != nil {
+					t.Fatalf("NSpid %q: %v", line, err)
+				}
+				pids = append(pids, n)
+			}
+			return pids
+		}
+	}
+	t.Fatalf("pid %d: no NSpid", pid)
+	return nil
 }

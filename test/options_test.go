@@ -35,11 +35,6 @@ func TestCRIUOptions(t *testing.T) {
 		{name: "ext-unix-sk", flags: []string{"--ext-unix-sk"}, sink: true, wantErr: "--ext-unix-sk"},
 		{name: "ghost-limit", opts: testenv.WorkloadOpts{Ghost: true, GhostKiB: 2048}, flags: []string{"--ghost-limit", "4M"},
 			wantErr: "increase limit"},
-		{name: "shell-job", opts: testenv.WorkloadOpts{InSession: true}, flags: []string{"--shell-job"},
-			wantErr: "session leader",
-			sharedFS: "CRIU refuses a session leader outside the tree's PID namespace even with --shell-job " +
-				"(cr-dump.c: 'outside of its pid namespace'), and a tree in the host PID namespace cannot be restored " +
-				"on the same kernel while its frozen source holds its pids; needs two kernels"},
 		{name: "link-remap", opts: testenv.WorkloadOpts{GhostLink: true}, flags: []string{"--link-remap"},
 			wantErr: "link"},
 	}
@@ -125,6 +120,33 @@ func TestFileLocks(t *testing.T) {
 	}
 	w.WaitProgress(t, 5)
 	w.CheckHealthy(t)
+}
+
+// TestShellJob moves a workload whose session leader (the test) is outside
+// the tree, as a job started from a shell is. CRIU refuses a session leader
+// outside the tree's PID namespace even with --shell-job, so this workload
+// runs in the host's PID namespace; the destination gets a PID namespace of
+// its own, as a second kernel would, so the restore does not clash with the
+// pids its frozen source still holds.
+func TestShellJob(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.dstOwnPIDNS = true
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500, InSession: true, HostPIDNS: true})
+	w.WaitProgress(t, 3)
+
+	r := e.migrate(w.PID())
+	if r.code == 0 || !strings.Contains(lastLine(r.out), "shell-job") {
+		t.Fatalf("without --shell-job: exit %d, %q; want CRIU's refusal naming the flag", r.code, lastLine(r.out))
+	}
+	e.assertOnSource(w)
+	e.assertNoImagesLeft()
+
+	r = e.migrate(w.PID(), "--shell-job")
+	pid := e.assertMigrated(w, r)
+	if ns := nsPids(t, pid); len(ns) != 2 {
+		t.Fatalf("restored copy %d: NSpid %v, want it in the destination's PID namespace", pid, ns)
+	}
 }
 
 // TestRestoreFailureResumesSource makes the destination's restore fail

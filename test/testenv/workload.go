@@ -31,6 +31,10 @@ type WorkloadOpts struct {
 	// it a session leader: its session leader is outside the dumped tree,
 	// so CRIU needs --shell-job.
 	InSession bool
+	// HostPIDNS runs the workload in the test's PID namespace instead of
+	// a new one. Only a destination with a PID namespace of its own can
+	// then restore it on this kernel (the frozen source holds its pids).
+	HostPIDNS bool
 }
 
 // stepPeriod is the workload's step interval.
@@ -90,7 +94,7 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 	// No pipes: the process must outlive this side of a migration.
 	w.cmd = &exec.Cmd{
 		Path: path, Args: argv, Stdout: out, Stderr: out,
-		SysProcAttr: &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Setsid: !opts.InSession},
+		SysProcAttr: &syscall.SysProcAttr{Cloneflags: pidnsFlag(opts), Setsid: !opts.InSession},
 	}
 	err = w.cmd.Start()
 	out.Close() // the child has its own copy
@@ -294,4 +298,11 @@ func (w *Workload) cleanup(tb testing.TB) {
 	if tb.Failed() {
 		tb.Logf("%s", w.tail())
 	}
+}
+
+func pidnsFlag(o WorkloadOpts) uintptr {
+	if o.HostPIDNS {
+		return 0
+	}
+	return syscall.CLONE_NEWPID
 }
