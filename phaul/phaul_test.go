@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/wire"
 )
 
 func TestCheckTarget(t *testing.T) {
@@ -103,5 +104,39 @@ func TestStatsJSON(t *testing.T) {
 	}
 	if !slices.Contains([]string{ResultFailed}, m["result"].(string)) {
 		t.Errorf("a migration that has not finished reads %v", m["result"])
+	}
+}
+
+// TestCheckPeer: the destination must pass its own checks and have every
+// CPU flag of the source.
+func TestCheckPeer(t *testing.T) {
+	host := func(ok bool, flags ...string) *wire.HostReport {
+		return &wire.HostReport{Ok: ok, CpuFlags: flags,
+			Items: []*wire.CheckItem{{Feature: "criu-check", Required: true, Available: ok, Detail: "x"}}}
+	}
+	tests := []struct {
+		name     string
+		src, dst *wire.HostReport
+		want     string // "" = accepted
+	}{
+		{"same", host(true, "sse2", "avx2"), host(true, "sse2", "avx2"), ""},
+		{"dst has more", host(true, "sse2"), host(true, "sse2", "avx512f"), ""},
+		{"dst lacks avx2", host(true, "sse2", "avx2"), host(true, "sse2"), "avx2"},
+		{"dst fails its checks", host(true, "sse2"), host(false, "sse2"), "criu-check"},
+		{"no report", host(true, "sse2"), nil, "no report"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := checkPeer(tt.src, tt.dst)
+			if tt.want == "" {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("checkPeer = %v, want an error naming %q", err, tt.want)
+			}
+		})
 	}
 }
