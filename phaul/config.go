@@ -24,6 +24,7 @@ type MigrateConfig struct {
 	WorkDir  string // images are written under WorkDir/<migration id>, removed afterwards
 	CRIUPath string // --criu; empty: $PHAUL_CRIU, the prefix wrapper, PATH
 	CRIU     criu.Options
+	Compress string // page stream compression: auto (default), on, off
 
 	Transport transport.Config // Identity is loaded from TLSDir
 	Logger    *slog.Logger

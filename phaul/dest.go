@@ -15,8 +15,10 @@ import (
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/images"
+	"github.com/phaul/phaul/core/pagestore"
 	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/core/wire"
+	"github.com/phaul/phaul/pageserver"
 )
 
 // ErrBusy is the refusal reason when MaxMigrations are in progress.
@@ -412,22 +414,68 @@ func (s *Server) inDoubtHold(in *incoming, why error) {
 }
 
 func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File, error) {
+	// Streams come in the order the source opened them: the page stream
+	// (CRIU dumps into the source's page server, which forwards here), then
+	// the other images.
 	st, err := in.sess.AcceptStream(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("images stream: %w", err)
 	}
+	var pagesDone chan error
+	if st.Kind() == transport.KindPages {
+		pagesDone = make(chan error, 1)
+		go func(ps *transport.Stream) { // owned here: waited for below
+			defer ps.Close()
+			pagesDone <- s.receivePages(ctx, in, ps)
+		}(st)
+		if st, err = in.sess.AcceptStream(ctx); err != nil {
+			return nil, errors.Join(fmt.Errorf("images stream: %w", err), <-pagesDone)
+		}
+	}
 	defer st.Close()
 	if st.Kind() != transport.KindImages {
-		return nil, fmt.Errorf("images stream: got a %s stream", st.Kind())
+		err := fmt.Errorf("images stream: got a %s stream", st.Kind())
+		if pagesDone != nil {
+			err = errors.Join(err, <-pagesDone)
+		}
+		return nil, err
 	}
 	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
 	defer stop()
 	files, err := images.Receive(st, filepath.Join(in.dir, "images"), s.cfg.Limits, nil)
+	if pagesDone != nil {
+		// The source ends the page stream before it sends the images:
+		// this only waits on a broken one.
+		err = errors.Join(err, <-pagesDone)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("receive images: %w", err)
 	}
 	in.log.Info("images received", "files", len(files), "bytes", images.Total(files))
 	return files, nil
+}
+
+// receivePages stores the forwarded pages and writes them as CRIU images
+// (pagemap-*.img, pages-*.img) into the migration's images directory.
+func (s *Server) receivePages(ctx context.Context, in *incoming, st *transport.Stream) error {
+	cfg := pagestore.DefaultConfig(filepath.Join(in.dir, "images"))
+	cfg.SpoolDir = filepath.Join(in.dir, "pages.spool")
+	cfg.Logger = in.log
+	store, err := pagestore.New(cfg)
+	if err != nil {
+		return fmt.Errorf("page store: %w", err)
+	}
+	defer store.Close()
+	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
+	defer stop()
+	t0 := time.Now()
+	ps, err := pageserver.Receive(st, store)
+	if err != nil {
+		return fmt.Errorf("receive pages: %w", err)
+	}
+	in.log.Info("pages received", "pages", ps.Pages, "zero", ps.ZeroPages, "dup", ps.DupPages,
+		"bytes", ps.RawBytes, "wire_bytes", ps.WireBytes, "dur", time.Since(t0))
+	return nil
 }
 
 // restore restores the tree stopped, inside a cgroup this service owns.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"time"
@@ -15,8 +16,10 @@ import (
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/core/pagestore"
 	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/core/wire"
+	"github.com/phaul/phaul/pageserver"
 )
 
 // Sentinels callers (and tests) branch on.
@@ -227,7 +230,16 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		}
 		return nil
 	})
-	err := bin.Dump(ctx, criu.DumpRequest{Pid: cfg.PID, ImagesDir: imagesDir, Options: cfg.CRIU}, notify)
+	pages, err := s.startPages(ctx)
+	if err != nil {
+		return err
+	}
+	err = bin.Dump(ctx, criu.DumpRequest{Pid: cfg.PID, ImagesDir: imagesDir, Options: cfg.CRIU,
+		PageServer: pages.criuEnd}, notify)
+	pstats, perr := pages.finish()
+	if err == nil && perr != nil {
+		s.log.Warn("page stream ended badly after a good dump", "err", perr)
+	}
 	if err != nil && !acked {
 		s.phase(PhaseRollback)
 		s.abort(fmt.Sprintf("source dump failed: %v", err))
@@ -246,8 +258,9 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	s.stats.DestPID = int(prepared.GetPid())
 	s.stats.CRIURestoreMS = ms(time.Duration(prepared.GetRestoreNanos()))
 	s.stats.BytesImages = images.Total(sent)
+	s.stats.BytesImages += pstats.Pages * pagestore.PageSize
 	s.stats.Rounds = append(s.stats.Rounds, Round{Round: 1, Kind: "final", BytesImages: s.stats.BytesImages,
-		Files: len(sent), DurationMS: ms(time.Since(frozen))})
+		Files: len(sent), DurationMS: ms(time.Since(frozen)), Pages: &pstats})
 
 	s.phase(PhaseCommit)
 	stop := deadline(ctx, ctlStream, cfg.CommitTimeout)
@@ -331,6 +344,74 @@ func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *tran
 	}
 	s.phase(PhasePrepared)
 	return sent, p, nil
+}
+
+// pageStream is a migration's page path on the source: CRIU dumps into a
+// page server on one end of a socket pair (criuEnd is the other, handed to
+// CRIU as its page-server socket: no listening socket another local process
+// could reach first), and the server forwards every page over a yamux
+// stream to the destination's page store.
+type pageStream struct {
+	criuEnd *os.File
+	local   net.Conn
+	stream  *transport.Stream
+	fw      *pageserver.Forwarder
+	done    chan error
+}
+
+func (s *source) startPages(ctx context.Context) (*pageStream, error) {
+	st, err := s.sess.OpenStream(ctx, transport.KindPages)
+	if err != nil {
+		return nil, fmt.Errorf("pages stream: %w", err)
+	}
+	fw, err := pageserver.NewForwarder(ctxStream{ctx, st}, pageserver.ForwardConfig{Compress: s.cfg.Compress})
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	local, criuEnd, err := linux.StreamPair()
+	if err != nil {
+		fw.Close()
+		st.Close()
+		return nil, err
+	}
+	pcfg := pageserver.DefaultConfig()
+	pcfg.Store, pcfg.Logger = fw, s.log
+	srv, err := pageserver.NewServer(pcfg)
+	if err != nil {
+		local.Close()
+		criuEnd.Close()
+		fw.Close()
+		st.Close()
+		return nil, err
+	}
+	p := &pageStream{criuEnd: criuEnd, local: local, stream: st, fw: fw, done: make(chan error, 1)}
+	go func() { p.done <- srv.ServeConn(ctx, local) }() // owned by p; finish waits
+	return p, nil
+}
+
+// finish ends the page path after the dump: CRIU has closed its end (or
+// died); closing ours lets the server see EOF.
+func (p *pageStream) finish() (pageserver.ForwardStats, error) {
+	p.criuEnd.Close()
+	err := <-p.done
+	p.local.Close()
+	p.stream.Close()
+	p.fw.Close()
+	return p.fw.Stats(), err
+}
+
+// ctxStream is a stream whose writes fail once ctx is done (see ctxWriter).
+type ctxStream struct {
+	ctx context.Context
+	*transport.Stream
+}
+
+func (c ctxStream) Write(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.Stream.Write(p)
 }
 
 // ctxWriter fails writes once ctx is done.

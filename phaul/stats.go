@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 	"time"
+
+	"github.com/phaul/phaul/pageserver"
 )
 
 // Result of a migration.
@@ -54,6 +56,9 @@ type Round struct {
 	BytesImages uint64  `json:"bytes_images"`
 	Files       int     `json:"files"`
 	DurationMS  float64 `json:"duration_ms"` // dump start to images received
+	// Pages describes the page stream: pages, zero and duplicate pages
+	// (sent without their bytes), bytes before and after compression.
+	Pages *pageserver.ForwardStats `json:"pages,omitempty"`
 }
 
 func newStats(id string, mode Mode, to string, pid int) *Stats {

@@ -347,7 +347,8 @@ func (m *bgMigrate) killed() bool {
 	return m.out.fired
 }
 
-// waitTransfer waits until migrate logged phase=transfer and the
+// waitTransfer waits until migrate logged phase=dump (pages stream while
+// CRIU dumps) and the
 // destination holds at least 4 MiB of its images, and returns the
 // migration id.
 func (m *bgMigrate) waitTransfer(e *env) string {
@@ -362,7 +363,8 @@ func (m *bgMigrate) waitTransfer(e *env) string {
 		default:
 		}
 		out := m.out.String()
-		if !strings.Contains(out, "phase=transfer") {
+		// Pages stream to the destination while CRIU dumps.
+		if !strings.Contains(out, "phase=dump") {
 			return false, nil
 		}
 		if id == "" {
@@ -374,8 +376,8 @@ func (m *bgMigrate) waitTransfer(e *env) string {
 	})
 	got := dirBytes(filepath.Join(e.dstWork, id))
 	m.t.Logf("migration %s: destination received %d bytes; breaking it now", id, got)
-	if strings.Contains(m.out.String(), "phase=restore") {
-		m.t.Fatalf("the transfer finished before it could be broken: shape the link slower\n%s", m.out)
+	if strings.Contains(m.out.String(), "phase=transfer") {
+		m.t.Fatalf("the page stream finished before it could be broken: shape the link slower\n%s", m.out)
 	}
 	return id
 }

@@ -61,3 +61,24 @@ func SetTCPNotSentLowat(bytes int) func(network, address string, c syscall.RawCo
 		return nil
 	}
 }
+
+// StreamPair returns a connected AF_UNIX SOCK_STREAM pair: local is
+// registered with the runtime poller, remote is a plain file to hand to a
+// child (exec.Cmd.ExtraFiles), as CRIU's --ps-socket takes it. Both are
+// close-on-exec; the caller owns both and closes remote once the child has
+// it.
+func StreamPair() (local net.Conn, remote *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	lf := os.NewFile(uintptr(fds[0]), "stream-local")
+	defer lf.Close() // FileConn dups it
+	remote = os.NewFile(uintptr(fds[1]), "stream-remote")
+	local, err = net.FileConn(lf)
+	if err != nil {
+		remote.Close()
+		return nil, nil, fmt.Errorf("stream conn: %w", err)
+	}
+	return local, remote, nil
+}

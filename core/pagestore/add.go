@@ -1,0 +1,174 @@
+package pagestore
+
+import (
+	"bytes"
+	"fmt"
+	"sync/atomic"
+)
+
+// Add records nrPages pages at vaddr (a page address, or the offset in the
+// segment for KindShmem) with CRIU's PE flags: FlagPresent, FlagPresent|
+// FlagLazy, FlagLazy or FlagParent. With FlagPresent, data holds exactly
+// nrPages*PageSize bytes, which Add copies (a page of zeros is kept as a
+// zero page: no bytes); otherwise data must be empty. Each page replaces
+// any older record of it. An unopened key is opened. Errors: ErrInvalid
+// (nothing recorded), ErrLimit (nothing recorded), ErrCommitted, ErrClosed,
+// ErrBroken.
+func (s *Store) Add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) error {
+	if err := s.checkAdd(k, vaddr, nrPages, flags, data); err != nil {
+		return fmt.Errorf("add %v %#x+%d: %w", k, vaddr, nrPages, err)
+	}
+	if err := s.add(k, vaddr, nrPages, flags, data); err != nil {
+		return fmt.Errorf("add %v %#x+%d: %w", k, vaddr, nrPages, err)
+	}
+	return nil
+}
+
+// AddZero records nrPages present pages at vaddr known to be all zeros,
+// without their bytes. Errors as for Add.
+func (s *Store) AddZero(k Key, vaddr, nrPages uint64) error {
+	if err := s.checkPages(k, vaddr, nrPages); err != nil {
+		return fmt.Errorf("add zero %v %#x+%d: %w", k, vaddr, nrPages, err)
+	}
+	if err := s.add(k, vaddr, nrPages, FlagPresent, nil); err != nil {
+		return fmt.Errorf("add zero %v %#x+%d: %w", k, vaddr, nrPages, err)
+	}
+	return nil
+}
+
+// checkPages bounds a range to record before anything is looked at.
+func (s *Store) checkPages(k Key, vaddr, nrPages uint64) error {
+	if err := k.validate(); err != nil {
+		return err
+	}
+	if err := checkRange(vaddr, nrPages); err != nil {
+		return err
+	}
+	if nrPages > s.cfg.MaxPages {
+		return fmt.Errorf("%w: %d pages, at most %d recorded", ErrLimit, nrPages, s.cfg.MaxPages)
+	}
+	return nil
+}
+
+func (s *Store) checkAdd(k Key, vaddr, nrPages uint64, flags uint32, data []byte) error {
+	if err := s.checkPages(k, vaddr, nrPages); err != nil {
+		return err
+	}
+	if !validFlags(flags) {
+		return fmt.Errorf("%w: flags %#x", ErrInvalid, flags)
+	}
+	if flags&FlagPresent != 0 {
+		// nrPages*PageSize <= MaxAddr: checked above, no overflow.
+		if uint64(len(data)) != nrPages*PageSize {
+			return fmt.Errorf("%w: %d bytes of data for %d pages", ErrInvalid, len(data), nrPages)
+		}
+	} else if len(data) != 0 {
+		return fmt.Errorf("%w: %d bytes of data with flags %#x", ErrInvalid, len(data), flags)
+	}
+	return nil
+}
+
+// zeroPage is never written.
+var zeroPage [PageSize]byte
+
+// add records a checked range. data == nil with FlagPresent: zero pages.
+func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if err := s.writable(); err != nil {
+		return err
+	}
+	p, err := s.open(k)
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+
+	// Which pages carry bytes: non-zero present ones. len(data) bounds
+	// nrPages here.
+	var withData []bool
+	if data != nil {
+		withData = make([]bool, nrPages)
+		for i := range withData {
+			withData[i] = !bytes.Equal(data[i*PageSize:(i+1)*PageSize], zeroPage[:])
+		}
+	}
+	first := vaddr >> pageShift
+
+	// Count first, so that a range over a limit changes nothing.
+	var newPages, newData, freed uint64
+	cur := cursor{p: p}
+	for i := range nrPages {
+		old := cur.get(first + i)
+		nd := withData != nil && withData[i]
+		if !old.valid() {
+			newPages++
+		}
+		if nd && !old.hasData() {
+			newData++
+		}
+		if !nd && old.hasData() {
+			freed++
+		}
+	}
+	if !reserve(&s.pages, newPages, s.cfg.MaxPages) {
+		return fmt.Errorf("%w: %d more pages recorded, at most %d", ErrLimit, newPages, s.cfg.MaxPages)
+	}
+	if newData > freed && !reserve(&s.dataPages, newData-freed, s.cfg.MaxBytes/PageSize) {
+		s.pages.Add(-newPages)
+		return fmt.Errorf("%w: %d more bytes held, at most %d", ErrLimit, (newData-freed)*PageSize, s.cfg.MaxBytes)
+	}
+	if freed > newData {
+		s.dataPages.Add(-(freed - newData))
+	}
+
+	offs := s.spool.alloc(int(newData), make([]int64, 0, newData))
+	writes := make([]pageCopy, 0, newData)
+	var released []int64
+	for i := range nrPages {
+		ref := p.ref(first + i)
+		old := *ref
+		var ns slot
+		switch nd := withData != nil && withData[i]; {
+		case nd && old.hasData():
+			ns = dataSlot(flags, old.offset()) // newest copy overwrites in place
+			writes = append(writes, pageCopy{off: old.offset(), buf: int(i)})
+		case nd:
+			ns = dataSlot(flags, offs[0])
+			writes = append(writes, pageCopy{off: offs[0], buf: int(i)})
+			offs = offs[1:]
+		default:
+			ns = plainSlot(flags, flags&FlagPresent != 0)
+			if old.hasData() {
+				released = append(released, old.offset())
+			}
+		}
+		if old.valid() {
+			p.counts.Replaced++
+		}
+		p.counts.count(old, ^uint64(0)) // minus one
+		p.counts.count(ns, 1)
+		*ref = ns
+	}
+	s.spool.release(released...)
+	if err := s.spool.writePages(data, writes); err != nil {
+		// The index already points at slots holding a torn mix.
+		s.broken.Store(true)
+		return fmt.Errorf("%w: %w", ErrBroken, err)
+	}
+	return nil
+}
+
+// reserve adds n to c unless that would exceed max.
+func reserve(c *atomic.Uint64, n, max uint64) bool {
+	for {
+		cur := c.Load()
+		if n > max || cur > max-n {
+			return false
+		}
+		if c.CompareAndSwap(cur, cur+n) {
+			return true
+		}
+	}
+}

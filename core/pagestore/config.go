@@ -1,0 +1,77 @@
+package pagestore
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+)
+
+const (
+	// DefaultMaxBytes is Config.MaxBytes when zero: 64 GiB of page data.
+	DefaultMaxBytes = 64 << 30
+	// DefaultMaxPages is Config.MaxPages when zero: 2^26 pages (256 GiB of
+	// address space), at most 512 MiB of index.
+	DefaultMaxPages = 1 << 26
+)
+
+// Config configures a Store.
+type Config struct {
+	// Dir is the images directory: Commit writes pagemap-*.img and
+	// pages-*.img there, beside CRIU's other images. It is created on
+	// Commit if missing.
+	Dir string
+	// SpoolDir holds the spool file until Close; "" means Dir + ".partial".
+	SpoolDir string
+	// MaxBytes bounds the page data held (bytes of non-zero present pages);
+	// 0 means DefaultMaxBytes.
+	MaxBytes uint64
+	// MaxPages bounds the pages recorded, of every kind (zero, lazy and
+	// parent pages included); 0 means DefaultMaxPages.
+	MaxPages uint64
+	// Logger receives debug and info lines; nil discards them.
+	Logger *slog.Logger
+}
+
+// DefaultConfig returns a Config for images dir with the default limits.
+func DefaultConfig(dir string) Config {
+	return Config{Dir: dir, MaxBytes: DefaultMaxBytes, MaxPages: DefaultMaxPages}
+}
+
+// Validate reports every problem with c.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Dir == "" {
+		errs = append(errs, errors.New("dir is empty"))
+	}
+	if c.MaxPages > MaxAddr/PageSize {
+		errs = append(errs, fmt.Errorf("max pages %d above the address space (%d)", c.MaxPages, uint64(MaxAddr/PageSize)))
+	}
+	if c.SpoolDir != "" && c.Dir != "" && filepath.Clean(c.SpoolDir) == filepath.Clean(c.Dir) {
+		errs = append(errs, errors.New("spool dir is the images dir"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("pagestore config: %w", err)
+	}
+	return nil
+}
+
+// withDefaults fills the zero fields.
+func (c Config) withDefaults() Config {
+	if c.SpoolDir == "" {
+		c.SpoolDir = stagingDir(c.Dir)
+	}
+	if c.MaxBytes == 0 {
+		c.MaxBytes = DefaultMaxBytes
+	}
+	if c.MaxPages == 0 {
+		c.MaxPages = DefaultMaxPages
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// stagingDir is where Commit writes before moving into dir.
+func stagingDir(dir string) string { return filepath.Clean(dir) + ".partial" }

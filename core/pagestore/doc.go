@@ -1,0 +1,58 @@
+// Package pagestore keeps the memory pages of a CRIU dump, keyed by pagemap
+// (task or shared-memory segment) and page address, and writes them out as
+// the pagemap-*.img and pages-*.img images that `criu restore` (4.2) reads.
+//
+// A Store is what a page server writes into and what post-copy faults read
+// from: Add records pages as CRIU's page-server client sends them (PE_*
+// flags, data only for PE_PRESENT), the newest copy of a page replacing
+// older ones; Read returns the newest content of any page at random; Commit
+// writes the image set once, after the last Add.
+//
+// # Storage
+//
+// Page bytes live in one spool file in Config.SpoolDir, unlinked as soon as
+// it is created, so a crash leaves no page data behind. A page that is all
+// zeros costs no spool space: it is recorded as a zero page. An index in
+// memory (8 bytes a page, in 2 MiB chunks) maps each recorded page to its
+// flags and spool slot; a newer copy overwrites the slot in place, a slot
+// freed by a page turning zero or contentless is reused. Config.MaxBytes
+// bounds the bytes held (non-zero present pages), Config.MaxPages the pages
+// recorded of every kind (the index's memory); an Add that would exceed
+// either fails with ErrLimit and changes nothing.
+//
+// # Images
+//
+// For each key Commit writes, in key order (tasks, then shared memory, by
+// id), pagemap-<vpid>.img or pagemap-shmem-<shmid>.img and pages-<n>.img with
+// n = 1, 2, ...:
+//
+//	pagemap: u32 0x54564319 (IMG_COMMON) | u32 0x56084025 (PAGEMAP)
+//	         then records [u32 size, little-endian][protobuf]:
+//	         PagemapHead{pages_id: n}, then PagemapEntry{vaddr,
+//	         compat_nr_pages: 0, flags, nr_pages} sorted by vaddr, one per
+//	         run of consecutive pages with equal flags
+//	pages:   the bytes of the PE_PRESENT pages in pagemap order; zero pages
+//	         are sparse holes (they read back as zeros, use no blocks)
+//
+// This is what CRIU 4.2's own writer produces: it fills nr_pages (field 5,
+// u64) and leaves the required compat_nr_pages (field 2) at 0, so CRIU 4.1
+// cannot read these images. Zero pages stay in the pagemap as present: a
+// page missing from the pagemap of a file-backed private mapping would be
+// restored with the file's content instead of zeros.
+//
+// # Crash safety
+//
+// Commit writes every file into the staging directory Dir + ".partial",
+// fsyncs each file and the directory, then moves the pages files and after
+// them the pagemap files into Dir (link, then unlink: an existing file is
+// never overwritten) and fsyncs Dir. A crash therefore leaves either the
+// complete set in Dir or staged files in Dir + ".partial", which Partial
+// reports; a pagemap present in Dir always has its pages file beside it.
+// Commit refuses to run over a partial set: remove it first.
+//
+// # Concurrency
+//
+// All methods are safe for concurrent use. Adds to different keys run in
+// parallel; calls for one key are serialised. Read runs in parallel with
+// Reads and with Commit.
+package pagestore

@@ -1,0 +1,451 @@
+package pageserver
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/zeebo/xxh3"
+
+	"github.com/phaul/phaul/core/pagestore"
+)
+
+// The forward protocol carries pages from the source's agent (a Forwarder,
+// the Store behind the page server CRIU dumps into) to the destination's
+// store (Receive), on one yamux stream. forward.md beside this file is its
+// specification.
+
+const (
+	fwdVersion   = 1
+	fwdHeaderLen = 40
+	// fwdMaxPages bounds one pages frame; its payload (raw or zstd) is
+	// bounded by fwdMaxPayload.
+	fwdMaxPages   = 256
+	fwdMaxPayload = fwdMaxPages*pagestore.PageSize + 64<<10
+	fwdDupLen     = 16 + 24 // hash, ref kind+pad, ref id, ref vaddr
+)
+
+type fwdType uint8
+
+const (
+	fwdOpen  fwdType = 1 // open pagemap (kind, id)
+	fwdPages fwdType = 2 // nrPages present pages; payload raw or zstd
+	fwdZero  fwdType = 3 // nrPages present zero pages, no payload
+	fwdDup   fwdType = 4 // one page equal to a page sent earlier
+	fwdEntry fwdType = 5 // pages without content here (lazy, parent)
+	fwdEnd   fwdType = 6 // no more frames; nrPages = pages sent in all
+	fwdAck   fwdType = 7 // receiver to sender: stored and committed; flags = 0 ok
+)
+
+const (
+	encRaw  = 0
+	encZstd = 1
+)
+
+// ErrForward is wrapped by every malformed forward frame.
+var ErrForward = errors.New("pageserver: malformed forward frame")
+
+type fwdHeader struct {
+	typ     fwdType
+	kind    pagestore.Kind
+	enc     uint8
+	length  uint32 // payload bytes
+	id      uint64
+	vaddr   uint64
+	nrPages uint64
+	flags   uint32
+}
+
+func (h fwdHeader) append(b []byte) []byte {
+	var a [fwdHeaderLen]byte
+	a[0], a[1], a[2], a[3] = fwdVersion, byte(h.typ), byte(h.kind), h.enc
+	binary.BigEndian.PutUint32(a[4:], h.length)
+	binary.BigEndian.PutUint64(a[8:], h.id)
+	binary.BigEndian.PutUint64(a[16:], h.vaddr)
+	binary.BigEndian.PutUint64(a[24:], h.nrPages)
+	binary.BigEndian.PutUint32(a[32:], h.flags)
+	return append(b, a[:]...)
+}
+
+func decodeFwdHeader(a []byte) (fwdHeader, error) {
+	h := fwdHeader{
+		typ: fwdType(a[1]), kind: pagestore.Kind(a[2]), enc: a[3],
+		length: binary.BigEndian.Uint32(a[4:]), id: binary.BigEndian.Uint64(a[8:]),
+		vaddr: binary.BigEndian.Uint64(a[16:]), nrPages: binary.BigEndian.Uint64(a[24:]),
+		flags: binary.BigEndian.Uint32(a[32:]),
+	}
+	if a[0] != fwdVersion {
+		return h, fmt.Errorf("%w: version %d", ErrForward, a[0])
+	}
+	if binary.BigEndian.Uint32(a[36:]) != 0 {
+		return h, fmt.Errorf("%w: reserved bytes set", ErrForward)
+	}
+	if h.length > fwdMaxPayload {
+		return h, fmt.Errorf("%w: payload of %d bytes", ErrForward, h.length)
+	}
+	want := -1 // payload length each type demands; -1: checked below
+	switch h.typ {
+	case fwdOpen, fwdZero, fwdEntry, fwdEnd, fwdAck:
+		want = 0
+	case fwdDup:
+		want = fwdDupLen
+		if h.nrPages != 1 {
+			return h, fmt.Errorf("%w: dup of %d pages", ErrForward, h.nrPages)
+		}
+	case fwdPages:
+		if h.nrPages == 0 || h.nrPages > fwdMaxPages {
+			return h, fmt.Errorf("%w: %d pages in one frame", ErrForward, h.nrPages)
+		}
+		switch h.enc {
+		case encRaw:
+			want = int(h.nrPages) * pagestore.PageSize
+		case encZstd:
+		default:
+			return h, fmt.Errorf("%w: encoding %d", ErrForward, h.enc)
+		}
+	default:
+		return h, fmt.Errorf("%w: type %d", ErrForward, h.typ)
+	}
+	if h.typ != fwdPages && h.enc != encRaw {
+		return h, fmt.Errorf("%w: encoding %d on type %d", ErrForward, h.enc, h.typ)
+	}
+	if want >= 0 && int(h.length) != want {
+		return h, fmt.Errorf("%w: type %d with %d payload bytes", ErrForward, h.typ, h.length)
+	}
+	return h, nil
+}
+
+// ForwardStats counts what crossed one forward stream.
+type ForwardStats struct {
+	Pages      uint64 `json:"pages"`       // present pages, all kinds
+	ZeroPages  uint64 `json:"zero_pages"`  // sent as zero frames, no bytes
+	DupPages   uint64 `json:"dup_pages"`   // sent as references to an earlier page
+	DataPages  uint64 `json:"data_pages"`  // sent with their bytes
+	RawBytes   uint64 `json:"raw_bytes"`   // bytes of data pages before compression
+	WireBytes  uint64 `json:"wire_bytes"`  // frame bytes written, headers included
+	Compressed uint64 `json:"compressed"`  // data frames sent compressed
+	Entries    uint64 `json:"entries"`     // content-less ranges (lazy, parent)
+}
+
+// ForwardConfig configures a Forwarder.
+type ForwardConfig struct {
+	// Compress: "auto" measures and switches zstd on when the link is
+	// slower than the compressor on this data; "on"; "off".
+	Compress string
+	// AckTimeout bounds the wait for the receiver's acknowledgement at
+	// Commit.
+	AckTimeout time.Duration
+}
+
+type pageRef struct {
+	kind  pagestore.Kind
+	id    uint64
+	vaddr uint64
+}
+
+// deadliner is what a stream offers to bound the acknowledgement wait.
+type deadliner interface {
+	SetReadDeadline(time.Time) error
+}
+
+// Forwarder is a Store that forwards every page to a receiver instead of
+// keeping it: zero pages as zero frames, repeated content as references,
+// the rest in frames of up to fwdMaxPages pages, zstd-compressed when that
+// is faster on this link. It is the source side of a migration's page
+// stream; pageserver.Server drives it from one goroutine.
+type Forwarder struct {
+	rw    io.ReadWriter
+	bw    *bufio.Writer
+	cfg   ForwardConfig
+	seen  map[xxh3.Uint128]pageRef // first occurrence of each content
+	buf   []byte                   // frame under construction
+	zenc  *zstd.Encoder
+	comp  *compressPolicy
+	stats ForwardStats
+}
+
+// NewForwarder writes frames to rw and reads the acknowledgement from it.
+// The caller owns rw.
+func NewForwarder(rw io.ReadWriter, cfg ForwardConfig) (*Forwarder, error) {
+	if cfg.AckTimeout <= 0 {
+		cfg.AckTimeout = 5 * time.Minute
+	}
+	policy, err := newCompressPolicy(cfg.Compress)
+	if err != nil {
+		return nil, err
+	}
+	zenc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		return nil, fmt.Errorf("zstd: %w", err)
+	}
+	return &Forwarder{rw: rw, bw: bufio.NewWriterSize(rw, 1<<20), cfg: cfg,
+		seen: make(map[xxh3.Uint128]pageRef), zenc: zenc, comp: policy}, nil
+}
+
+// Stats returns what was forwarded so far.
+func (f *Forwarder) Stats() ForwardStats { return f.stats }
+
+func (f *Forwarder) write(h fwdHeader, payload []byte) error {
+	h.length = uint32(len(payload))
+	f.buf = h.append(f.buf[:0])
+	start := time.Now()
+	if _, err := f.bw.Write(f.buf); err != nil {
+		return fmt.Errorf("forward: %w", err)
+	}
+	if _, err := f.bw.Write(payload); err != nil {
+		return fmt.Errorf("forward: %w", err)
+	}
+	n := uint64(len(f.buf) + len(payload))
+	f.stats.WireBytes += n
+	f.comp.wrote(n, time.Since(start))
+	return nil
+}
+
+// Open implements Store: the receiver opens the same pagemap.
+func (f *Forwarder) Open(k pagestore.Key) (bool, error) {
+	return false, f.write(fwdHeader{typ: fwdOpen, kind: k.Kind, id: k.ID}, nil)
+}
+
+// Add implements Store.
+func (f *Forwarder) Add(k pagestore.Key, vaddr, nrPages uint64, flags uint32, data []byte) error {
+	if flags&pagestore.FlagPresent == 0 {
+		f.stats.Entries++
+		return f.write(fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: nrPages, flags: flags}, nil)
+	}
+	if uint64(len(data)) != nrPages*pagestore.PageSize {
+		return fmt.Errorf("forward: %d bytes for %d pages", len(data), nrPages)
+	}
+	f.stats.Pages += nrPages
+	// Runs of data pages go out together; zero and duplicate pages cut
+	// them.
+	runStart := uint64(0)
+	flush := func(end uint64) error {
+		for runStart < end {
+			n := min(end-runStart, fwdMaxPages)
+			if err := f.sendData(k, vaddr+runStart*pagestore.PageSize, data[runStart*pagestore.PageSize:(runStart+n)*pagestore.PageSize]); err != nil {
+				return err
+			}
+			runStart += n
+		}
+		return nil
+	}
+	for i := uint64(0); i < nrPages; {
+		page := data[i*pagestore.PageSize : (i+1)*pagestore.PageSize]
+		if isZero(page) {
+			if err := flush(i); err != nil {
+				return err
+			}
+			j := i + 1
+			for j < nrPages && isZero(data[j*pagestore.PageSize:(j+1)*pagestore.PageSize]) {
+				j++
+			}
+			if err := f.write(fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: vaddr + i*pagestore.PageSize, nrPages: j - i}, nil); err != nil {
+				return err
+			}
+			f.stats.ZeroPages += j - i
+			i, runStart = j, j
+			continue
+		}
+		sum := xxh3.Hash128(page)
+		here := pageRef{k.Kind, k.ID, vaddr + i*pagestore.PageSize}
+		if ref, ok := f.seen[sum]; ok {
+			if err := flush(i); err != nil {
+				return err
+			}
+			if err := f.sendDup(k, here.vaddr, sum, ref); err != nil {
+				return err
+			}
+			i++
+			runStart = i
+			continue
+		}
+		f.seen[sum] = here
+		i++
+	}
+	return flush(nrPages)
+}
+
+func (f *Forwarder) sendDup(k pagestore.Key, vaddr uint64, sum xxh3.Uint128, ref pageRef) error {
+	var p [fwdDupLen]byte
+	binary.BigEndian.PutUint64(p[0:], sum.Hi)
+	binary.BigEndian.PutUint64(p[8:], sum.Lo)
+	p[16] = byte(ref.kind)
+	binary.BigEndian.PutUint64(p[24:], ref.id)
+	binary.BigEndian.PutUint64(p[32:], ref.vaddr)
+	f.stats.DupPages++
+	return f.write(fwdHeader{typ: fwdDup, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: 1}, p[:])
+}
+
+func (f *Forwarder) sendData(k pagestore.Key, vaddr uint64, pages []byte) error {
+	n := uint64(len(pages)) / pagestore.PageSize
+	f.stats.DataPages += n
+	f.stats.RawBytes += uint64(len(pages))
+	h := fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: n}
+	if f.comp.shouldCompress() {
+		start := time.Now()
+		z := f.zenc.EncodeAll(pages, nil)
+		f.comp.compressed(len(pages), len(z), time.Since(start))
+		if len(z) < len(pages) {
+			h.enc = encZstd
+			f.stats.Compressed++
+			return f.write(h, z)
+		}
+	}
+	return f.write(h, pages)
+}
+
+// Read implements Store: a forwarder keeps no pages.
+func (f *Forwarder) Read(k pagestore.Key, vaddr uint64, buf []byte) error {
+	return fmt.Errorf("forward: %w: pages are on the destination", pagestore.ErrNotFound)
+}
+
+// Commit implements Store: it ends the stream and waits until the receiver
+// has stored and committed every page.
+func (f *Forwarder) Commit() error {
+	if err := f.write(fwdHeader{typ: fwdEnd, nrPages: f.stats.Pages}, nil); err != nil {
+		return err
+	}
+	if err := f.bw.Flush(); err != nil {
+		return fmt.Errorf("forward: %w", err)
+	}
+	if d, ok := f.rw.(deadliner); ok {
+		d.SetReadDeadline(time.Now().Add(f.cfg.AckTimeout))
+		defer d.SetReadDeadline(time.Time{})
+	}
+	var a [fwdHeaderLen]byte
+	if _, err := io.ReadFull(f.rw, a[:]); err != nil {
+		return fmt.Errorf("forward: wait for the receiver: %w", err)
+	}
+	h, err := decodeFwdHeader(a[:])
+	if err != nil {
+		return err
+	}
+	if h.typ != fwdAck {
+		return fmt.Errorf("%w: type %d where the ack belongs", ErrForward, h.typ)
+	}
+	if h.flags != 0 {
+		return fmt.Errorf("forward: the receiver failed to store the pages (status %d)", h.flags)
+	}
+	return nil
+}
+
+// Close releases the compressor.
+func (f *Forwarder) Close() error { return f.zenc.Close() }
+
+var zeroPage [pagestore.PageSize]byte
+
+func isZero(p []byte) bool { return bytes.Equal(p, zeroPage[:]) }
+
+// ReceiveStore is what Receive fills: *pagestore.Store.
+type ReceiveStore interface {
+	Open(k pagestore.Key) (bool, error)
+	Add(k pagestore.Key, vaddr, nrPages uint64, flags uint32, data []byte) error
+	AddZero(k pagestore.Key, vaddr, nrPages uint64) error
+	Read(k pagestore.Key, vaddr uint64, buf []byte) error
+	Commit() error
+}
+
+// Receive reads a forward stream from rw into store until its end frame,
+// commits the store and acknowledges. Every frame is checked before it is
+// used; a malformed one is an error wrapping ErrForward, and the store is
+// not committed. It returns what it received.
+func Receive(rw io.ReadWriter, store ReceiveStore) (ForwardStats, error) {
+	var st ForwardStats
+	br := bufio.NewReaderSize(rw, 1<<20)
+	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(fwdMaxPages*pagestore.PageSize*2))
+	if err != nil {
+		return st, fmt.Errorf("zstd: %w", err)
+	}
+	defer zdec.Close()
+	payload := make([]byte, 0, fwdMaxPayload)
+	pages := make([]byte, 0, fwdMaxPages*pagestore.PageSize)
+	ack := func(status uint32) error {
+		_, err := rw.Write(fwdHeader{typ: fwdAck, flags: status}.append(nil))
+		return err
+	}
+	var hb [fwdHeaderLen]byte
+	for {
+		if _, err := io.ReadFull(br, hb[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return st, fmt.Errorf("receive pages: %w", err)
+		}
+		h, err := decodeFwdHeader(hb[:])
+		if err != nil {
+			return st, err
+		}
+		st.WireBytes += fwdHeaderLen + uint64(h.length)
+		payload = payload[:h.length] // bounded by decodeFwdHeader
+		if _, err := io.ReadFull(br, payload); err != nil {
+			return st, fmt.Errorf("receive pages: %w", io.ErrUnexpectedEOF)
+		}
+		k := pagestore.Key{Kind: h.kind, ID: h.id}
+		switch h.typ {
+		case fwdOpen:
+			_, err = store.Open(k)
+		case fwdEntry:
+			st.Entries++
+			err = store.Add(k, h.vaddr, h.nrPages, h.flags, nil)
+		case fwdZero:
+			st.Pages += h.nrPages
+			st.ZeroPages += h.nrPages
+			err = store.AddZero(k, h.vaddr, h.nrPages)
+		case fwdDup:
+			err = receiveDup(store, k, h.vaddr, payload, pages[:pagestore.PageSize])
+			st.Pages++
+			st.DupPages++
+		case fwdPages:
+			data := payload
+			want := int(h.nrPages) * pagestore.PageSize
+			if h.enc == encZstd {
+				data, err = zdec.DecodeAll(payload, pages[:0])
+				if err == nil && len(data) != want {
+					err = fmt.Errorf("%w: zstd frame of %d bytes for %d pages", ErrForward, len(data), h.nrPages)
+				}
+				if err != nil {
+					return st, fmt.Errorf("%w: %w", ErrForward, err)
+				}
+			}
+			st.Pages += h.nrPages
+			st.DataPages += h.nrPages
+			st.RawBytes += uint64(want)
+			err = store.Add(k, h.vaddr, h.nrPages, pagestore.FlagPresent, data)
+		case fwdEnd:
+			if h.nrPages != st.Pages {
+				ack(1)
+				return st, fmt.Errorf("%w: end says %d pages, received %d", ErrForward, h.nrPages, st.Pages)
+			}
+			if err := store.Commit(); err != nil {
+				ack(2)
+				return st, fmt.Errorf("receive pages: %w", err)
+			}
+			return st, ack(0)
+		default:
+			err = fmt.Errorf("%w: unexpected type %d", ErrForward, h.typ)
+		}
+		if err != nil {
+			return st, fmt.Errorf("receive pages at %s %#x: %w", k, h.vaddr, err)
+		}
+	}
+}
+
+// receiveDup stores a page equal to one stored before, after checking that
+// the stored page still has that content.
+func receiveDup(store ReceiveStore, k pagestore.Key, vaddr uint64, p, page []byte) error {
+	sum := xxh3.Uint128{Hi: binary.BigEndian.Uint64(p[0:]), Lo: binary.BigEndian.Uint64(p[8:])}
+	ref := pagestore.Key{Kind: pagestore.Kind(p[16]), ID: binary.BigEndian.Uint64(p[24:])}
+	refVaddr := binary.BigEndian.Uint64(p[32:])
+	if err := store.Read(ref, refVaddr, page); err != nil {
+		return fmt.Errorf("%w: dup of %s %#x: %w", ErrForward, ref, refVaddr, err)
+	}
+	if xxh3.Hash128(page) != sum {
+		return fmt.Errorf("%w: dup of %s %#x: content differs", ErrForward, ref, refVaddr)
+	}
+	return store.Add(k, vaddr, 1, pagestore.FlagPresent, page)
+}
