@@ -122,14 +122,14 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 
 // ForwardStats counts what crossed one forward stream.
 type ForwardStats struct {
-	Pages      uint64 `json:"pages"`       // present pages, all kinds
-	ZeroPages  uint64 `json:"zero_pages"`  // sent as zero frames, no bytes
-	DupPages   uint64 `json:"dup_pages"`   // sent as references to an earlier page
-	DataPages  uint64 `json:"data_pages"`  // sent with their bytes
-	RawBytes   uint64 `json:"raw_bytes"`   // bytes of data pages before compression
-	WireBytes  uint64 `json:"wire_bytes"`  // frame bytes written, headers included
-	Compressed uint64 `json:"compressed"`  // data frames sent compressed
-	Entries    uint64 `json:"entries"`     // content-less ranges (lazy, parent)
+	Pages      uint64 `json:"pages"`      // present pages, all kinds
+	ZeroPages  uint64 `json:"zero_pages"` // sent as zero frames, no bytes
+	DupPages   uint64 `json:"dup_pages"`  // sent as references to an earlier page
+	DataPages  uint64 `json:"data_pages"` // sent with their bytes
+	RawBytes   uint64 `json:"raw_bytes"`  // bytes of data pages before compression
+	WireBytes  uint64 `json:"wire_bytes"` // frame bytes written, headers included
+	Compressed uint64 `json:"compressed"` // data frames sent compressed
+	Entries    uint64 `json:"entries"`    // content-less ranges (lazy, parent)
 }
 
 // ForwardConfig configures a Forwarder.

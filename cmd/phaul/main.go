@@ -30,6 +30,7 @@ func main() {
 			serveCommand(),
 			checkCommand(),
 			certsCommand(),
+			pageServerCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main reports errors once
 	}
