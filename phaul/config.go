@@ -82,6 +82,11 @@ func (c MigrateConfig) Validate() error {
 	if err := c.CRIU.Validate(); err != nil {
 		errs = append(errs, err)
 	}
+	switch c.Compress {
+	case "", "auto", "on", "off":
+	default:
+		errs = append(errs, fmt.Errorf("--compress %q: want auto, on or off", c.Compress))
+	}
 	if c.HelloTimeout <= 0 || c.PrepareTimeout <= 0 || c.CommitTimeout <= 0 {
 		errs = append(errs, errors.New("timeouts must be positive"))
 	}
