@@ -38,6 +38,11 @@ FUZZTIME ?= 20s
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME) ./core/wire/
 	$(GO) test -run '^$$' -fuzz FuzzReceive -fuzztime $(FUZZTIME) ./core/images/
+	$(GO) test -run '^$$' -fuzz FuzzReadPagemap -fuzztime $(FUZZTIME) ./core/pagestore/
+	$(GO) test -run '^$$' -fuzz 'FuzzReceive$$' -fuzztime $(FUZZTIME) ./pageserver/
+	$(GO) test -run '^$$' -fuzz FuzzSession -fuzztime $(FUZZTIME) ./pageserver/
+	$(GO) test -run '^$$' -fuzz FuzzClientReplies -fuzztime $(FUZZTIME) ./pageserver/
+	$(GO) test -run '^$$' -fuzz FuzzHeader -fuzztime $(FUZZTIME) ./pageserver/
 
 demo: criu build
 	bash test/demo.sh

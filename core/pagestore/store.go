@@ -186,6 +186,9 @@ func (s *Store) Read(k Key, vaddr uint64, buf []byte) error {
 	if len(buf) == 0 || len(buf)%PageSize != 0 {
 		return fmt.Errorf("read %v %#x: %w: buffer of %d bytes", k, vaddr, ErrInvalid, len(buf))
 	}
+	if err := k.validate(); err != nil {
+		return fmt.Errorf("read %v %#x: %w", k, vaddr, err)
+	}
 	nrPages := uint64(len(buf) / PageSize)
 	if err := checkRange(vaddr, nrPages); err != nil {
 		return fmt.Errorf("read %v %#x: %w", k, vaddr, err)
@@ -268,8 +271,8 @@ func (s *Store) Close() error {
 	s.keys = nil
 	s.keysMu.Unlock()
 	if s.ownsSpoolDir {
-		// Empty unless a failed Commit left staged files: then it stays,
-		// recognisable (Partial).
+		// Removed only if empty: the spool is unlinked already, and a
+		// successful Commit removed its staged files.
 		if rerr := os.Remove(s.cfg.SpoolDir); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
 			s.log.Debug("spool dir kept", "dir", s.cfg.SpoolDir, "err", rerr)
 		}
