@@ -111,6 +111,12 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 	default:
 		return h, fmt.Errorf("%w: type %d", ErrForward, h.typ)
 	}
+	switch h.typ {
+	case fwdOpen, fwdPages, fwdZero, fwdDup, fwdEntry:
+		if err := checkFwdKey(h.kind, h.id); err != nil {
+			return h, err
+		}
+	}
 	if h.typ != fwdPages && h.enc != encRaw {
 		return h, fmt.Errorf("%w: encoding %d on type %d", ErrForward, h.enc, h.typ)
 	}
@@ -118,6 +124,19 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 		return h, fmt.Errorf("%w: type %d with %d payload bytes", ErrForward, h.typ, h.length)
 	}
 	return h, nil
+}
+
+// checkFwdKey bounds a pagemap identity from the wire.
+func checkFwdKey(kind pagestore.Kind, id uint64) error {
+	switch {
+	case kind == pagestore.KindTask && (id == 0 || id > MaxPID):
+		return fmt.Errorf("%w: task id %d", ErrForward, id)
+	case kind == pagestore.KindShmem && id >= 1<<56: // CRIU's dst_id keeps 56 bits
+		return fmt.Errorf("%w: shmem id %d", ErrForward, id)
+	case kind != pagestore.KindTask && kind != pagestore.KindShmem:
+		return fmt.Errorf("%w: pagemap kind %d", ErrForward, kind)
+	}
+	return nil
 }
 
 // ForwardStats counts what crossed one forward stream.
@@ -441,6 +460,9 @@ func receiveDup(store ReceiveStore, k pagestore.Key, vaddr uint64, p, page []byt
 	sum := xxh3.Uint128{Hi: binary.BigEndian.Uint64(p[0:]), Lo: binary.BigEndian.Uint64(p[8:])}
 	ref := pagestore.Key{Kind: pagestore.Kind(p[16]), ID: binary.BigEndian.Uint64(p[24:])}
 	refVaddr := binary.BigEndian.Uint64(p[32:])
+	if err := checkFwdKey(ref.Kind, ref.ID); err != nil {
+		return fmt.Errorf("dup reference: %w", err)
+	}
 	if err := store.Read(ref, refVaddr, page); err != nil {
 		return fmt.Errorf("%w: dup of %s %#x: %w", ErrForward, ref, refVaddr, err)
 	}

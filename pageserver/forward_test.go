@@ -2,6 +2,7 @@ package pageserver
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"math/rand/v2"
@@ -159,8 +160,10 @@ func TestReceiveBadInput(t *testing.T) {
 		{"short raw payload", frame(fwdHeader{typ: fwdPages, nrPages: 2}, page), ErrForward},
 		{"bad zstd", append(open, frame(fwdHeader{typ: fwdPages, nrPages: 1, enc: encZstd}, []byte("not zstd"))...), ErrForward},
 		{"unknown encoding", frame(fwdHeader{typ: fwdPages, nrPages: 1, enc: 7}, page), ErrForward},
-		{"dup of nothing", append(open, frame(fwdHeader{typ: fwdDup, nrPages: 1}, make([]byte, fwdDupLen))...), ErrForward},
-		{"stops mid-payload", append(open, fwdHeader{typ: fwdPages, nrPages: 1, length: pagestore.PageSize}.append(nil)...), io.ErrUnexpectedEOF},
+		{"dup of nothing", append(open, frame(fwdHeader{typ: fwdDup, kind: k.Kind, id: k.ID, nrPages: 1}, dupOf(k, 0x1000))...), ErrForward},
+		{"stops mid-payload", append(open, fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, nrPages: 1, length: pagestore.PageSize}.append(nil)...), io.ErrUnexpectedEOF},
+		{"bad kind", fwdHeader{typ: fwdOpen, kind: 48, id: 1}.append(nil), ErrForward},
+		{"task id 0", fwdHeader{typ: fwdOpen, kind: k.Kind}.append(nil), ErrForward},
 		{"end count wrong", append(open, frame(fwdHeader{typ: fwdEnd, nrPages: 5}, nil)...), ErrForward},
 	}
 	for _, tt := range tests {
@@ -222,4 +225,13 @@ func TestCompressPolicy(t *testing.T) {
 	if _, err := newCompressPolicy("sometimes"); err == nil {
 		t.Fatal("bad mode accepted")
 	}
+}
+
+// dupOf is a dup payload naming a page of k that was never sent.
+func dupOf(k pagestore.Key, vaddr uint64) []byte {
+	p := make([]byte, fwdDupLen)
+	p[16] = byte(k.Kind)
+	binary.BigEndian.PutUint64(p[24:], k.ID)
+	binary.BigEndian.PutUint64(p[32:], vaddr)
+	return p
 }
