@@ -461,6 +461,9 @@ func (s *Server) receivePages(ctx context.Context, in *incoming, st *transport.S
 	cfg := pagestore.DefaultConfig(filepath.Join(in.dir, "images"))
 	cfg.SpoolDir = filepath.Join(in.dir, "pages.spool")
 	cfg.Logger = in.log
+	// The restore reads these images at once; a crash aborts the migration
+	// whatever was synced.
+	cfg.NoSync = true
 	store, err := pagestore.New(cfg)
 	if err != nil {
 		return fmt.Errorf("page store: %w", err)

@@ -53,7 +53,7 @@ func (s *Store) Commit() error {
 	if err != nil {
 		return fmt.Errorf("commit %s: %w", dir, err)
 	}
-	if err := install(dir, files); err != nil {
+	if err := install(dir, files, !s.cfg.NoSync); err != nil {
 		return fmt.Errorf("commit %s: %w", dir, err)
 	}
 	final = stateCommitted
@@ -124,7 +124,7 @@ func (s *Store) stage() (names []string, err error) {
 		if err != nil {
 			return nil, err
 		}
-		err = writeFile(filepath.Join(staging, k.pagemapName()), img)
+		err = writeFile(filepath.Join(staging, k.pagemapName()), img, !s.cfg.NoSync)
 		if err == nil || !errors.Is(err, fs.ErrExist) {
 			created = append(created, k.pagemapName())
 		}
@@ -132,8 +132,10 @@ func (s *Store) stage() (names []string, err error) {
 			return nil, err
 		}
 	}
-	if err := syncDir(staging); err != nil {
-		return nil, err
+	if !s.cfg.NoSync {
+		if err := syncDir(staging); err != nil {
+			return nil, err
+		}
 	}
 	return names, nil
 }
@@ -195,10 +197,13 @@ func (s *Store) writePages(path string, p *pagemap, buf []byte) (err error) {
 	if err := f.Truncate(pos); err != nil {
 		return err
 	}
+	if s.cfg.NoSync {
+		return nil
+	}
 	return f.Sync()
 }
 
-func writeFile(path string, data []byte) (err error) {
+func writeFile(path string, data []byte, durable bool) (err error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
@@ -211,13 +216,16 @@ func writeFile(path string, data []byte) (err error) {
 	if _, err := f.Write(data); err != nil {
 		return err
 	}
+	if !durable {
+		return nil
+	}
 	return f.Sync()
 }
 
 // install moves the staged names into dir without overwriting (link, then
 // unlink the staged name) and fsyncs dir. On failure it removes what it
 // linked and the staged files.
-func install(dir string, names []string) (err error) {
+func install(dir string, names []string, durable bool) (err error) {
 	staging := stagingDir(dir)
 	var linked []string
 	defer func() {
@@ -247,6 +255,9 @@ func install(dir string, names []string) (err error) {
 			return err
 		}
 		linked = append(linked, name)
+	}
+	if !durable {
+		return nil
 	}
 	return syncDir(dir)
 }

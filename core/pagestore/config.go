@@ -31,6 +31,10 @@ type Config struct {
 	MaxPages uint64
 	// Logger receives debug and info lines; nil discards them.
 	Logger *slog.Logger
+	// NoSync skips the fsyncs of Commit: for images consumed at once by a
+	// restore whose failure aborts anyway (a migration's destination),
+	// where durability buys nothing and fsync of the pages costs seconds.
+	NoSync bool
 }
 
 // DefaultConfig returns a Config for images dir with the default limits.
