@@ -117,6 +117,14 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 			return h, err
 		}
 	}
+	switch h.typ {
+	case fwdPages, fwdZero, fwdDup, fwdEntry:
+		// A range inside user address space, page aligned, not wrapping.
+		if h.nrPages == 0 || h.vaddr%pagestore.PageSize != 0 || h.vaddr >= MaxAddress ||
+			h.nrPages > (MaxAddress-h.vaddr)/pagestore.PageSize {
+			return h, fmt.Errorf("%w: range %#x + %d pages", ErrForward, h.vaddr, h.nrPages)
+		}
+	}
 	if h.typ != fwdPages && h.enc != encRaw {
 		return h, fmt.Errorf("%w: encoding %d on type %d", ErrForward, h.enc, h.typ)
 	}

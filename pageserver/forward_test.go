@@ -133,6 +133,9 @@ func TestForwardRoundTrip(t *testing.T) {
 type memReceive struct{ *memStore }
 
 func (m memReceive) AddZero(k pagestore.Key, vaddr, n uint64) error {
+	if n > MaxPagesPerIOV {
+		return pagestore.ErrLimit // the fake holds pages in memory
+	}
 	return m.Add(k, vaddr, n, pagestore.FlagPresent, make([]byte, n*pagestore.PageSize))
 }
 
@@ -164,6 +167,8 @@ func TestReceiveBadInput(t *testing.T) {
 		{"stops mid-payload", append(open, fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, nrPages: 1, length: pagestore.PageSize}.append(nil)...), io.ErrUnexpectedEOF},
 		{"bad kind", fwdHeader{typ: fwdOpen, kind: 48, id: 1}.append(nil), ErrForward},
 		{"task id 0", fwdHeader{typ: fwdOpen, kind: k.Kind}.append(nil), ErrForward},
+		{"zero range wraps", append(open, fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: 1 << 56, nrPages: 1 << 62}.append(nil)...), ErrForward},
+		{"unaligned", append(open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 5, nrPages: 1, flags: pagestore.FlagLazy}.append(nil)...), ErrForward},
 		{"end count wrong", append(open, frame(fwdHeader{typ: fwdEnd, nrPages: 5}, nil)...), ErrForward},
 	}
 	for _, tt := range tests {
