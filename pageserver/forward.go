@@ -395,6 +395,7 @@ func Receive(rw io.ReadWriter, store ReceiveStore) (ForwardStats, error) {
 		_, err := rw.Write(fwdHeader{typ: fwdAck, flags: status}.append(nil))
 		return err
 	}
+	opened := make(map[pagestore.Key]bool) // bounded by the store's key limit
 	var hb [fwdHeaderLen]byte
 	for {
 		if _, err := io.ReadFull(br, hb[:]); err != nil {
@@ -414,8 +415,16 @@ func Receive(rw io.ReadWriter, store ReceiveStore) (ForwardStats, error) {
 		}
 		k := pagestore.Key{Kind: h.kind, ID: h.id}
 		switch h.typ {
+		case fwdPages, fwdZero, fwdDup, fwdEntry:
+			if !opened[k] {
+				return st, fmt.Errorf("%w: pages for %s before its open frame", ErrForward, k)
+			}
+		}
+		switch h.typ {
 		case fwdOpen:
-			_, err = store.Open(k)
+			if _, err = store.Open(k); err == nil {
+				opened[k] = true
+			}
 		case fwdEntry:
 			st.Entries++
 			err = store.Add(k, h.vaddr, h.nrPages, h.flags, nil)

@@ -168,6 +168,7 @@ func TestReceiveBadInput(t *testing.T) {
 		{"bad kind", fwdHeader{typ: fwdOpen, kind: 48, id: 1}.append(nil), ErrForward},
 		{"task id 0", fwdHeader{typ: fwdOpen, kind: k.Kind}.append(nil), ErrForward},
 		{"zero range wraps", append(open, fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: 1 << 56, nrPages: 1 << 62}.append(nil)...), ErrForward},
+		{"pages before open", fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1}.append(nil), ErrForward},
 		{"unaligned", append(open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 5, nrPages: 1, flags: pagestore.FlagLazy}.append(nil)...), ErrForward},
 		{"end count wrong", append(open, frame(fwdHeader{typ: fwdEnd, nrPages: 5}, nil)...), ErrForward},
 	}
