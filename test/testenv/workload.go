@@ -27,6 +27,10 @@ type WorkloadOpts struct {
 	GhostLink   bool          // Ghost, but a second hard link keeps nlink 1; CRIU needs --link-remap
 	ExtUnix     string        // UnixSink.Path, a peer outside the tree; CRIU needs --ext-unix-sk
 	Shm         bool          // the memory is MAP_SHARED anonymous instead of private
+	// Fill is the pages' content, checked the same way in every mode:
+	// "random" ("": incompressible), "text" (compressible, zstd -1 about
+	// 6x) or "zero" (9 pages in 10 all zeros). See workload.c.
+	Fill string
 	// InSession keeps the workload in the test's session instead of making
 	// it a session leader: its session leader is outside the dumped tree,
 	// so CRIU needs --shell-job.
@@ -167,6 +171,9 @@ func (w *Workload) args(o WorkloadOpts) []string {
 	}
 	if o.Shm {
 		a = append(a, "--shm")
+	}
+	if o.Fill != "" {
+		a = append(a, "--fill", o.Fill)
 	}
 	return a
 }

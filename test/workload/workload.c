@@ -3,12 +3,20 @@
 // Memory: --mib N MiB of anonymous memory in 4 KiB pages, each {magic, index,
 // version} then 509 xorshift words seeded by (index, version), so a stale, torn
 // or foreign page shows. A ledger (own mapping) holds each page's version.
+// --fill picks the content of the pages after the 3-word header, all derived
+// from (index, version) and checked against the ledger the same way:
+//   random  509 xorshift words: incompressible (the default)
+//   text    8-byte words from a 32-word vocabulary, 5 bits of xorshift
+//           each: compressible like text (zstd -1 about 6x)
+//   zero    9 pages in 10 (index % 10 != 0) are all zeros, header included,
+//           written (so present in the page tables) and checked to be zero;
+//           the rest are random pages
 // --threads writers dirty random pages, --rate pages/s in all; a verifier checks
 // every page against the ledger every --verify-ms. Both hold the page's stripe
 // lock, so no check sees a half-written page.
 //
 // Log (--log, O_APPEND, one write(2) per line):
-//   start pid=P pages=N region=0xADDR threads=T rate=R shm=0|1       once
+//   start pid=P pages=N region=0xADDR threads=T rate=R shm=0|1 fill=F once
 //   step=S t=<CLOCK_REALTIME ns> pid=<getpid()> verified=V   every ~50 ms
 //   ok <mode> ...                  a mode's check passed (every 10 steps)
 //   CORRUPT page=I want=V got=W word=K                         then exit 3
@@ -65,9 +73,12 @@
 
 static struct {
 	long mib, threads, rate, verify_ms, ghost_kib;
-	const char *log, *flock, *ghost, *ext_unix, *sink;
+	const char *log, *flock, *ghost, *ext_unix, *sink, *fill;
 	int tcp, shm, ghost_link;
-} o = {.mib = 64, .threads = 2, .rate = 1000, .verify_ms = 250, .ghost_kib = 64};
+} o = {.mib = 64, .threads = 2, .rate = 1000, .verify_ms = 250, .ghost_kib = 64, .fill = "random"};
+
+enum { FILL_RANDOM, FILL_TEXT, FILL_ZERO };
+static int fill_mode; // from o.fill
 
 static uint64_t *region; // npages pages of WORDS words
 static uint64_t *ledger; // the version page i must hold
@@ -126,19 +137,53 @@ static void sleep_ns(int64_t ns) {
 		;
 }
 
-static void fill_page(size_t i, uint64_t ver) {
-	uint64_t *w = region + i * WORDS, s = seed(i, ver);
+// vocab holds the text mode's words, 8 bytes each, so a page is built a
+// word at a time as fast as a random one.
+static const char vocab[32][8] = {
+	"the page", " server ", "dumps a ", "restore ", "memory, ", "process ", "tree of ", "and the ",
+	"link is ", "zero or ", "stores  ", "images, ", "CRIU 4.2", "phaul's ", "migrate ", "with it ",
+	"streams ", "frames. ", "bytes at", " a host ", "tasks in", "time.\n  ", "copy on ", "for its ",
+	"pagemap ", "network ", "then we ", "checks  ", "version ", "ledger  ", "writes  ", "reads it",
+};
+
+// make_page writes page i at version ver into w (WORDS words), as --fill says.
+static void make_page(uint64_t *w, size_t i, uint64_t ver) {
+	uint64_t s = seed(i, ver), r = 0;
+	if (fill_mode == FILL_ZERO && i % 10) {
+		memset(w, 0, PAGE);
+		return;
+	}
 	w[0] = MAGIC, w[1] = i, w[2] = ver;
-	for (int k = 3; k < WORDS; k++)
-		w[k] = xorshift(&s);
+	for (int k = 3; k < WORDS; k++) {
+		if (fill_mode != FILL_TEXT) {
+			w[k] = xorshift(&s);
+			continue;
+		}
+		if (k % 12 == 3) // 12 words of 5 bits from each 64
+			r = xorshift(&s);
+		memcpy(&w[k], vocab[r & 31], 8);
+		r >>= 5;
+	}
+}
+
+static void fill_page(size_t i, uint64_t ver) {
+	make_page(region + i * WORDS, i, ver);
 }
 
 // check_page returns the index of the first wrong word of page i, or -1.
 static int check_page(size_t i, uint64_t ver) {
 	const uint64_t *w = region + i * WORDS;
-	uint64_t s = seed(i, ver), head[3] = {MAGIC, i, ver};
+	if (fill_mode == FILL_RANDOM) { // the common case, without a copy
+		uint64_t s = seed(i, ver), head[3] = {MAGIC, i, ver};
+		for (int k = 0; k < WORDS; k++)
+			if (w[k] != (k < 3 ? head[k] : xorshift(&s)))
+				return k;
+		return -1;
+	}
+	uint64_t want[WORDS];
+	make_page(want, i, ver);
 	for (int k = 0; k < WORDS; k++)
-		if (w[k] != (k < 3 ? head[k] : xorshift(&s)))
+		if (w[k] != want[k])
 			return k;
 	return -1;
 }
@@ -357,11 +402,11 @@ static void parse(int argc, char **argv) {
 		{"verify-ms", 1, 0, 'v'}, {"ghost-kib", 1, 0, 'K'}, {"log", 1, 0, 'l'},
 		{"flock", 1, 0, 'F'}, {"ghost", 1, 0, 'G'}, {"ext-unix", 1, 0, 'U'},
 		{"sink", 1, 0, 'k'}, {"tcp-pair", 0, 0, 'T'}, {"shm", 0, 0, 'S'},
-		{"ghost-link", 0, 0, 'L'}, {0}};
+		{"ghost-link", 0, 0, 'L'}, {"fill", 1, 0, 'f'}, {0}};
 	long *num[128] = {['m'] = &o.mib, ['t'] = &o.threads, ['r'] = &o.rate,
 			  ['v'] = &o.verify_ms, ['K'] = &o.ghost_kib};
 	const char **str[128] = {['l'] = &o.log, ['F'] = &o.flock, ['G'] = &o.ghost,
-				 ['U'] = &o.ext_unix, ['k'] = &o.sink};
+				 ['U'] = &o.ext_unix, ['k'] = &o.sink, ['f'] = &o.fill};
 	int c, bad = 0;
 	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		char *end;
@@ -374,10 +419,18 @@ static void parse(int argc, char **argv) {
 		else
 			bad = 1;
 	}
+	if (!strcmp(o.fill, "random"))
+		fill_mode = FILL_RANDOM;
+	else if (!strcmp(o.fill, "text"))
+		fill_mode = FILL_TEXT;
+	else if (!strcmp(o.fill, "zero"))
+		fill_mode = FILL_ZERO;
+	else
+		bad = 1;
 	if (bad || optind != argc || !o.log || o.mib < 1 || o.threads < 1 ||
 	    o.rate < 0 || o.verify_ms < 0 || o.ghost_kib < 1) {
 		fprintf(stderr, "usage: workload --log FILE [--mib N] [--threads T] "
-				"[--rate PAGES_PER_SEC] [--verify-ms MS] [--tcp-pair] [--flock FILE] "
+				"[--rate PAGES_PER_SEC] [--verify-ms MS] [--fill random|text|zero] [--tcp-pair] [--flock FILE] "
 				"[--ghost FILE [--ghost-kib K] [--ghost-link]] [--ext-unix PATH] [--shm] | --sink PATH --log FILE\n");
 		exit(2);
 	}
@@ -419,8 +472,8 @@ int main(int argc, char **argv) {
 		fill_page(i, ledger[i] = 1);
 	for (int i = 0; i < STRIPES; i++)
 		pthread_mutex_init(&stripe[i], NULL);
-	logline("start pid=%d pages=%zu region=%p threads=%ld rate=%ld shm=%d", getpid(),
-		npages, (void *)region, o.threads, o.rate, o.shm);
+	logline("start pid=%d pages=%zu region=%p threads=%ld rate=%ld shm=%d fill=%s", getpid(),
+		npages, (void *)region, o.threads, o.rate, o.shm, o.fill);
 
 	if (o.tcp)
 		setup_tcp();
