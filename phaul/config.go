@@ -25,6 +25,7 @@ type MigrateConfig struct {
 	CRIUPath string // --criu; empty: $PHAUL_CRIU, the prefix wrapper, PATH
 	CRIU     criu.Options
 	Compress string // page stream compression: auto (default), on, off
+	DumpLock string // host-wide lock file serialising CRIU dumps
 
 	Transport transport.Config // Identity is loaded from TLSDir
 	Logger    *slog.Logger
@@ -54,6 +55,7 @@ func DefaultMigrateConfig() MigrateConfig {
 	return MigrateConfig{
 		Mode:           ModeCold,
 		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
+		DumpLock:       filepath.Join(os.TempDir(), "phaul-dump.lock"),
 		Transport:      defaultTransport(),
 		HelloTimeout:   30 * time.Second,
 		PrepareTimeout: 10 * time.Minute,
@@ -78,6 +80,9 @@ func (c MigrateConfig) Validate() error {
 	}
 	if c.WorkDir == "" {
 		errs = append(errs, errors.New("work dir is required"))
+	}
+	if c.DumpLock == "" {
+		errs = append(errs, errors.New("dump lock path is required"))
 	}
 	if err := c.CRIU.Validate(); err != nil {
 		errs = append(errs, err)

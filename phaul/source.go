@@ -230,6 +230,14 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		}
 		return nil
 	})
+	// One CRIU dump at a time on this host: concurrent dumps collide in
+	// CRIU's parasite ("Can't create a directory (-17)", seen with two
+	// migrations started together).
+	unlock, err := linux.LockFile(cfg.DumpLock)
+	if err != nil {
+		return fmt.Errorf("dump lock: %w", err)
+	}
+	defer unlock()
 	pages, err := s.startPages(ctx)
 	if err != nil {
 		return err

@@ -372,9 +372,9 @@ func (m *bgMigrate) waitTransfer(e *env) string {
 			// Whatever the destination leaves, the test removes.
 			m.t.Cleanup(func() { removeCgroup(m.t, id) })
 		}
-		return dirBytes(filepath.Join(e.dstWork, id)) >= some, nil
+		return receivedBytes(e, id) >= some, nil
 	})
-	got := dirBytes(filepath.Join(e.dstWork, id))
+	got := receivedBytes(e, id)
 	m.t.Logf("migration %s: destination received %d bytes; breaking it now", id, got)
 	if strings.Contains(m.out.String(), "phase=transfer") {
 		m.t.Fatalf("the page stream finished before it could be broken: shape the link slower\n%s", m.out)
@@ -483,6 +483,29 @@ func statePID(t testing.TB, state string) int {
 }
 
 // dirBytes returns the size of the regular files under dir (0 if none).
+// receivedBytes is what the destination holds for migration id: its files,
+// and the page store's spool, which is unlinked once open (counted through
+// the serve process's open files).
+func receivedBytes(e *env, id string) int64 {
+	dir := filepath.Join(e.dstWork, id)
+	n := dirBytes(dir)
+	if e.serve == nil || e.serve.Process == nil {
+		return n
+	}
+	fds := fmt.Sprintf("/proc/%d/fd", e.serve.Process.Pid)
+	ents, _ := os.ReadDir(fds)
+	for _, ent := range ents {
+		target, err := os.Readlink(filepath.Join(fds, ent.Name()))
+		if err != nil || !strings.HasPrefix(target, dir) || !strings.HasSuffix(target, "(deleted)") {
+			continue
+		}
+		if fi, err := os.Stat(filepath.Join(fds, ent.Name())); err == nil {
+			n += fi.Size()
+		}
+	}
+	return n
+}
+
 func dirBytes(dir string) int64 {
 	var n int64
 	filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {

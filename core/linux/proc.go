@@ -69,3 +69,24 @@ func parseProcessStat(s string) (ProcessStat, error) {
 	}
 	return ProcessStat{Comm: s[open+1 : end], State: f[0][0], PPID: ppid, StartTicks: start}, nil
 }
+
+// LockFile takes an exclusive flock on path (created 0600 if missing),
+// waiting for it, and returns the function that releases it. The lock dies
+// with the process, so a crash never leaves it held.
+func LockFile(path string) (release func(), err error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return func() { f.Close() }, nil
+}
