@@ -203,12 +203,14 @@ func (s *Server) serve(ctx context.Context, raw net.Conn, tlsConf *tls.Config, r
 		s.refuse(peer, "busy", err)
 		return err
 	}
-	defer s.releaseSlot()
 	raw.SetDeadline(time.Time{})
 	ic.idle = s.cfg.IdleTimeout
 
 	start := time.Now()
 	err = sess.run(first)
+	// Free the slot before the peer can see the close: a client that
+	// reconnects at once must not find its own old session busy.
+	s.releaseSlot()
 	nc.Close()
 	st := sess.stats
 	st.Peer, st.Duration = peer, time.Since(start)
