@@ -36,7 +36,8 @@ const (
 func newCompressPolicy(mode string) (*compressPolicy, error) {
 	switch mode {
 	case "", "auto":
-		return &compressPolicy{mode: "auto", ratio: 1}, nil
+		// frames starts at the probe point: the first data frame measures.
+		return &compressPolicy{mode: "auto", frames: probeEvery - 1}, nil
 	case "on":
 		return &compressPolicy{mode: "on", on: true, ratio: 1}, nil
 	case "off":
@@ -96,7 +97,16 @@ func (p *compressPolicy) compressed(raw, z int, d time.Duration) {
 	if p.mode != "auto" || p.linkRate == 0 {
 		return
 	}
-	// Raw bytes per second either way.
-	viaZstd := min(p.compRate, p.linkRate/max(p.ratio, 1e-3))
-	p.on = viaZstd > 1.1*p.linkRate
+	// Raw bytes per second either way; compression runs inline, before
+	// the write, so its time adds to the link's.
+	viaZstd := 1 / (1/p.compRate + max(p.ratio, 1e-3)/p.linkRate)
+	switch {
+	case p.ratio <= 0.5 && p.compRate >= p.linkRate:
+		// Halving the bytes at no loss of speed: worth it on any link.
+		p.on = true
+	case viaZstd > 1.1*p.linkRate:
+		p.on = true
+	case viaZstd < 0.9*p.linkRate:
+		p.on = false // hysteresis: between the two, keep the choice
+	}
 }
