@@ -39,13 +39,7 @@ var faultWorkload = testenv.WorkloadOpts{MiB: 64, Threads: 2, PagesPerSec: 2000}
 // images are on the wire (before PREPARED): the service must drop the
 // migration and exit 0, the source must roll back and fail with exit 1.
 func TestFaultServeSIGTERMAbortsInFlight(t *testing.T) {
-	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: slowLink})
-	e.startServe()
-	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
-	w.WaitProgress(t, 3)
-
-	m := e.startMigrate(w.PID(), "")
-	id := m.waitTransfer(e)
+	e, w, m, id := startBreakableMigration(t, slowLink)
 
 	if err := e.serve.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -75,13 +69,7 @@ func TestFaultServeSIGTERMAbortsInFlight(t *testing.T) {
 // write timeout or keepalive), roll back and remove its images; the
 // destination must notice too and remove its partial migration.
 func TestFaultConnectionCut(t *testing.T) {
-	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: slowLink})
-	e.startServe()
-	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
-	w.WaitProgress(t, 3)
-
-	m := e.startMigrate(w.PID(), "")
-	id := m.waitTransfer(e)
+	e, w, m, id := startBreakableMigration(t, slowLink)
 	cut := time.Now()
 	if out, err := exec.Command("ip", "-n", e.hosts.Dst.Name, "link", "set", "to-src", "down").CombinedOutput(); err != nil {
 		t.Fatalf("cut the link: %v\n%s", err, out)
@@ -104,13 +92,7 @@ func TestFaultConnectionCut(t *testing.T) {
 // TestFaultDestinationDiesMidTransfer SIGKILLs the destination service
 // during the transfer: the source must roll back and fail with exit 1.
 func TestFaultDestinationDiesMidTransfer(t *testing.T) {
-	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: slowLink})
-	e.startServe()
-	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
-	w.WaitProgress(t, 3)
-
-	m := e.startMigrate(w.PID(), "")
-	id := m.waitTransfer(e)
+	e, w, m, id := startBreakableMigration(t, slowLink)
 	if err := e.serve.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
@@ -137,13 +119,7 @@ func TestFaultDestinationDiesMidTransfer(t *testing.T) {
 // sending, roll back and exit 1, not first ship the rest of the images.
 func TestFaultMigrateSIGTERMDuringTransfer(t *testing.T) {
 	// Slower still: the whole transfer takes about half a minute.
-	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: slowLink / 4})
-	e.startServe()
-	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
-	w.WaitProgress(t, 3)
-
-	m := e.startMigrate(w.PID(), "")
-	id := m.waitTransfer(e)
+	e, w, m, id := startBreakableMigration(t, slowLink/4)
 	if err := m.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -483,6 +459,19 @@ func statePID(t testing.TB, state string) int {
 }
 
 // dirBytes returns the size of the regular files under dir (0 if none).
+// startBreakableMigration starts a fault workload, a destination behind a
+// link shaped to rate and a background migrate, and returns once the page
+// stream is under way (waitTransfer), ready to be broken.
+func startBreakableMigration(t *testing.T, rate int64) (*env, *testenv.Workload, *bgMigrate, string) {
+	t.Helper()
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: rate})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
+	w.WaitProgress(t, 3)
+	m := e.startMigrate(w.PID(), "")
+	return e, w, m, m.waitTransfer(e)
+}
+
 // receivedBytes is what the destination holds for migration id: its files,
 // and the page store's spool, which is unlinked once open (counted through
 // the serve process's open files).

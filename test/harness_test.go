@@ -461,3 +461,22 @@ func nsPids(t testing.TB, pid int) []int {
 	t.Fatalf("pid %d: no NSpid", pid)
 	return nil
 }
+
+// tlsDirWithCAKey makes a node tls-dir that wrongly also holds its CA's
+// ca.key (a CA created in it, node files copied in beside): serve and
+// migrate must refuse it.
+func (e *env) tlsDirWithCAKey(host string) string {
+	e.t.Helper()
+	dir := filepath.Join(e.dir, "tls-with-key")
+	e.run(nil, "certs", "--ca-dir", dir, "--out", dir+"-node", "--host", host)
+	for _, f := range []string{"node.crt", "node.key"} {
+		b, err := os.ReadFile(filepath.Join(dir+"-node", f))
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), b, 0o600); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	return dir
+}

@@ -73,16 +73,7 @@ func TestBadInput(t *testing.T) {
 	otherSrc := filepath.Join(e.dir, "tls-other-src")
 	e.run(nil, "certs", "--ca-dir", otherCA, "--out", otherSrc, "--host", e.hosts.Src.Addr.String())
 	// A tls dir holding the CA key.
-	withKey := filepath.Join(e.dir, "tls-with-key")
-	e.run(nil, "certs", "--ca-dir", withKey, "--out", filepath.Join(e.dir, "unused"), "--host", "x")
-	e.run(nil, "certs", "--ca-dir", withKey, "--out", withKey+"-node", "--host", e.hosts.Src.Addr.String())
-	for _, f := range []string{"node.crt", "node.key"} {
-		b, err := os.ReadFile(filepath.Join(withKey+"-node", f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		os.WriteFile(filepath.Join(withKey, f), b, 0o600)
-	}
+	withKey := e.tlsDirWithCAKey(e.hosts.Src.Addr.String())
 	// A destination certificate that does not name the address dialled.
 	wrongName := filepath.Join(e.dir, "tls-wrong-name")
 	e.run(nil, "certs", "--ca-dir", filepath.Join(e.dir, "ca"), "--out", wrongName, "--host", "10.77.0.99")

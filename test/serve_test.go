@@ -19,17 +19,7 @@ import (
 // exit non-zero at once with a one-line error.
 func TestServeBadInput(t *testing.T) {
 	e := newEnv(t, testenv.HostsOpts{})
-	withKey := filepath.Join(e.dir, "tls-with-key")
-	e.run(nil, "certs", "--ca-dir", withKey, "--out", withKey+"-node", "--host", "x")
-	for _, f := range []string{"node.crt", "node.key"} {
-		b, err := os.ReadFile(filepath.Join(withKey+"-node", f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(withKey, f), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	withKey := e.tlsDirWithCAKey("x")
 	notDir := filepath.Join(e.dir, "not-a-dir")
 	os.WriteFile(notDir, nil, 0o600)
 	tests := []struct {
