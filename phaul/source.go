@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -318,7 +317,7 @@ func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *tran
 	// waiting for the connection (slow link) is not woken by it, so every
 	// write also checks ctx first.
 	stopSend := context.AfterFunc(ctx, func() { st.SetWriteDeadline(time.Now()) })
-	sent, err := images.Send(ctxWriter{ctx, st}, imagesDir, func(n uint64) { s.progress(PhaseTransfer, n) })
+	sent, err := images.Send(ctxStream{ctx, st}, imagesDir, func(n uint64) { s.progress(PhaseTransfer, n) })
 	stopSend()
 	if cerr := st.Close(); err == nil && cerr != nil {
 		err = cerr
@@ -409,7 +408,9 @@ func (p *pageStream) finish() (pageserver.ForwardStats, error) {
 	return p.fw.Stats(), err
 }
 
-// ctxStream is a stream whose writes fail once ctx is done (see ctxWriter).
+// ctxStream is a stream whose writes fail once ctx is done: a write
+// deadline does not wake a write that waits for the connection (slow link),
+// so every write checks ctx first.
 type ctxStream struct {
 	ctx context.Context
 	*transport.Stream
@@ -420,19 +421,6 @@ func (c ctxStream) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	return c.Stream.Write(p)
-}
-
-// ctxWriter fails writes once ctx is done.
-type ctxWriter struct {
-	ctx context.Context
-	w   io.Writer
-}
-
-func (c ctxWriter) Write(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.w.Write(p)
 }
 
 // peerReason returns the destination's ABORT reason when one is waiting on
