@@ -23,13 +23,16 @@ vet:
 # processes, namespaces and sockets.
 test: criu vet
 	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test$$)
-	$(GO) test -count=1 -timeout 40m -v ./test/
+	$(MAKE) --no-print-directory e2e
 
 unit:
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test$$)
 
+# The e2e log is long; on failure its end repeats why each failed test failed.
 e2e:
-	$(GO) test -count=1 -timeout 40m -v ./test/
+	@mkdir -p $(BIN)
+	set -o pipefail; $(GO) test -count=1 -timeout 40m -v ./test/ 2>&1 | tee $(BIN)/e2e.log || \
+		{ rc=$$?; awk -f test/failures.awk $(BIN)/e2e.log; exit $$rc; }
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./...

@@ -210,7 +210,15 @@ func garbageServer(t *testing.T) string {
 	return ln.Addr().String()
 }
 
+// lastLine returns the error line phaul printed last in s, or the last line.
 func lastLine(s string) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		// main prints the error once, prefixed "phaul: "; a log line
+		// from a goroutine may still come after it.
+		if strings.HasPrefix(lines[i], "phaul: ") {
+			return lines[i]
+		}
+	}
 	return lines[len(lines)-1]
 }

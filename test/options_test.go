@@ -57,7 +57,7 @@ func TestCRIUOptions(t *testing.T) {
 				t.Fatalf("migrated without %v; CRIU should have refused", tt.flags)
 			}
 			if !strings.Contains(lastLine(r.out), tt.wantErr) {
-				t.Fatalf("error %q does not say %q", lastLine(r.out), tt.wantErr)
+				t.Fatalf("error %q does not say %q\n%s", lastLine(r.out), tt.wantErr, r.out)
 			}
 			t.Logf("without %v: %s", tt.flags, lastLine(r.out))
 			ee.assertOnSource(w)
@@ -101,7 +101,7 @@ func TestFileLocks(t *testing.T) {
 
 	r := e.migrate(w.PID())
 	if r.code == 0 || !strings.Contains(lastLine(r.out), "--file-locks") {
-		t.Fatalf("without --file-locks: exit %d, %q; want CRIU's refusal naming the flag", r.code, lastLine(r.out))
+		t.Fatalf("without --file-locks: exit %d, %q; want CRIU's refusal naming the flag\n%s", r.code, lastLine(r.out), r.out)
 	}
 	e.assertOnSource(w)
 	e.assertNoImagesLeft()
@@ -137,7 +137,7 @@ func TestShellJob(t *testing.T) {
 
 	r := e.migrate(w.PID())
 	if r.code == 0 || !strings.Contains(lastLine(r.out), "shell-job") {
-		t.Fatalf("without --shell-job: exit %d, %q; want CRIU's refusal naming the flag", r.code, lastLine(r.out))
+		t.Fatalf("without --shell-job: exit %d, %q; want CRIU's refusal naming the flag\n%s", r.code, lastLine(r.out), r.out)
 	}
 	e.assertOnSource(w)
 	e.assertNoImagesLeft()
@@ -162,7 +162,7 @@ func TestRestoreFailureResumesSource(t *testing.T) {
 		t.Fatalf("migrated although the destination's restore must fail\n%s", r.out)
 	}
 	if !strings.Contains(lastLine(r.out), "restore") {
-		t.Fatalf("error %q does not name the restore", lastLine(r.out))
+		t.Fatalf("error %q does not name the restore\n%s", lastLine(r.out), r.out)
 	}
 	e.assertOnSource(w)
 	e.assertNoImagesLeft()
