@@ -31,6 +31,10 @@ type RunConfig struct {
 	// store takes pages until its first commit; later sessions can only
 	// GET (criu lazy-pages --page-server).
 	Keep bool
+	// NoSync skips the fsyncs of the commit at CLOSE, as criu page-server
+	// does (it never syncs): the images are complete when CLOSE is
+	// answered but a crash of the host may lose them.
+	NoSync bool
 	// Server carries the timeouts; Run sets its Store, ImagesDir, TLS,
 	// OnSession and Logger.
 	Server Config
@@ -99,6 +103,7 @@ func Listen(cfg RunConfig) (_ *Standalone, err error) {
 		}
 	}
 	scfg := pagestore.DefaultConfig(cfg.ImagesDir)
+	scfg.NoSync = cfg.NoSync
 	scfg.Logger = log
 	store, err := pagestore.New(scfg)
 	if err != nil {

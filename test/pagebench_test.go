@@ -30,10 +30,12 @@ import (
 // step:
 //
 //  1. criu dump --leave-running --page-server into `criu page-server` (the
-//     baseline), then into `phaul page-server`, on loopback inside the
+//     baseline), then into `phaul page-server --no-fsync` (like for like:
+//     criu page-server never fsyncs), then into `phaul page-server`
+//     (images fsynced before CLOSE is answered), on loopback inside the
 //     source namespace: dump time and the bytes that crossed lo (TCP/IP
-//     headers included). x-dump-time-vs-criu is phaul/criu, lower is
-//     better.
+//     headers included). x-dump-time-vs-criu is phaul --no-fsync/criu,
+//     x-fsync-dump-time-vs-criu phaul/criu, lower is better.
 //  2. phaul migrate over the 1 Gbit/s shaped link, --compress off, then
 //     --compress auto, each with a fresh victim: downtime and bytes_wire;
 //     x-wire-bytes-vs-uncompressed is auto/off, lower is better.
@@ -95,6 +97,7 @@ var pageVictims = []pageVictim{
 type pageBenchRow struct {
 	name                      string
 	criuDump, phaulDump       time.Duration
+	phaulNoSyncDump           time.Duration // phaul page-server --no-fsync
 	criuLoBytes, phaulLoBytes float64
 	offDowntime, autoDowntime time.Duration
 	offWire, autoWire         float64
@@ -127,6 +130,8 @@ func benchPageServer(b *testing.B, mib int, v pageVictim, verify bool) pageBench
 		d, lo = ps.dump(b, "phaul", w.PID(), nil)
 		row.phaulDump += d
 		row.phaulLoBytes += lo
+		d, _ = ps.dump(b, "phaul-nofsync", w.PID(), nil)
+		row.phaulNoSyncDump += d
 		if verify && n == 1 {
 			// Once per kind: CRIU restores what phaul's page server
 			// stored. A dump that kills the original, so that the
@@ -158,6 +163,7 @@ func benchPageServer(b *testing.B, mib int, v pageVictim, verify bool) pageBench
 	div := func(d *time.Duration) { *d /= time.Duration(n) }
 	div(&row.criuDump)
 	div(&row.phaulDump)
+	div(&row.phaulNoSyncDump)
 	div(&row.offDowntime)
 	div(&row.autoDowntime)
 	row.criuLoBytes /= float64(n)
@@ -165,7 +171,9 @@ func benchPageServer(b *testing.B, mib int, v pageVictim, verify bool) pageBench
 	row.offWire /= float64(n)
 	row.autoWire /= float64(n)
 
-	b.ReportMetric(float64(row.phaulDump)/float64(row.criuDump), "x-dump-time-vs-criu")
+	b.ReportMetric(float64(row.phaulNoSyncDump)/float64(row.criuDump), "x-dump-time-vs-criu")
+	b.ReportMetric(float64(row.phaulDump)/float64(row.criuDump), "x-fsync-dump-time-vs-criu")
+	b.ReportMetric(msOf(row.phaulNoSyncDump), "phaul-ps-nofsync-dump-ms")
 	b.ReportMetric(msOf(row.criuDump), "criu-ps-dump-ms")
 	b.ReportMetric(msOf(row.phaulDump), "phaul-ps-dump-ms")
 	b.ReportMetric(row.criuLoBytes/(1<<20), "criu-ps-wire-MiB")
@@ -284,8 +292,11 @@ func (p *pageDumper) startServer(tb testing.TB, kind, dir string, pid int) *page
 		s.cmd = p.ns.Command(context.Background(), p.criu, "page-server", "-D", dir,
 			"--address", "127.0.0.1", "--port", strconv.Itoa(s.port), "-o", "page-server.log")
 	} else {
-		s.cmd = p.ns.Command(context.Background(), p.phaul, "page-server",
-			"--listen", fmt.Sprintf("127.0.0.1:%d", s.port), "--images-dir", dir)
+		args := []string{"page-server", "--listen", fmt.Sprintf("127.0.0.1:%d", s.port), "--images-dir", dir}
+		if kind == "phaul-nofsync" {
+			args = append(args, "--no-fsync")
+		}
+		s.cmd = p.ns.Command(context.Background(), p.phaul, args...)
 	}
 	logf, err := os.Create(s.log)
 	if err != nil {
@@ -701,16 +712,17 @@ func (v *pyHeap) checkRestored(tb testing.TB) {
 // pageBenchTable formats rows, one line each.
 func pageBenchTable(rows []pageBenchRow) string {
 	var w strings.Builder
-	fmt.Fprintf(&w, "%-13s %9s %9s %7s %11s | %9s %9s %9s %9s %7s | %6s | %s\n",
-		"case", "criu-ps", "phaul-ps", "x-dump", "lo MiB c/p",
+	fmt.Fprintf(&w, "%-13s %9s %9s %7s %9s %7s %11s | %9s %9s %9s %9s %7s | %6s | %s\n",
+		"case", "criu-ps", "phaul-ps", "x-dump", "+fsync", "x-fsync", "lo MiB c/p",
 		"off-down", "off-MiB", "auto-down", "auto-MiB", "x-wire", "zstd-1", "auto pages: total zero dup data compressed-frames")
 	for _, r := range rows {
 		pg := func(k string) uint64 {
 			f, _ := r.auto[k].(float64)
 			return uint64(f)
 		}
-		fmt.Fprintf(&w, "%-13s %7.0fms %7.0fms %7.2f %5.0f/%5.0f | %7.0fms %9.1f %7.0fms %9.1f %7.3f | %6.2f | %d %d %d %d %d\n",
-			r.name, msOf(r.criuDump), msOf(r.phaulDump), float64(r.phaulDump)/float64(r.criuDump),
+		fmt.Fprintf(&w, "%-13s %7.0fms %7.0fms %7.2f %7.0fms %7.2f %5.0f/%5.0f | %7.0fms %9.1f %7.0fms %9.1f %7.3f | %6.2f | %d %d %d %d %d\n",
+			r.name, msOf(r.criuDump), msOf(r.phaulNoSyncDump), float64(r.phaulNoSyncDump)/float64(r.criuDump),
+			msOf(r.phaulDump), float64(r.phaulDump)/float64(r.criuDump),
 			r.criuLoBytes/(1<<20), r.phaulLoBytes/(1<<20),
 			msOf(r.offDowntime), r.offWire/(1<<20), msOf(r.autoDowntime), r.autoWire/(1<<20), r.autoWire/r.offWire,
 			r.zstdRatio, pg("pages"), pg("zero_pages"), pg("dup_pages"), pg("data_pages"), pg("compressed"))

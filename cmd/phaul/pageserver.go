@@ -10,7 +10,7 @@ import (
 // that keeps the pages in phaul's page store.
 func pageServerCommand() *cli.Command {
 	def := pageserver.DefaultRunConfig()
-	const usage = "phaul page-server --listen ADDR:PORT --images-dir DIR [--tls-dir DIR] [--keep]"
+	const usage = "phaul page-server --listen ADDR:PORT --images-dir DIR [--tls-dir DIR] [--keep] [--no-fsync]"
 	return &cli.Command{
 		Name:      "page-server",
 		Usage:     "receive pages from criu dump --page-server (drop-in for criu page-server)",
@@ -20,12 +20,14 @@ func pageServerCommand() *cli.Command {
 			"on until SIGINT or SIGTERM; after the first CLOSE it only answers GETs (criu\n" +
 			"lazy-pages --page-server). Without --tls-dir it listens on loopback only; with it,\n" +
 			"clients (criu dump --tls --tls-cacert ca.crt --tls-cert node.crt --tls-key node.key,\n" +
-			"absolute paths) must present a certificate from ca.crt.",
+			"absolute paths) must present a certificate from ca.crt. The images are fsynced before\n" +
+			"CLOSE is answered; --no-fsync skips that, as criu page-server does.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "listen", Required: true, Usage: "address to listen on, ADDR:PORT (loopback unless --tls-dir)"},
 			&cli.StringFlag{Name: "images-dir", Required: true, Usage: "directory for pagemap-*.img and pages-*.img (may be criu's -D)"},
 			&cli.StringFlag{Name: "tls-dir", Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
 			&cli.BoolFlag{Name: "keep", Usage: "keep serving sessions after the first CLOSE"},
+			&cli.BoolFlag{Name: "no-fsync", Usage: "answer CLOSE without fsyncing the images (like criu page-server; a host crash may lose them)"},
 			&cli.DurationFlag{Name: "idle-timeout", Value: def.Server.IdleTimeout, Usage: "drop a session whose peer sends nothing for this long (0: never)"},
 		},
 		Action: func(c *cli.Context) error {
@@ -37,6 +39,7 @@ func pageServerCommand() *cli.Command {
 			cfg.ImagesDir = c.String("images-dir")
 			cfg.TLSDir = c.String("tls-dir")
 			cfg.Keep = c.Bool("keep")
+			cfg.NoSync = c.Bool("no-fsync")
 			cfg.Server.IdleTimeout = c.Duration("idle-timeout")
 			cfg.Logger = newLogger(c)
 			return pageserver.Run(c.Context, cfg)

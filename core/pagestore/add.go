@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"fmt"
 	"sync/atomic"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
 // Add records nrPages pages at vaddr (a page address, or the offset in the
@@ -96,12 +98,16 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 	}
 	first := vaddr >> pageShift
 
-	// Count first, so that a range over a limit changes nothing.
+	// Count first, so that a range over a limit changes nothing. And see
+	// whether the range keeps p's spool in image order (pagemap.ordered).
 	var newPages, newData, freed uint64
+	ordered, next := p.ordered, p.next
 	cur := cursor{p: p}
 	for i := range nrPages {
-		old := cur.get(first + i)
+		pn := first + i
+		old := cur.get(pn)
 		nd := withData != nil && withData[i]
+		content := flags&FlagPresent != 0
 		if !old.valid() {
 			newPages++
 		}
@@ -110,6 +116,19 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 		}
 		if !nd && old.hasData() {
 			freed++
+		}
+		if ordered {
+			switch {
+			case !old.valid() && content:
+				ordered = pn >= next // after every page with content
+				next = pn + 1
+			case !old.valid():
+				// No content, no place in the image.
+			default:
+				// In place: data over data, zero over zero, no
+				// content over none.
+				ordered = old.hasData() == nd && old.content() == content
+			}
 		}
 	}
 	if !reserve(&s.pages, newPages, s.cfg.MaxPages) {
@@ -123,7 +142,11 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 		s.dataPages.Add(-(freed - newData))
 	}
 
-	offs := s.spool.alloc(int(newData), make([]int64, 0, newData))
+	var offs []int64
+	if !ordered {
+		offs = p.sp.alloc(int(newData), make([]int64, 0, newData))
+	}
+	end := p.end
 	writes := make([]pageCopy, 0, newData)
 	var released []int64
 	for i := range nrPages {
@@ -134,6 +157,10 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 		case nd && old.hasData():
 			ns = dataSlot(flags, old.offset()) // newest copy overwrites in place
 			writes = append(writes, pageCopy{off: old.offset(), buf: int(i)})
+		case nd && ordered:
+			ns = dataSlot(flags, end) // its place in the image
+			writes = append(writes, pageCopy{off: end, buf: int(i)})
+			end += PageSize
 		case nd:
 			ns = dataSlot(flags, offs[0])
 			writes = append(writes, pageCopy{off: offs[0], buf: int(i)})
@@ -143,6 +170,9 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 			if old.hasData() {
 				released = append(released, old.offset())
 			}
+			if ordered && !old.valid() && ns.content() {
+				end += PageSize // a zero page: a hole in the image
+			}
 		}
 		if old.valid() {
 			p.counts.Replaced++
@@ -151,11 +181,23 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 		p.counts.count(ns, 1)
 		*ref = ns
 	}
-	s.spool.release(released...)
-	if err := s.spool.writePages(data, writes); err != nil {
+	if ordered {
+		p.end, p.next = end, next
+		p.sp.grow(end)
+	}
+	p.ordered = ordered
+	p.sp.release(released...)
+	if err := p.sp.writePages(data, writes); err != nil {
 		// The index already points at slots holding a torn mix.
 		s.broken.Store(true)
 		return fmt.Errorf("%w: %w", ErrBroken, err)
+	}
+	if ordered && !s.cfg.NoSync && p.end-p.flushed >= writebackChunk {
+		// A hint: an error here costs only the fsync's time later.
+		if err := linux.StartWriteback(p.sp.f, p.flushed, p.end-p.flushed); err != nil {
+			s.log.Debug("writeback", "key", k, "err", err)
+		}
+		p.flushed = p.end
 	}
 	return nil
 }

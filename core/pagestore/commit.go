@@ -8,7 +8,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
 // commitBufPages is the copy buffer of Commit: 1 MiB.
@@ -112,7 +115,7 @@ func (s *Store) stage() (names []string, err error) {
 		for _, r := range p.runs() {
 			m.Entries = append(m.Entries, Entry{Vaddr: r.first << pageShift, NrPages: r.n, Flags: r.flags})
 		}
-		err = s.writePages(filepath.Join(staging, pagesName(pagesID)), p, buf)
+		err = s.stagePages(filepath.Join(staging, pagesName(pagesID)), p, buf)
 		p.mu.RUnlock()
 		if err == nil || !errors.Is(err, fs.ErrExist) {
 			created = append(created, pagesName(pagesID))
@@ -140,8 +143,33 @@ func (s *Store) stage() (names []string, err error) {
 	return names, nil
 }
 
-// writePages writes the pages image of p: its present pages in address
-// order, zero pages as holes. Callers hold p.mu.
+// stagePages puts the pages image of p at path: its spool itself when that
+// holds the pages in image order (pagemap.ordered), else a copy. Callers
+// hold p.mu.
+func (s *Store) stagePages(path string, p *pagemap, buf []byte) error {
+	if !p.ordered || !p.sp.linkable {
+		return s.writePages(path, p, buf)
+	}
+	f := p.sp.f
+	// Trailing zero pages: extend the file over them as a hole.
+	if err := f.Truncate(p.end); err != nil {
+		return err
+	}
+	if !s.cfg.NoSync {
+		if err := f.Sync(); err != nil {
+			return err
+		}
+	}
+	err := linux.LinkTmpfile(f, path)
+	if errors.Is(err, syscall.EXDEV) {
+		// The spool dir is on another filesystem.
+		return s.writePages(path, p, buf)
+	}
+	return err
+}
+
+// writePages writes the pages image of p into a new file: its present
+// pages in address order, zero pages as holes. Callers hold p.mu.
 func (s *Store) writePages(path string, p *pagemap, buf []byte) (err error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -162,7 +190,7 @@ func (s *Store) writePages(path string, p *pagemap, buf []byte) (err error) {
 			return nil
 		}
 		n := len(reads)
-		if err := s.spool.readPages(buf, reads); err != nil {
+		if err := p.sp.readPages(buf, reads); err != nil {
 			return fmt.Errorf("spool: %w", err)
 		}
 		reads = reads[:0]

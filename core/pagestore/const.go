@@ -28,6 +28,14 @@ const (
 // segments): Commit writes two files for each.
 const MaxKeys = 1 << 18
 
+// maxOwnSpools keys get a spool file of their own (one descriptor each);
+// the others share one, and Commit copies their pages.
+const maxOwnSpools = 64
+
+// writebackChunk: an ordered spool hands its data to writeback in steps of
+// this many bytes, so the fsync of Commit finds little left to write.
+const writebackChunk = 8 << 20
+
 // maxID bounds Key.ID: CRIU's dst_id is (id << 8) | type in 64 bits.
 const maxID = 1<<56 - 1
 

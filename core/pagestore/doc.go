@@ -10,15 +10,24 @@
 //
 // # Storage
 //
-// Page bytes live in one spool file in Config.SpoolDir, unlinked as soon as
-// it is created, so a crash leaves no page data behind. A page that is all
-// zeros costs no spool space: it is recorded as a zero page. An index in
-// memory (8 bytes a page, in 2 MiB chunks) maps each recorded page to its
-// flags and spool slot; a newer copy overwrites the slot in place, a slot
-// freed by a page turning zero or contentless is reused. Config.MaxBytes
-// bounds the bytes held (non-zero present pages), Config.MaxPages the pages
-// recorded of every kind (the index's memory); an Add that would exceed
-// either fails with ErrLimit and changes nothing.
+// Page bytes live in spool files in Config.SpoolDir that have no name
+// (O_TMPFILE), so a crash leaves no page data behind: each key has its own
+// (the first 64 keys; the rest share one). A page that is all zeros costs
+// no spool space: it is recorded as a zero page. An index in memory (8
+// bytes a page, in 2 MiB chunks) maps each recorded page to its flags and
+// spool slot; a newer copy overwrites the slot in place, a slot freed by a
+// page turning zero or contentless is reused. Config.MaxBytes bounds the
+// bytes held (non-zero present pages), Config.MaxPages the pages recorded
+// of every kind (the index's memory); an Add that would exceed either fails
+// with ErrLimit and changes nothing.
+//
+// While a key's pages arrive in address order, as a dump sends them, and
+// later copies only replace data with data, as pre-copy rounds do, its
+// spool is laid out as its pages image: every page with content at its
+// image offset, zero pages as holes. Such a spool is handed to writeback
+// as it grows (unless NoSync), and Commit links it into place instead of
+// copying it, so Commit costs an fsync of what writeback has not written
+// yet. Any other order makes it a plain spool, copied by Commit.
 //
 // # Images
 //
@@ -42,8 +51,8 @@
 //
 // # Crash safety
 //
-// Commit writes every file into the staging directory Dir + ".partial",
-// fsyncs each file and the directory, then moves the pages files and after
+// Commit writes (or links) every file into the staging directory Dir +
+// ".partial", fsyncs each file and the directory, then moves the pages files and after
 // them the pagemap files into Dir (link, then unlink: an existing file is
 // never overwritten) and fsyncs Dir. A crash therefore leaves either the
 // complete set in Dir or staged files in Dir + ".partial", which Partial

@@ -1,30 +1,41 @@
 package pagestore
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"sync"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
-// spool is the file holding page data, one PageSize slot per page. Slots are
+// spool is a file holding page data, one PageSize slot per page. Slots are
 // written and read with WriteAt/ReadAt (pwrite/pread), so concurrent use of
 // distinct slots needs no lock; the index says which slot holds what.
 type spool struct {
-	f    *os.File
-	mu   sync.Mutex
-	size int64   // guarded by mu: bytes of slots handed out from the end
-	free []int64 // guarded by mu: slots handed back, reused first
-	// scratch holds *[]byte of scratchPages pages.
-	scratch sync.Pool
+	f *os.File
+	// linkable: f is an O_TMPFILE that linux.LinkTmpfile can name.
+	linkable bool
+	mu       sync.Mutex
+	size     int64   // guarded by mu: bytes of slots handed out from the end
+	free     []int64 // guarded by mu: slots handed back, reused first
 }
 
-// openSpool creates an unlinked spool file in dir, so no page data outlives
-// the process.
+// openSpool creates a spool file in dir without a name (O_TMPFILE, or a
+// file unlinked at once where the filesystem lacks it), so no page data
+// outlives the process unless Commit links the file as an image.
 func openSpool(dir string) (*spool, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spool dir: %w", err)
 	}
-	f, err := os.CreateTemp(dir, ".spool-*")
+	f, err := linux.OpenTmpfile(dir)
+	if err == nil {
+		return &spool{f: f, linkable: true}, nil
+	}
+	if !errors.Is(err, errors.ErrUnsupported) {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	f, err = os.CreateTemp(dir, ".spool-*")
 	if err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
@@ -32,12 +43,15 @@ func openSpool(dir string) (*spool, error) {
 		f.Close()
 		return nil, fmt.Errorf("unlink spool: %w", err)
 	}
-	sp := &spool{f: f}
-	sp.scratch.New = func() any {
-		b := make([]byte, scratchPages*PageSize)
-		return &b
-	}
-	return sp, nil
+	return &spool{f: f}, nil
+}
+
+// grow records that the slots below size are in use (a caller placed
+// pages there itself).
+func (s *spool) grow(size int64) {
+	s.mu.Lock()
+	s.size = max(s.size, size)
+	s.mu.Unlock()
 }
 
 // alloc appends n slot offsets to out: reused slots first, then fresh ones
@@ -111,8 +125,14 @@ func copyRuns(cs []pageCopy, fn func(run []pageCopy, contiguous bool) error) err
 	return nil
 }
 
-func (s *spool) getScratch() *[]byte  { return s.scratch.Get().(*[]byte) }
-func (s *spool) putScratch(b *[]byte) { s.scratch.Put(b) }
+// scratch holds *[]byte of scratchPages pages.
+var scratch = sync.Pool{New: func() any {
+	b := make([]byte, scratchPages*PageSize)
+	return &b
+}}
+
+func (s *spool) getScratch() *[]byte  { return scratch.Get().(*[]byte) }
+func (s *spool) putScratch(b *[]byte) { scratch.Put(b) }
 
 // writePages writes buf's pages to the spool as cs says.
 func (s *spool) writePages(buf []byte, cs []pageCopy) error {

@@ -27,8 +27,8 @@ const (
 type Store struct {
 	cfg          Config
 	log          *slog.Logger
-	spool        *spool
-	ownsSpoolDir bool // New created cfg.SpoolDir: Close removes it if empty
+	spool        *spool // shared by the keys beyond maxOwnSpools
+	ownsSpoolDir bool   // New created cfg.SpoolDir: Close removes it if empty
 
 	// mu orders state changes against page operations: Add, Open and Read
 	// hold it shared for their whole run, so taking it exclusively waits
@@ -38,6 +38,7 @@ type Store struct {
 
 	keysMu sync.RWMutex
 	keys   map[Key]*pagemap // guarded by keysMu
+	spools []*spool         // guarded by keysMu: the keys' own spools
 
 	dataPages atomic.Uint64 // pages with data held, all keys; reserved before use
 	pages     atomic.Uint64 // pages recorded, all keys; reserved before use
@@ -59,7 +60,7 @@ type Counts struct {
 type Stats struct {
 	Counts                    // all keys
 	Keys       map[Key]Counts // per key
-	SpoolBytes uint64         // spool file size: Bytes plus slots free for reuse
+	SpoolBytes uint64         // spool files' size: Bytes, slots free for reuse, holes of zero pages
 }
 
 // New creates a Store for cfg.Dir and its spool file in cfg.SpoolDir
@@ -126,7 +127,15 @@ func (s *Store) open(k Key) (*pagemap, error) {
 		if len(s.keys) >= MaxKeys {
 			return nil, fmt.Errorf("%w: more than %d pagemaps", ErrLimit, MaxKeys)
 		}
-		p = newPagemap(k)
+		var sp *spool
+		if len(s.spools) < maxOwnSpools {
+			var err error
+			if sp, err = openSpool(s.cfg.SpoolDir); err != nil {
+				return nil, err
+			}
+			s.spools = append(s.spools, sp)
+		}
+		p = newPagemap(k, cmp.Or(sp, s.spool), sp != nil)
 		s.keys[k] = p
 	}
 	return p, nil
@@ -220,7 +229,7 @@ func (s *Store) Read(k Key, vaddr uint64, buf []byte) error {
 			return fmt.Errorf("read %v %#x: flags %#x: %w", k, (first+i)<<pageShift, sl.flags(), ErrNoContent)
 		}
 	}
-	if err := s.spool.readPages(buf, cs); err != nil {
+	if err := p.sp.readPages(buf, cs); err != nil {
 		return fmt.Errorf("read %v %#x: spool: %w", k, vaddr, err)
 	}
 	return nil
@@ -247,6 +256,9 @@ func (s *Store) Stats() Stats {
 	st := Stats{Keys: make(map[Key]Counts), SpoolBytes: s.spool.bytes()}
 	s.keysMu.RLock()
 	defer s.keysMu.RUnlock()
+	for _, sp := range s.spools {
+		st.SpoolBytes += sp.bytes()
+	}
 	for k, p := range s.keys {
 		p.mu.RLock()
 		c := p.counts
@@ -268,7 +280,10 @@ func (s *Store) Close() error {
 	s.state = stateClosed
 	err := s.spool.close()
 	s.keysMu.Lock()
-	s.keys = nil
+	for _, sp := range s.spools {
+		err = errors.Join(err, sp.close())
+	}
+	s.keys, s.spools = nil, nil
 	s.keysMu.Unlock()
 	if s.ownsSpoolDir {
 		// Removed only if empty: the spool is unlinked already, and a

@@ -21,6 +21,10 @@ func (s slot) flags() uint32 { return uint32(s) & flagsMask }
 func (s slot) present() bool { return s.flags()&FlagPresent != 0 }
 func (s slot) hasData() bool { return s.valid() && s.present() && s&slotZero == 0 }
 func (s slot) isZero() bool  { return s.valid() && s.present() && s&slotZero != 0 }
+
+// content: the page has bytes in the pages image (data, or zeros as a
+// hole), unlike a lazy or parent page.
+func (s slot) content() bool { return s.valid() && s.present() }
 func (s slot) offset() int64 { return int64(s & slotOffset) }
 func dataSlot(flags uint32, off int64) slot {
 	return slot(off)&slotOffset | slotValid | slot(flags)
@@ -47,13 +51,26 @@ type pagemap struct {
 	mu     sync.RWMutex
 	chunks map[uint64]*chunk // guarded by mu; by page number >> chunkShift
 	counts Counts            // guarded by mu
+	// sp holds the key's page data: its own spool, or one shared by the
+	// keys beyond maxOwnSpools (own is false).
+	sp  *spool
+	own bool
+	// While ordered (guarded by mu), own spool holds every page with
+	// content (data, or zero as a hole) at the offset it has in the pages
+	// image: pages came in address order and only data replaced data. Then
+	// Commit links the spool as the image instead of copying it. end is
+	// the image size so far, next the page number after the last page with
+	// content, flushed the bytes handed to writeback.
+	ordered      bool
+	end, flushed int64
+	next         uint64
 	// cached chunk of the last lookup; guarded by mu (write side only).
 	lastIdx   uint64
 	lastChunk *chunk
 }
 
-func newPagemap(k Key) *pagemap {
-	return &pagemap{key: k, chunks: make(map[uint64]*chunk)}
+func newPagemap(k Key, sp *spool, own bool) *pagemap {
+	return &pagemap{key: k, chunks: make(map[uint64]*chunk), sp: sp, own: own, ordered: own}
 }
 
 // get returns the slot of page number pn. Callers hold mu (read or write).
