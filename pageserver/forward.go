@@ -7,11 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
+	"sync"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/xxh3"
 
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/core/pagestore"
 )
 
@@ -27,7 +30,11 @@ const (
 	// bounded by fwdMaxPayload.
 	fwdMaxPages   = 256
 	fwdMaxPayload = fwdMaxPages*pagestore.PageSize + 64<<10
-	fwdDupLen     = 16 + 24 // hash, ref kind+pad, ref id, ref vaddr
+	// A batch frame's payload decodes to at most fwdMaxBatch bytes of
+	// frames; the sender closes a batch once it holds fwdBatchTarget.
+	fwdMaxBatch    = 2 << 20
+	fwdBatchTarget = 1 << 20
+	fwdDupLen      = 16 + 24 // hash, ref kind+pad, ref id, ref vaddr
 )
 
 type fwdType uint8
@@ -40,6 +47,7 @@ const (
 	fwdEntry fwdType = 5 // pages without content here (lazy, parent)
 	fwdEnd   fwdType = 6 // no more frames; nrPages = pages sent in all
 	fwdAck   fwdType = 7 // receiver to sender: stored and committed; flags = 0 ok
+	fwdBatch fwdType = 8 // zstd of a run of open, pages, zero, dup and entry frames
 )
 
 const (
@@ -101,12 +109,10 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 		if h.nrPages == 0 || h.nrPages > fwdMaxPages {
 			return h, fmt.Errorf("%w: %d pages in one frame", ErrForward, h.nrPages)
 		}
-		switch h.enc {
-		case encRaw:
-			want = int(h.nrPages) * pagestore.PageSize
-		case encZstd:
-		default:
-			return h, fmt.Errorf("%w: encoding %d", ErrForward, h.enc)
+		want = int(h.nrPages) * pagestore.PageSize
+	case fwdBatch:
+		if h.enc != encZstd || h.length == 0 || h.kind != 0 || h.id != 0 || h.vaddr != 0 || h.nrPages != 0 || h.flags != 0 {
+			return h, fmt.Errorf("%w: batch header %+v", ErrForward, h)
 		}
 	default:
 		return h, fmt.Errorf("%w: type %d", ErrForward, h.typ)
@@ -125,7 +131,7 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 			return h, fmt.Errorf("%w: range %#x + %d pages", ErrForward, h.vaddr, h.nrPages)
 		}
 	}
-	if h.typ != fwdPages && h.enc != encRaw {
+	if h.typ != fwdBatch && h.enc != encRaw {
 		return h, fmt.Errorf("%w: encoding %d on type %d", ErrForward, h.enc, h.typ)
 	}
 	if want >= 0 && int(h.length) != want {
@@ -155,8 +161,15 @@ type ForwardStats struct {
 	DataPages  uint64 `json:"data_pages"` // sent with their bytes
 	RawBytes   uint64 `json:"raw_bytes"`  // bytes of data pages before compression
 	WireBytes  uint64 `json:"wire_bytes"` // frame bytes written, headers included
-	Compressed uint64 `json:"compressed"` // data frames sent compressed
+	Compressed uint64 `json:"compressed"` // batches of frames sent zstd-compressed
 	Entries    uint64 `json:"entries"`    // content-less ranges (lazy, parent)
+	// What the compression policy measured last (auto mode; 0: never):
+	// the link's rate over raw frames and the compressor's, in MB/s, and
+	// the compressed/raw ratio.
+	LinkMBps  float64 `json:"link_mbps"`
+	ZstdMBps  float64 `json:"zstd_mbps"`
+	ZstdRatio float64 `json:"zstd_ratio"`
+	Switches  uint64  `json:"compress_switches"` // times auto turned zstd on or off
 }
 
 // ForwardConfig configures a Forwarder.
@@ -182,22 +195,44 @@ type deadliner interface {
 
 // Forwarder is a Store that forwards every page to a receiver instead of
 // keeping it: zero pages as zero frames, repeated content as references,
-// the rest in frames of up to fwdMaxPages pages, zstd-compressed when that
-// is faster on this link. It is the source side of a migration's page
-// stream; pageserver.Server drives it from one goroutine.
+// the rest in frames of up to fwdMaxPages pages, gathered into batches
+// that go out zstd-compressed when that is faster on this link. It is the
+// source side of a migration's page stream; pageserver.Server drives it
+// from one goroutine. A sender goroutine, owned by the Forwarder and ended
+// by Commit or Close, writes batches to the stream while the next one is
+// gathered and compressed.
 type Forwarder struct {
 	rw    io.ReadWriter
-	bw    *bufio.Writer
 	cfg   ForwardConfig
 	seen  map[xxh3.Uint128]pageRef // first occurrence of each content
-	buf   []byte                   // frame under construction
+	batch []byte                   // frames not sent yet
 	zenc  *zstd.Encoder
-	comp  *compressPolicy
-	stats ForwardStats
+	stats ForwardStats // WireBytes excepted: the sender's
+
+	out    chan outBatch // to the sender
+	free   chan []byte   // buffers back from the sender
+	done   chan struct{} // closed when the sender has returned
+	closed bool          // out is closed
+
+	mu   sync.Mutex // guards comp, wire and err
+	comp *compressPolicy
+	wire uint64 // bytes the sender wrote
+	err  error  // the sender's first error
 }
 
+// outBatch is what the sender writes: wire, one batch frame or a run of
+// plain frames.
+type outBatch struct {
+	wire       []byte
+	compressed bool
+}
+
+// fwdBuffers batch buffers circulate between the Forwarder and its sender:
+// one gathering, one compressed, one being written.
+const fwdBuffers = 4
+
 // NewForwarder writes frames to rw and reads the acknowledgement from it.
-// The caller owns rw.
+// The caller owns rw and must call Commit or Close.
 func NewForwarder(rw io.ReadWriter, cfg ForwardConfig) (*Forwarder, error) {
 	if cfg.AckTimeout <= 0 {
 		cfg.AckTimeout = 5 * time.Minute
@@ -210,27 +245,143 @@ func NewForwarder(rw io.ReadWriter, cfg ForwardConfig) (*Forwarder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("zstd: %w", err)
 	}
-	return &Forwarder{rw: rw, bw: bufio.NewWriterSize(rw, 1<<20), cfg: cfg,
-		seen: make(map[xxh3.Uint128]pageRef), zenc: zenc, comp: policy}, nil
+	f := &Forwarder{rw: rw, cfg: cfg, seen: make(map[xxh3.Uint128]pageRef), zenc: zenc, comp: policy,
+		out: make(chan outBatch, 1), free: make(chan []byte, fwdBuffers), done: make(chan struct{})}
+	for range fwdBuffers - 1 {
+		f.free <- make([]byte, 0, fwdMaxBatch+fwdHeaderLen)
+	}
+	f.batch = make([]byte, 0, fwdMaxBatch+fwdHeaderLen)
+	go f.send() // owned by f: Commit and Close wait for it
+	return f, nil
+}
+
+// send writes batches until out closes; after an error it only recycles
+// buffers, so the gathering side never blocks on a dead stream.
+func (f *Forwarder) send() {
+	defer close(f.done)
+	var failed bool
+	for b := range f.out {
+		if !failed {
+			start := time.Now()
+			_, err := f.rw.Write(b.wire)
+			f.mu.Lock()
+			if err != nil {
+				f.err, failed = fmt.Errorf("forward: %w", err), true
+			} else {
+				f.wire += uint64(len(b.wire))
+				f.comp.wrote(uint64(len(b.wire)), time.Since(start), b.compressed)
+			}
+			f.mu.Unlock()
+		}
+		f.free <- b.wire[:0]
+	}
+}
+
+// sendErr returns the sender's error, if any.
+func (f *Forwarder) sendErr() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.err
 }
 
 // Stats returns what was forwarded so far.
-func (f *Forwarder) Stats() ForwardStats { return f.stats }
+func (f *Forwarder) Stats() ForwardStats {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st := f.stats
+	st.WireBytes = f.wire
+	st.LinkMBps, st.ZstdMBps = f.comp.linkRate/1e6, f.comp.compRate/1e6
+	st.ZstdRatio, st.Switches = f.comp.ratio, f.comp.switches
+	return st
+}
 
+// write adds one frame to the current batch; a batch that reached
+// fwdBatchTarget, or would pass fwdMaxBatch with this frame, goes out
+// first.
 func (f *Forwarder) write(h fwdHeader, payload []byte) error {
 	h.length = uint32(len(payload))
-	f.buf = h.append(f.buf[:0])
-	start := time.Now()
-	if _, err := f.bw.Write(f.buf); err != nil {
-		return fmt.Errorf("forward: %w", err)
+	if len(f.batch) > 0 && len(f.batch)+fwdHeaderLen+len(payload) > fwdMaxBatch {
+		if err := f.flushBatch(); err != nil {
+			return err
+		}
 	}
-	if _, err := f.bw.Write(payload); err != nil {
-		return fmt.Errorf("forward: %w", err)
+	f.batch = h.append(f.batch)
+	f.batch = append(f.batch, payload...)
+	if len(f.batch) >= fwdBatchTarget {
+		return f.flushBatch()
 	}
-	n := uint64(len(f.buf) + len(payload))
-	f.stats.WireBytes += n
-	f.comp.wrote(n, time.Since(start))
 	return nil
+}
+
+// flushBatch hands the current batch to the sender: as one zstd batch
+// frame when the policy says so and that is smaller, else as its frames.
+func (f *Forwarder) flushBatch() error {
+	if len(f.batch) == 0 {
+		return f.sendErr()
+	}
+	if f.closed {
+		return errors.New("forward: forwarder closed")
+	}
+	raw := f.batch
+	f.mu.Lock()
+	compress := f.comp.shouldCompress(len(raw))
+	f.mu.Unlock()
+	b := outBatch{wire: raw}
+	next, err := f.buffer()
+	if err != nil {
+		return err
+	}
+	if compress {
+		z, cpu := f.encode(raw, next)
+		f.mu.Lock()
+		f.comp.compressed(len(raw), len(z)-fwdHeaderLen, cpu)
+		f.mu.Unlock()
+		if len(z) < len(raw) && len(z)-fwdHeaderLen <= fwdMaxPayload {
+			f.stats.Compressed++
+			b, next = outBatch{wire: z, compressed: true}, raw[:0]
+		} else {
+			next = z[:0]
+		}
+	}
+	f.batch = next
+	select {
+	case f.out <- b:
+	case <-f.done:
+	}
+	return f.sendErr()
+}
+
+// buffer returns a free batch buffer, or the sender's error.
+func (f *Forwarder) buffer() ([]byte, error) {
+	select {
+	case b := <-f.free:
+		return b, nil
+	case <-f.done:
+		if err := f.sendErr(); err != nil {
+			return nil, err
+		}
+		return nil, errors.New("forward: sender stopped")
+	}
+}
+
+// encode compresses a batch into dst as a batch frame (header and zstd
+// payload) and returns the CPU time compressing took: the compressor's own
+// cost, not the time other processes on this host (the dumping CRIU, a
+// co-located destination) held the CPU meanwhile.
+func (f *Forwarder) encode(raw, dst []byte) ([]byte, time.Duration) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	c0, t0 := linux.ThreadCPUTime(), time.Now()
+	dst = append(dst[:0], make([]byte, fwdHeaderLen)...)
+	dst = f.zenc.EncodeAll(raw, dst)
+	cpu := linux.ThreadCPUTime() - c0
+	if cpu <= 0 {
+		cpu = time.Since(t0)
+	}
+	h := fwdHeader{typ: fwdBatch, enc: encZstd, length: uint32(len(dst) - fwdHeaderLen)}
+	var hb [fwdHeaderLen]byte
+	copy(dst, h.append(hb[:0]))
+	return dst, cpu
 }
 
 // Open implements Store: the receiver opens the same pagemap.
@@ -312,18 +463,7 @@ func (f *Forwarder) sendData(k pagestore.Key, vaddr uint64, pages []byte) error 
 	n := uint64(len(pages)) / pagestore.PageSize
 	f.stats.DataPages += n
 	f.stats.RawBytes += uint64(len(pages))
-	h := fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: n}
-	if f.comp.shouldCompress() {
-		start := time.Now()
-		z := f.zenc.EncodeAll(pages, nil)
-		f.comp.compressed(len(pages), len(z), time.Since(start))
-		if len(z) < len(pages) {
-			h.enc = encZstd
-			f.stats.Compressed++
-			return f.write(h, z)
-		}
-	}
-	return f.write(h, pages)
+	return f.write(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: n}, pages)
 }
 
 // Read implements Store: a forwarder keeps no pages.
@@ -334,11 +474,20 @@ func (f *Forwarder) Read(k pagestore.Key, vaddr uint64, buf []byte) error {
 // Commit implements Store: it ends the stream and waits until the receiver
 // has stored and committed every page.
 func (f *Forwarder) Commit() error {
-	if err := f.write(fwdHeader{typ: fwdEnd, nrPages: f.stats.Pages}, nil); err != nil {
+	if err := f.flushBatch(); err != nil {
 		return err
 	}
-	if err := f.bw.Flush(); err != nil {
-		return fmt.Errorf("forward: %w", err)
+	end, err := f.buffer()
+	if err != nil {
+		return err
+	}
+	select {
+	case f.out <- outBatch{wire: fwdHeader{typ: fwdEnd, nrPages: f.stats.Pages}.append(end)}:
+	case <-f.done:
+	}
+	f.stop()
+	if err := f.sendErr(); err != nil {
+		return err
 	}
 	if d, ok := f.rw.(deadliner); ok {
 		d.SetReadDeadline(time.Now().Add(f.cfg.AckTimeout))
@@ -361,8 +510,22 @@ func (f *Forwarder) Commit() error {
 	return nil
 }
 
-// Close releases the compressor.
-func (f *Forwarder) Close() error { return f.zenc.Close() }
+// stop ends the sender after what it was handed and waits for it.
+func (f *Forwarder) stop() {
+	if !f.closed {
+		f.closed = true
+		close(f.out)
+	}
+	<-f.done
+}
+
+// Close stops the sender, dropping a batch not handed to it, and releases
+// the compressor. The caller closes the stream first if the sender may be
+// blocked writing to it.
+func (f *Forwarder) Close() error {
+	f.stop()
+	return f.zenc.Close()
+}
 
 var zeroPage [pagestore.PageSize]byte
 
@@ -382,93 +545,140 @@ type ReceiveStore interface {
 // used; a malformed one is an error wrapping ErrForward, and the store is
 // not committed. It returns what it received.
 func Receive(rw io.ReadWriter, store ReceiveStore) (ForwardStats, error) {
-	var st ForwardStats
+	r := receiver{store: store, opened: make(map[pagestore.Key]bool)}
 	br := bufio.NewReaderSize(rw, 1<<20)
-	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(fwdMaxPages*pagestore.PageSize*2))
+	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(fwdMaxBatch))
 	if err != nil {
-		return st, fmt.Errorf("zstd: %w", err)
+		return r.st, fmt.Errorf("zstd: %w", err)
 	}
 	defer zdec.Close()
 	payload := make([]byte, 0, fwdMaxPayload)
-	pages := make([]byte, 0, fwdMaxPages*pagestore.PageSize)
+	batch := make([]byte, 0, fwdMaxBatch)
+	r.page = make([]byte, pagestore.PageSize)
 	ack := func(status uint32) error {
 		_, err := rw.Write(fwdHeader{typ: fwdAck, flags: status}.append(nil))
 		return err
 	}
-	opened := make(map[pagestore.Key]bool) // bounded by the store's key limit
 	var hb [fwdHeaderLen]byte
 	for {
 		if _, err := io.ReadFull(br, hb[:]); err != nil {
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}
-			return st, fmt.Errorf("receive pages: %w", err)
+			return r.st, fmt.Errorf("receive pages: %w", err)
 		}
 		h, err := decodeFwdHeader(hb[:])
 		if err != nil {
-			return st, err
+			return r.st, err
 		}
-		st.WireBytes += fwdHeaderLen + uint64(h.length)
+		r.st.WireBytes += fwdHeaderLen + uint64(h.length)
 		payload = payload[:h.length] // bounded by decodeFwdHeader
 		if _, err := io.ReadFull(br, payload); err != nil {
-			return st, fmt.Errorf("receive pages: %w", io.ErrUnexpectedEOF)
-		}
-		k := pagestore.Key{Kind: h.kind, ID: h.id}
-		switch h.typ {
-		case fwdPages, fwdZero, fwdDup, fwdEntry:
-			if !opened[k] {
-				return st, fmt.Errorf("%w: pages for %s before its open frame", ErrForward, k)
-			}
+			return r.st, fmt.Errorf("receive pages: %w", io.ErrUnexpectedEOF)
 		}
 		switch h.typ {
-		case fwdOpen:
-			if _, err = store.Open(k); err == nil {
-				opened[k] = true
-			}
-		case fwdEntry:
-			st.Entries++
-			err = store.Add(k, h.vaddr, h.nrPages, h.flags, nil)
-		case fwdZero:
-			st.Pages += h.nrPages
-			st.ZeroPages += h.nrPages
-			err = store.AddZero(k, h.vaddr, h.nrPages)
-		case fwdDup:
-			err = receiveDup(store, k, h.vaddr, payload, pages[:pagestore.PageSize])
-			st.Pages++
-			st.DupPages++
-		case fwdPages:
-			data := payload
-			want := int(h.nrPages) * pagestore.PageSize
-			if h.enc == encZstd {
-				data, err = zdec.DecodeAll(payload, pages[:0])
-				if err == nil && len(data) != want {
-					err = fmt.Errorf("%w: zstd frame of %d bytes for %d pages", ErrForward, len(data), h.nrPages)
-				}
-				if err != nil {
-					return st, fmt.Errorf("%w: %w", ErrForward, err)
-				}
-			}
-			st.Pages += h.nrPages
-			st.DataPages += h.nrPages
-			st.RawBytes += uint64(want)
-			err = store.Add(k, h.vaddr, h.nrPages, pagestore.FlagPresent, data)
 		case fwdEnd:
-			if h.nrPages != st.Pages {
+			if h.nrPages != r.st.Pages {
 				ack(1)
-				return st, fmt.Errorf("%w: end says %d pages, received %d", ErrForward, h.nrPages, st.Pages)
+				return r.st, fmt.Errorf("%w: end says %d pages, received %d", ErrForward, h.nrPages, r.st.Pages)
 			}
 			if err := store.Commit(); err != nil {
 				ack(2)
-				return st, fmt.Errorf("receive pages: %w", err)
+				return r.st, fmt.Errorf("receive pages: %w", err)
 			}
-			return st, ack(0)
+			return r.st, ack(0)
+		case fwdBatch:
+			// The decoder refuses output beyond fwdMaxBatch.
+			batch, err = zdec.DecodeAll(payload, batch[:0])
+			if err != nil {
+				return r.st, fmt.Errorf("%w: batch: %w", ErrForward, err)
+			}
+			r.st.Compressed++
+			if err := r.batch(batch); err != nil {
+				return r.st, err
+			}
 		default:
-			err = fmt.Errorf("%w: unexpected type %d", ErrForward, h.typ)
-		}
-		if err != nil {
-			return st, fmt.Errorf("receive pages at %s %#x: %w", k, h.vaddr, err)
+			if err := r.frame(h, payload); err != nil {
+				return r.st, err
+			}
 		}
 	}
+}
+
+// receiver applies frames to a store.
+type receiver struct {
+	store  ReceiveStore
+	st     ForwardStats
+	opened map[pagestore.Key]bool // bounded by the store's key limit
+	page   []byte                 // one page, for dup checks
+}
+
+// batch applies the frames a batch frame decoded to: whole frames of the
+// kinds a batch may hold, nothing left over.
+func (r *receiver) batch(b []byte) error {
+	for len(b) > 0 {
+		if len(b) < fwdHeaderLen {
+			return fmt.Errorf("%w: batch ends inside a header", ErrForward)
+		}
+		h, err := decodeFwdHeader(b[:fwdHeaderLen])
+		if err != nil {
+			return fmt.Errorf("batch: %w", err)
+		}
+		b = b[fwdHeaderLen:]
+		if uint64(h.length) > uint64(len(b)) {
+			return fmt.Errorf("%w: batch ends inside a frame's payload", ErrForward)
+		}
+		switch h.typ {
+		case fwdOpen, fwdPages, fwdZero, fwdDup, fwdEntry:
+		default:
+			return fmt.Errorf("%w: type %d inside a batch", ErrForward, h.typ)
+		}
+		if err := r.frame(h, b[:h.length]); err != nil {
+			return err
+		}
+		b = b[h.length:]
+	}
+	return nil
+}
+
+// frame applies one checked open, pages, zero, dup or entry frame.
+func (r *receiver) frame(h fwdHeader, payload []byte) error {
+	k := pagestore.Key{Kind: h.kind, ID: h.id}
+	switch h.typ {
+	case fwdPages, fwdZero, fwdDup, fwdEntry:
+		if !r.opened[k] {
+			return fmt.Errorf("%w: pages for %s before its open frame", ErrForward, k)
+		}
+	}
+	var err error
+	switch h.typ {
+	case fwdOpen:
+		if _, err = r.store.Open(k); err == nil {
+			r.opened[k] = true
+		}
+	case fwdEntry:
+		r.st.Entries++
+		err = r.store.Add(k, h.vaddr, h.nrPages, h.flags, nil)
+	case fwdZero:
+		r.st.Pages += h.nrPages
+		r.st.ZeroPages += h.nrPages
+		err = r.store.AddZero(k, h.vaddr, h.nrPages)
+	case fwdDup:
+		err = receiveDup(r.store, k, h.vaddr, payload, r.page)
+		r.st.Pages++
+		r.st.DupPages++
+	case fwdPages:
+		r.st.Pages += h.nrPages
+		r.st.DataPages += h.nrPages
+		r.st.RawBytes += uint64(len(payload))
+		err = r.store.Add(k, h.vaddr, h.nrPages, pagestore.FlagPresent, payload)
+	default:
+		err = fmt.Errorf("%w: unexpected type %d", ErrForward, h.typ)
+	}
+	if err != nil {
+		return fmt.Errorf("receive pages at %s %#x: %w", k, h.vaddr, err)
+	}
+	return nil
 }
 
 // receiveDup stores a page equal to one stored before, after checking that

@@ -8,7 +8,11 @@ import (
 	"math/rand/v2"
 	"net"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/phaul/phaul/core/pagestore"
 )
@@ -161,7 +165,18 @@ func TestReceiveBadInput(t *testing.T) {
 		{"huge payload", fwdHeader{typ: fwdPages, nrPages: 1, length: fwdMaxPayload + 1}.append(nil), ErrForward},
 		{"too many pages", frame(fwdHeader{typ: fwdPages, nrPages: fwdMaxPages + 1}, nil), ErrForward},
 		{"short raw payload", frame(fwdHeader{typ: fwdPages, nrPages: 2}, page), ErrForward},
-		{"bad zstd", append(open, frame(fwdHeader{typ: fwdPages, nrPages: 1, enc: encZstd}, []byte("not zstd"))...), ErrForward},
+		{"zstd pages frame", append(open, frame(fwdHeader{typ: fwdPages, nrPages: 1, enc: encZstd}, page)...), ErrForward},
+		{"bad zstd batch", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, []byte("not zstd")), ErrForward},
+		{"raw batch", frame(fwdHeader{typ: fwdBatch}, open), ErrForward},
+		{"empty batch", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, nil), ErrForward},
+		{"batch with a range", frame(fwdHeader{typ: fwdBatch, enc: encZstd, nrPages: 1}, zstdOf(open)), ErrForward},
+		{"batch holds an end", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(append(open, frame(fwdHeader{typ: fwdEnd}, nil)...))), ErrForward},
+		{"batch holds a batch", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(open)))), ErrForward},
+		{"batch cuts a header", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(open[:20])), ErrForward},
+		{"batch cuts a payload", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(slices.Concat(open,
+			fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 2, length: 2 * pagestore.PageSize}.append(nil), page))), ErrForward},
+		{"batch pages before open", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(frame(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1}, page))), ErrForward},
+		{"batch decodes too big", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(make([]byte, fwdMaxBatch+1))), ErrForward},
 		{"unknown encoding", frame(fwdHeader{typ: fwdPages, nrPages: 1, enc: 7}, page), ErrForward},
 		{"dup of nothing", append(open, frame(fwdHeader{typ: fwdDup, kind: k.Kind, id: k.ID, nrPages: 1}, dupOf(k, 0x1000))...), ErrForward},
 		{"stops mid-payload", append(open, fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, nrPages: 1, length: pagestore.PageSize}.append(nil)...), io.ErrUnexpectedEOF},
@@ -177,6 +192,7 @@ func TestReceiveBadInput(t *testing.T) {
 			store := memReceive{newMemStore(t)}
 			var out bytes.Buffer
 			_, err := Receive(duplex{bytes.NewReader(tt.in), &out}, store)
+			t.Logf("%v", err)
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("Receive = %v, want %v", err, tt.want)
 			}
@@ -193,8 +209,7 @@ func FuzzReceive(f *testing.F) {
 	fw, _ := NewForwarder(duplex{bytes.NewReader(nil), &good}, ForwardConfig{Compress: "on"})
 	fw.Open(k)
 	fw.Add(k, 0x10000, 8, pagestore.FlagPresent, testPages(8, 1))
-	fw.write(fwdHeader{typ: fwdEnd, nrPages: 8}, nil)
-	fw.bw.Flush()
+	fw.Commit() // no ack to read: fails after writing the stream
 	fw.Close()
 	f.Add(good.Bytes())
 	f.Add(fwdHeader{typ: fwdPages, nrPages: 1, length: 1 << 31}.append(nil))
@@ -205,32 +220,135 @@ func FuzzReceive(f *testing.F) {
 	})
 }
 
+// simLink drives a compressPolicy the way a Forwarder does, over a
+// simulated link: a buffer of buf bytes drained at linkRate (a write blocks
+// until its bytes fit), a compressor of compRate raw bytes per second with
+// the ratio the data at each offset has, running ahead of the writer by up
+// to two batches (the Forwarder's spare buffers), and a source that hands
+// 1 MiB batches as fast as they are taken.
+type simLink struct {
+	linkRate, compRate float64 // bytes per second
+	buf                float64 // bytes the link buffers
+	ratio              func(off uint64) float64
+}
+
+// run sends total raw bytes and returns the wire bytes, the time taken and
+// the fraction of batches sent compressed in each quarter.
+func (l simLink) run(p *compressPolicy, total uint64) (wire float64, secs float64, quarters [4]float64) {
+	const batch = 1 << 20
+	var prod, writer, last, queued float64 // producer and writer clocks
+	var written []float64                  // when each batch's write ended
+	var frames [4]int
+	for off := uint64(0); off < total; off += batch {
+		if i := len(written); i >= 2 {
+			prod = max(prod, written[i-2]) // no spare buffer before that
+		}
+		n := float64(batch)
+		compressed := false
+		if p.shouldCompress(batch) {
+			d := n / l.compRate
+			prod += d
+			z := n * l.ratio(off)
+			p.compressed(batch, int(z), time.Duration(d*1e9))
+			if z < n {
+				n, compressed = z, true
+			}
+		}
+		// The writer takes it when both are ready; the link drained
+		// meanwhile; then it waits for room.
+		start := max(prod, writer)
+		queued = max(0, queued-(start-last)*l.linkRate)
+		wait := max(0, queued+n-l.buf) / l.linkRate
+		writer = start + wait
+		queued = max(0, queued-wait*l.linkRate) + n
+		last = writer
+		written = append(written, writer)
+		p.wrote(uint64(n), time.Duration(wait*1e9)+time.Microsecond, compressed)
+		wire += n
+		q := int(off * 4 / total)
+		frames[q]++
+		if compressed {
+			quarters[q]++
+		}
+	}
+	for i := range quarters {
+		quarters[i] /= float64(max(frames[i], 1))
+	}
+	return wire, writer + queued/l.linkRate, quarters
+}
+
 func TestCompressPolicy(t *testing.T) {
-	// A slow link and a fast compressor with a good ratio: on.
-	p, _ := newCompressPolicy("auto")
-	p.wrote(rateWindow, 1e9) // 8 MiB/s link
-	for i := 0; i < probeEvery; i++ {
-		if p.shouldCompress() {
-			p.compressed(1<<20, 1<<18, 2e6) // 500 MB/s, ratio 1/4
+	const mib = 1 << 20
+	heap := func(uint64) float64 { return 1.0 / 6 }
+	random := func(uint64) float64 { return 1.01 }
+	tests := []struct {
+		name     string
+		link     simLink
+		total    uint64
+		minSave  float64    // raw/wire at least
+		maxSave  float64    // raw/wire at most
+		quarters [4]float64 // want about this fraction compressed per quarter
+	}{
+		// A 1 Gbit/s link, a compressible heap: compressed, 3x fewer bytes
+		// at the least, even counting the raw start and the refreshes.
+		{"1 Gbit/s heap", simLink{125e6, 400e6, 2 * mib, heap}, 1 << 30, 4, 6, [4]float64{0.9, 1, 1, 1}},
+		{"1 Gbit/s heap 256 MiB", simLink{125e6, 400e6, 2 * mib, heap}, 256 << 20, 3.5, 6, [4]float64{0.8, 1, 1, 1}},
+		// Loopback: the compressor is the bottleneck; raw.
+		{"loopback heap", simLink{4e9, 400e6, 2 * mib, heap}, 1 << 30, 1, 1.2, [4]float64{0, 0, 0, 0}},
+		// Incompressible data on a slow link: raw.
+		{"1 Gbit/s random", simLink{125e6, 400e6, 2 * mib, random}, 1 << 30, 0.9, 1.01, [4]float64{0, 0, 0, 0}},
+		// The data turns incompressible halfway: compression goes off.
+		{"heap then random", simLink{125e6, 400e6, 2 * mib, func(off uint64) float64 {
+			if off < 512<<20 {
+				return 1.0 / 6
+			}
+			return 1.01
+		}}, 1 << 30, 1.5, 2.5, [4]float64{0.9, 1, 0, 0}},
+		// A compressor about as fast as the link on a 5x heap: it runs
+		// beside the writes, so compressed is as fast and 5x smaller.
+		{"compressor near the link", simLink{135e6, 150e6, 2 * mib, func(uint64) float64 { return 0.2 }}, 1 << 30, 4, 5, [4]float64{0.9, 1, 1, 1}},
+		// A compressor slower than the link, ratio 2: raw moves faster.
+		{"slow compressor", simLink{125e6, 100e6, 2 * mib, func(uint64) float64 { return 0.5 }}, 1 << 30, 1, 1.2, [4]float64{0, 0, 0, 0}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := newCompressPolicy("auto")
+			if err != nil {
+				t.Fatal(err)
+			}
+			wire, secs, q := tt.link.run(p, tt.total)
+			save := float64(tt.total) / wire
+			t.Logf("raw/wire %.2f, %.2f s, compressed per quarter %.2f", save, secs, q)
+			if save < tt.minSave || save > tt.maxSave {
+				t.Errorf("raw/wire %.2f, want %.1f..%.1f", save, tt.minSave, tt.maxSave)
+			}
+			for i := range q {
+				if d := q[i] - tt.quarters[i]; d < -0.1 || d > 0.1 {
+					t.Errorf("quarter %d: %.2f of frames compressed, want about %.2f", i, q[i], tt.quarters[i])
+				}
+			}
+		})
+	}
+	for _, mode := range []string{"on", "off"} {
+		p, _ := newCompressPolicy(mode)
+		_, _, q := simLink{4e9, 400e6, 2 * mib, heap}.run(p, 64<<20)
+		if want := map[string]float64{"on": 1, "off": 0}[mode]; q != [4]float64{want, want, want, want} {
+			t.Errorf("--compress %s: compressed per quarter %v", mode, q)
 		}
-	}
-	if !p.on {
-		t.Fatalf("slow link, good ratio: compression stays off (%+v)", p)
-	}
-	// A fast link (loopback): off.
-	p, _ = newCompressPolicy("auto")
-	p.wrote(rateWindow, 2e6) // 4 GB/s
-	for i := 0; i < probeEvery; i++ {
-		if p.shouldCompress() {
-			p.compressed(1<<20, 1<<19, 2e6)
-		}
-	}
-	if p.on {
-		t.Fatalf("fast link: compression on (%+v)", p)
 	}
 	if _, err := newCompressPolicy("sometimes"); err == nil {
 		t.Fatal("bad mode accepted")
 	}
+}
+
+// zstdOf compresses b as the forwarder does.
+func zstdOf(b []byte) []byte {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest))
+	if err != nil {
+		panic(err)
+	}
+	defer enc.Close()
+	return enc.EncodeAll(b, nil)
 }
 
 // dupOf is a dup payload naming a page of k that was never sent.

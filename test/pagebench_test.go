@@ -714,18 +714,19 @@ func pageBenchTable(rows []pageBenchRow) string {
 	var w strings.Builder
 	fmt.Fprintf(&w, "%-13s %9s %9s %7s %9s %7s %11s | %9s %9s %9s %9s %7s | %6s | %s\n",
 		"case", "criu-ps", "phaul-ps", "x-dump", "+fsync", "x-fsync", "lo MiB c/p",
-		"off-down", "off-MiB", "auto-down", "auto-MiB", "x-wire", "zstd-1", "auto pages: total zero dup data compressed-frames")
+		"off-down", "off-MiB", "auto-down", "auto-MiB", "x-wire", "zstd-1", "auto pages: total zero dup data compressed-batches link/zstd MB/s ratio switches")
 	for _, r := range rows {
 		pg := func(k string) uint64 {
 			f, _ := r.auto[k].(float64)
 			return uint64(f)
 		}
-		fmt.Fprintf(&w, "%-13s %7.0fms %7.0fms %7.2f %7.0fms %7.2f %5.0f/%5.0f | %7.0fms %9.1f %7.0fms %9.1f %7.3f | %6.2f | %d %d %d %d %d\n",
+		fmt.Fprintf(&w, "%-13s %7.0fms %7.0fms %7.2f %7.0fms %7.2f %5.0f/%5.0f | %7.0fms %9.1f %7.0fms %9.1f %7.3f | %6.2f | %d %d %d %d %d %.0f/%.0f %.2f %v\n",
 			r.name, msOf(r.criuDump), msOf(r.phaulNoSyncDump), float64(r.phaulNoSyncDump)/float64(r.criuDump),
 			msOf(r.phaulDump), float64(r.phaulDump)/float64(r.criuDump),
 			r.criuLoBytes/(1<<20), r.phaulLoBytes/(1<<20),
 			msOf(r.offDowntime), r.offWire/(1<<20), msOf(r.autoDowntime), r.autoWire/(1<<20), r.autoWire/r.offWire,
-			r.zstdRatio, pg("pages"), pg("zero_pages"), pg("dup_pages"), pg("data_pages"), pg("compressed"))
+			r.zstdRatio, pg("pages"), pg("zero_pages"), pg("dup_pages"), pg("data_pages"), pg("compressed"),
+			r.auto["link_mbps"], r.auto["zstd_mbps"], r.auto["zstd_ratio"], r.auto["compress_switches"])
 	}
 	return w.String()
 }

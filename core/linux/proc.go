@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -89,4 +90,16 @@ func LockFile(path string) (release func(), err error) {
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
 	return func() { f.Close() }, nil
+}
+
+// ThreadCPUTime returns the CPU time the calling OS thread has used
+// (CLOCK_THREAD_CPUTIME_ID). Callers measuring a piece of work lock the
+// goroutine to its thread around it (runtime.LockOSThread); unlike wall
+// time, it does not count time other processes took the CPU.
+func ThreadCPUTime() time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts); err != nil {
+		return 0 // not on Linux >= 2.6.12; callers treat 0 as unknown
+	}
+	return time.Duration(ts.Nano())
 }

@@ -5,8 +5,10 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestProcessExists(t *testing.T) {
@@ -71,5 +73,21 @@ func TestReadProcessStat(t *testing.T) {
 	}
 	if _, err := ReadProcessStat(1 << 30); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("stat of no process: %v, want fs.ErrNotExist", err)
+	}
+}
+
+func TestThreadCPUTime(t *testing.T) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	t0 := ThreadCPUTime()
+	// Spin for 20 ms of wall time: the thread's CPU time grows by most of
+	// it; sleeping 20 ms adds next to nothing.
+	for end := time.Now().Add(20 * time.Millisecond); time.Now().Before(end); {
+	}
+	spun := ThreadCPUTime() - t0
+	time.Sleep(20 * time.Millisecond)
+	slept := ThreadCPUTime() - t0 - spun
+	if spun < 5*time.Millisecond || slept > 5*time.Millisecond {
+		t.Fatalf("thread CPU time: spinning 20 ms added %v, sleeping 20 ms %v", spun, slept)
 	}
 }
