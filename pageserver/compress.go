@@ -40,6 +40,10 @@ type compressPolicy struct {
 
 	switches uint64 // times decide changed on
 
+	// parallel: compressors running at once (lanes, as far as there are
+	// CPUs); lanes: streams writing at once, sharing the link.
+	parallel, lanes float64
+
 	sinceRefresh uint64 // raw bytes sent compressed since the link was sampled
 	refreshing   bool   // sending one raw window to sample the link
 }
@@ -91,7 +95,7 @@ func (p *compressPolicy) wrote(n uint64, d time.Duration, compressed bool) {
 		return
 	}
 	p.winBytes += n
-	p.winTime += d
+	p.winTime += time.Duration(float64(d) / max(p.lanes, 1))
 	if p.winBytes < rateWindow {
 		return
 	}
@@ -142,7 +146,7 @@ func (p *compressPolicy) shouldCompress(raw int) bool {
 
 // compressed records a compression of raw bytes into z bytes taking d.
 func (p *compressPolicy) compressed(raw, z int, d time.Duration) {
-	p.compRate = blend(p.compRate, float64(raw)/max(d.Seconds(), 1e-7))
+	p.compRate = blend(p.compRate, max(p.parallel, 1)*float64(raw)/max(d.Seconds(), 1e-7))
 	p.ratio = blend(p.ratio, float64(z)/float64(raw))
 	if p.mode == "auto" && !p.refreshing {
 		p.decide()

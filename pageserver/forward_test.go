@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -23,13 +24,18 @@ type duplex struct {
 	io.Writer
 }
 
-// forwardPair connects a Forwarder to Receive over a pipe and returns the
-// forwarder and a function that waits for Receive's result.
-func forwardPair(t *testing.T, cfg ForwardConfig, store ReceiveStore) (*Forwarder, func() (ForwardStats, error)) {
+// forwardPair connects a Forwarder to ReceiveLanes over lanes pipes and
+// returns the forwarder and a function that waits for the receiver's
+// result.
+func forwardPair(t *testing.T, cfg ForwardConfig, store ReceiveStore, lanes int) (*Forwarder, func() (ForwardStats, error)) {
 	t.Helper()
-	a, b := net.Pipe()
-	t.Cleanup(func() { a.Close(); b.Close() })
-	f, err := NewForwarder(a, cfg)
+	var src, dst []io.ReadWriter
+	for range lanes {
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		src, dst = append(src, a), append(dst, b)
+	}
+	f, err := NewForwarder(cfg, src...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,7 +46,19 @@ func forwardPair(t *testing.T, cfg ForwardConfig, store ReceiveStore) (*Forwarde
 	}
 	done := make(chan res, 1)
 	go func() {
-		st, err := Receive(b, store)
+		ordered := make([]io.ReadWriter, lanes)
+		for _, rw := range dst {
+			idx, n, err := ReadLane(rw)
+			if err == nil && (n != lanes || ordered[idx] != nil) {
+				err = fmt.Errorf("lane %d of %d", idx, n)
+			}
+			if err != nil {
+				done <- res{err: err}
+				return
+			}
+			ordered[idx] = rw
+		}
+		st, err := ReceiveLanes(store, ordered...)
 		done <- res{st, err}
 	}()
 	return f, func() (ForwardStats, error) { r := <-done; return r.st, r.err }
@@ -70,25 +88,31 @@ func testPages(n int, seed uint64) []byte {
 }
 
 func TestForwardRoundTrip(t *testing.T) {
-	for _, mode := range []string{"off", "on", "auto"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, tc := range []struct {
+		mode  string
+		lanes int
+	}{{"off", 1}, {"on", 1}, {"auto", 1}, {"off", 3}, {"on", 3}, {"on", 2}} {
+		mode := tc.mode
+		t.Run(fmt.Sprintf("%s/%d-lanes", tc.mode, tc.lanes), func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "images")
 			store, err := pagestore.New(pagestore.DefaultConfig(dir))
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer store.Close()
-			f, wait := forwardPair(t, ForwardConfig{Compress: mode}, store)
+			f, wait := forwardPair(t, ForwardConfig{Compress: mode}, store, tc.lanes)
 			k := pagestore.Key{Kind: pagestore.KindTask, ID: 1}
-			data := testPages(600, 7)
+			// 2400 pages: several batches, spread over the lanes.
+			const n = 2400
+			data := testPages(n, 7)
 			if _, err := f.Open(k); err != nil {
 				t.Fatal(err)
 			}
 			const base = 0x7f0000000000
-			if err := f.Add(k, base, 600, pagestore.FlagPresent, data); err != nil {
+			if err := f.Add(k, base, n, pagestore.FlagPresent, data); err != nil {
 				t.Fatal(err)
 			}
-			if err := f.Add(k, base+1000*pagestore.PageSize, 3, pagestore.FlagLazy, nil); err != nil {
+			if err := f.Add(k, base+(n+100)*pagestore.PageSize, 3, pagestore.FlagLazy, nil); err != nil {
 				t.Fatal(err)
 			}
 			if err := f.Commit(); err != nil {
@@ -100,14 +124,22 @@ func TestForwardRoundTrip(t *testing.T) {
 			}
 			sent := f.Stats()
 			distinct := map[string]bool{}
-			for i := 0; i < 600; i++ {
+			for i := 0; i < n; i++ {
 				if p := data[i*pagestore.PageSize : (i+1)*pagestore.PageSize]; !isZero(p) {
 					distinct[string(p)] = true
 				}
 			}
-			if got.Pages != 600 || got.ZeroPages != 150 || got.DataPages != uint64(len(distinct)) ||
-				got.DupPages != 450-uint64(len(distinct)) || got.Entries != 1 {
-				t.Fatalf("received %+v; want 150 zero, %d distinct", got, len(distinct))
+			if got.Pages != n || got.ZeroPages != n/4 || got.DataPages != uint64(len(distinct)) ||
+				got.DupPages != 3*n/4-uint64(len(distinct)) || got.Entries != 1 {
+				t.Fatalf("received %+v; want %d zero, %d distinct", got, n/4, len(distinct))
+			}
+			if len(sent.Lanes) != tc.lanes || len(got.Lanes) != tc.lanes {
+				t.Fatalf("lanes: sent on %d, received on %d, want %d", len(sent.Lanes), len(got.Lanes), tc.lanes)
+			}
+			for i := range sent.Lanes {
+				if sent.Lanes[i].Batches == 0 || sent.Lanes[i] != got.Lanes[i] {
+					t.Fatalf("lane %d: sent %+v, received %+v", i, sent.Lanes[i], got.Lanes[i])
+				}
 			}
 			if sent.Pages != got.Pages || sent.DupPages != got.DupPages || sent.WireBytes != got.WireBytes {
 				t.Fatalf("sent %+v, received %+v", sent, got)
@@ -143,14 +175,30 @@ func (m memReceive) AddZero(k pagestore.Key, vaddr, n uint64) error {
 	return m.Add(k, vaddr, n, pagestore.FlagPresent, make([]byte, n*pagestore.PageSize))
 }
 
+// frame is one frame with its payload, length set from it.
+func frame(h fwdHeader, payload []byte) []byte {
+	h.length = uint32(len(payload))
+	return append(h.append(nil), payload...)
+}
+
+// batchOf is batch seq holding frames, raw or zstd.
+func batchOf(seq uint64, compress bool, frames ...[]byte) []byte {
+	raw := slices.Concat(frames...)
+	if compress {
+		return frame(fwdHeader{typ: fwdBatch, enc: encZstd, id: seq}, zstdOf(raw))
+	}
+	return frame(fwdHeader{typ: fwdBatch, id: seq}, raw)
+}
+
 func TestReceiveBadInput(t *testing.T) {
 	k := pagestore.Key{Kind: pagestore.KindTask, ID: 1}
+	lane := fwdHeader{typ: fwdLane, nrPages: 1}.append(nil)
 	open := fwdHeader{typ: fwdOpen, kind: k.Kind, id: k.ID}.append(nil)
 	page := bytes.Repeat([]byte{1}, pagestore.PageSize)
-	frame := func(h fwdHeader, payload []byte) []byte {
-		h.length = uint32(len(payload))
-		return append(h.append(nil), payload...)
+	pages := func(vaddr, n uint64, payload []byte) []byte {
+		return frame(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: n}, payload)
 	}
+	on := func(frames ...[]byte) []byte { return slices.Concat(append([][]byte{lane}, frames...)...) }
 	withReserved := fwdHeader{typ: fwdOpen}.append(nil)
 	withReserved[39] = 1
 	tests := []struct {
@@ -159,33 +207,41 @@ func TestReceiveBadInput(t *testing.T) {
 		want error
 	}{
 		{"empty", nil, io.ErrUnexpectedEOF},
-		{"bad version", append([]byte{9}, make([]byte, fwdHeaderLen-1)...), ErrForward},
-		{"reserved", withReserved, ErrForward},
-		{"unknown type", fwdHeader{typ: 99}.append(nil), ErrForward},
-		{"huge payload", fwdHeader{typ: fwdPages, nrPages: 1, length: fwdMaxPayload + 1}.append(nil), ErrForward},
-		{"too many pages", frame(fwdHeader{typ: fwdPages, nrPages: fwdMaxPages + 1}, nil), ErrForward},
-		{"short raw payload", frame(fwdHeader{typ: fwdPages, nrPages: 2}, page), ErrForward},
-		{"zstd pages frame", append(open, frame(fwdHeader{typ: fwdPages, nrPages: 1, enc: encZstd}, page)...), ErrForward},
-		{"bad zstd batch", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, []byte("not zstd")), ErrForward},
-		{"raw batch", frame(fwdHeader{typ: fwdBatch}, open), ErrForward},
-		{"empty batch", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, nil), ErrForward},
-		{"batch with a range", frame(fwdHeader{typ: fwdBatch, enc: encZstd, nrPages: 1}, zstdOf(open)), ErrForward},
-		{"batch holds an end", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(append(open, frame(fwdHeader{typ: fwdEnd}, nil)...))), ErrForward},
-		{"batch holds a batch", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(open)))), ErrForward},
-		{"batch cuts a header", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(open[:20])), ErrForward},
-		{"batch cuts a payload", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(slices.Concat(open,
-			fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 2, length: 2 * pagestore.PageSize}.append(nil), page))), ErrForward},
-		{"batch pages before open", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(frame(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1}, page))), ErrForward},
-		{"batch decodes too big", frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(make([]byte, fwdMaxBatch+1))), ErrForward},
-		{"unknown encoding", frame(fwdHeader{typ: fwdPages, nrPages: 1, enc: 7}, page), ErrForward},
-		{"dup of nothing", append(open, frame(fwdHeader{typ: fwdDup, kind: k.Kind, id: k.ID, nrPages: 1}, dupOf(k, 0x1000))...), ErrForward},
-		{"stops mid-payload", append(open, fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, nrPages: 1, length: pagestore.PageSize}.append(nil)...), io.ErrUnexpectedEOF},
-		{"bad kind", fwdHeader{typ: fwdOpen, kind: 48, id: 1}.append(nil), ErrForward},
-		{"task id 0", fwdHeader{typ: fwdOpen, kind: k.Kind}.append(nil), ErrForward},
-		{"zero range wraps", append(open, fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: 1 << 56, nrPages: 1 << 62}.append(nil)...), ErrForward},
-		{"pages before open", fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1}.append(nil), ErrForward},
-		{"unaligned", append(open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 5, nrPages: 1, flags: pagestore.FlagLazy}.append(nil)...), ErrForward},
-		{"end count wrong", append(open, frame(fwdHeader{typ: fwdEnd, nrPages: 5}, nil)...), ErrForward},
+		{"no lane frame", open, ErrForward},
+		{"lane 1 of 2", fwdHeader{typ: fwdLane, id: 1, nrPages: 2}.append(nil), ErrForward},
+		{"no lanes", fwdHeader{typ: fwdLane}.append(nil), ErrForward},
+		{"too many lanes", fwdHeader{typ: fwdLane, nrPages: MaxLanes + 1}.append(nil), ErrForward},
+		{"bad version", on(append([]byte{9}, make([]byte, fwdHeaderLen-1)...)), ErrForward},
+		{"reserved", on(withReserved), ErrForward},
+		{"unknown type", on(fwdHeader{typ: 99}.append(nil)), ErrForward},
+		{"frame outside a batch", on(open), ErrForward},
+		{"huge batch", on(fwdHeader{typ: fwdBatch, length: fwdMaxBatch + 1}.append(nil)), ErrForward},
+		{"stops mid-batch", on(fwdHeader{typ: fwdBatch, length: 100}.append(nil), open), io.ErrUnexpectedEOF},
+		{"no end", on(batchOf(0, false, open)), io.ErrUnexpectedEOF},
+		{"batch out of order", on(batchOf(1, false, open)), ErrForward},
+		{"batch repeated", on(batchOf(0, false, open), batchOf(0, false, open)), ErrForward},
+		{"too many pages", on(batchOf(0, false, open, frame(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, nrPages: fwdMaxPages + 1}, nil))), ErrForward},
+		{"zstd pages frame", on(batchOf(0, false, open, frame(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1, enc: encZstd}, page))), ErrForward},
+		{"unknown encoding", on(frame(fwdHeader{typ: fwdBatch, enc: 7}, open)), ErrForward},
+		{"bad zstd batch", on(frame(fwdHeader{typ: fwdBatch, enc: encZstd}, []byte("not zstd"))), ErrForward},
+		{"empty batch", on(frame(fwdHeader{typ: fwdBatch, enc: encZstd}, nil)), ErrForward},
+		{"batch with a range", on(frame(fwdHeader{typ: fwdBatch, enc: encZstd, nrPages: 1}, zstdOf(open))), ErrForward},
+		{"batch holds an end", on(batchOf(0, true, open, frame(fwdHeader{typ: fwdEnd}, nil))), ErrForward},
+		{"batch holds a batch", on(batchOf(0, true, batchOf(1, true, open))), ErrForward},
+		{"batch holds a lane frame", on(batchOf(0, false, lane)), ErrForward},
+		{"batch cuts a header", on(batchOf(0, true, open[:20])), ErrForward},
+		{"batch cuts a payload", on(batchOf(0, true, open,
+			fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 2, length: 2 * pagestore.PageSize}.append(nil), page)), ErrForward},
+		{"short pages payload", on(batchOf(0, false, open, frame(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 2}, page))), ErrForward},
+		{"pages before open", on(batchOf(0, true, pages(0x1000, 1, page))), ErrForward},
+		{"batch decodes too big", on(frame(fwdHeader{typ: fwdBatch, enc: encZstd}, zstdOf(make([]byte, fwdMaxBatch+1)))), ErrForward},
+		{"dup of nothing", on(batchOf(0, false, open, frame(fwdHeader{typ: fwdDup, kind: k.Kind, id: k.ID, nrPages: 1}, dupOf(k, 0x1000)))), ErrForward},
+		{"bad kind", on(batchOf(0, false, fwdHeader{typ: fwdOpen, kind: 48, id: 1}.append(nil))), ErrForward},
+		{"task id 0", on(batchOf(0, false, fwdHeader{typ: fwdOpen, kind: k.Kind}.append(nil))), ErrForward},
+		{"zero range wraps", on(batchOf(0, false, open, fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: 1 << 56, nrPages: 1 << 62}.append(nil))), ErrForward},
+		{"unaligned", on(batchOf(0, false, open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 5, nrPages: 1, flags: pagestore.FlagLazy}.append(nil))), ErrForward},
+		{"end pages wrong", on(batchOf(0, false, open, pages(0x1000, 1, page)), fwdHeader{typ: fwdEnd, nrPages: 5, vaddr: 1}.append(nil)), ErrForward},
+		{"end batches wrong", on(batchOf(0, false, open, pages(0x1000, 1, page)), fwdHeader{typ: fwdEnd, nrPages: 1, vaddr: 2}.append(nil)), ErrForward},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -203,21 +259,109 @@ func TestReceiveBadInput(t *testing.T) {
 	}
 }
 
+// TestReceiveLanesBadInput: lanes that disagree fail the session instead
+// of waiting for each other forever.
+func TestReceiveLanesBadInput(t *testing.T) {
+	k := pagestore.Key{Kind: pagestore.KindTask, ID: 1}
+	open := fwdHeader{typ: fwdOpen, kind: k.Kind, id: k.ID}.append(nil)
+	entry := func(vaddr uint64) []byte {
+		return fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: 1, flags: pagestore.FlagLazy}.append(nil)
+	}
+	end := func(batches uint64) []byte { return fwdHeader{typ: fwdEnd, vaddr: batches}.append(nil) }
+	tests := []struct {
+		name  string
+		lanes [][]byte
+		want  error
+	}{
+		{"good", [][]byte{
+			slices.Concat(batchOf(0, false, open), batchOf(2, true, entry(0x3000)), end(4)),
+			slices.Concat(batchOf(1, true, entry(0x1000)), batchOf(3, false, entry(0x4000)), end(4)),
+		}, nil},
+		{"lane ends owing a batch", [][]byte{
+			slices.Concat(batchOf(0, false, open), end(4)),
+			slices.Concat(batchOf(1, false, entry(0x1000)), batchOf(3, false, entry(0x4000)), end(4)),
+		}, ErrForward},
+		{"batch on the wrong lane", [][]byte{
+			slices.Concat(batchOf(0, false, open), batchOf(1, false, entry(0x1000)), end(2)),
+			end(2),
+		}, ErrForward},
+		{"ends disagree", [][]byte{
+			slices.Concat(batchOf(0, false, open), end(2)),
+			slices.Concat(batchOf(1, false, entry(0x1000)), end(3)),
+		}, ErrForward},
+		{"lane cut", [][]byte{
+			slices.Concat(batchOf(0, false, open), end(2)),
+			batchOf(1, false, entry(0x1000))[:50],
+		}, io.ErrUnexpectedEOF},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			store := memReceive{newMemStore(t)}
+			var lanes []io.ReadWriter
+			for _, in := range tt.lanes {
+				lanes = append(lanes, duplex{bytes.NewReader(in), io.Discard})
+			}
+			done := make(chan error, 1)
+			go func() {
+				_, err := ReceiveLanes(store, lanes...)
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				t.Logf("%v", err)
+				if !errors.Is(err, tt.want) {
+					t.Fatalf("ReceiveLanes = %v, want %v", err, tt.want)
+				}
+				if _, commits := store.counts(); (commits != 0) != (tt.want == nil) {
+					t.Fatalf("%d commits", commits)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("ReceiveLanes hangs")
+			}
+		})
+	}
+}
+
 func FuzzReceive(f *testing.F) {
 	k := pagestore.Key{Kind: pagestore.KindTask, ID: 1}
-	var good bytes.Buffer
-	fw, _ := NewForwarder(duplex{bytes.NewReader(nil), &good}, ForwardConfig{Compress: "on"})
-	fw.Open(k)
-	fw.Add(k, 0x10000, 8, pagestore.FlagPresent, testPages(8, 1))
-	fw.Commit() // no ack to read: fails after writing the stream
-	fw.Close()
-	f.Add(good.Bytes())
-	f.Add(fwdHeader{typ: fwdPages, nrPages: 1, length: 1 << 31}.append(nil))
+	for _, mode := range []string{"on", "off"} {
+		var good bytes.Buffer
+		fw, err := NewForwarder(ForwardConfig{Compress: mode}, duplex{bytes.NewReader(nil), &good})
+		if err != nil {
+			f.Fatal(err)
+		}
+		fw.Open(k)
+		fw.Add(k, 0x10000, 8, pagestore.FlagPresent, testPages(8, 1))
+		fw.Add(k, 0x20000, 2, pagestore.FlagLazy, nil)
+		fw.Commit() // no ack to read: fails after writing the stream
+		fw.Close()
+		f.Add(good.Bytes())
+	}
+	f.Add(fwdHeader{typ: fwdBatch, nrPages: 1, length: 1 << 31}.append(nil))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		store := memReceive{newMemStore(t)}
 		var out bytes.Buffer
 		Receive(duplex{bytes.NewReader(in), &out}, store) // must not panic or allocate unboundedly
 	})
+}
+
+// zstdOf compresses b as the forwarder does.
+func zstdOf(b []byte) []byte {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest))
+	if err != nil {
+		panic(err)
+	}
+	defer enc.Close()
+	return enc.EncodeAll(b, nil)
+}
+
+// dupOf is a dup payload naming a page of k that was never sent.
+func dupOf(k pagestore.Key, vaddr uint64) []byte {
+	p := make([]byte, fwdDupLen)
+	p[16] = byte(k.Kind)
+	binary.BigEndian.PutUint64(p[24:], k.ID)
+	binary.BigEndian.PutUint64(p[32:], vaddr)
+	return p
 }
 
 // simLink drives a compressPolicy the way a Forwarder does, over a
@@ -341,21 +485,3 @@ func TestCompressPolicy(t *testing.T) {
 	}
 }
 
-// zstdOf compresses b as the forwarder does.
-func zstdOf(b []byte) []byte {
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest))
-	if err != nil {
-		panic(err)
-	}
-	defer enc.Close()
-	return enc.EncodeAll(b, nil)
-}
-
-// dupOf is a dup payload naming a page of k that was never sent.
-func dupOf(k pagestore.Key, vaddr uint64) []byte {
-	p := make([]byte, fwdDupLen)
-	p[16] = byte(k.Kind)
-	binary.BigEndian.PutUint64(p[24:], k.ID)
-	binary.BigEndian.PutUint64(p[32:], vaddr)
-	return p
-}

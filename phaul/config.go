@@ -13,6 +13,7 @@ import (
 	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/core/transport"
+	"github.com/phaul/phaul/pageserver"
 )
 
 // MigrateConfig configures the source side of one migration.
@@ -25,6 +26,10 @@ type MigrateConfig struct {
 	CRIUPath string // --criu; empty: $PHAUL_CRIU, the prefix wrapper, PATH
 	CRIU     criu.Options
 	Compress string // page stream compression: auto (default), on, off
+	// PageStreams: the yamux streams (lanes) pages are spread over, each
+	// compressing and writing its batches in parallel; 1 to
+	// pageserver.MaxLanes.
+	PageStreams int
 	DumpLock string // host-wide lock file serialising CRIU dumps
 
 	Transport transport.Config // Identity is loaded from TLSDir
@@ -54,6 +59,7 @@ func defaultTransport() transport.Config {
 func DefaultMigrateConfig() MigrateConfig {
 	return MigrateConfig{
 		Mode:           ModeCold,
+		PageStreams:    2,
 		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
 		DumpLock:       filepath.Join(os.TempDir(), "phaul-dump.lock"),
 		Transport:      defaultTransport(),
@@ -91,6 +97,9 @@ func (c MigrateConfig) Validate() error {
 	case "", "auto", "on", "off":
 	default:
 		errs = append(errs, fmt.Errorf("--compress %q: want auto, on or off", c.Compress))
+	}
+	if c.PageStreams < 1 || c.PageStreams > pageserver.MaxLanes {
+		errs = append(errs, fmt.Errorf("--page-streams %d: want 1 to %d", c.PageStreams, pageserver.MaxLanes))
 	}
 	if c.HelloTimeout <= 0 || c.PrepareTimeout <= 0 || c.CommitTimeout <= 0 {
 		errs = append(errs, errors.New("timeouts must be positive"))

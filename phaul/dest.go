@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -414,20 +415,28 @@ func (s *Server) inDoubtHold(in *incoming, why error) {
 }
 
 func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File, error) {
-	// Streams come in the order the source opened them: the page stream
-	// (CRIU dumps into the source's page server, which forwards here), then
-	// the other images.
+	// Streams come in the order the source opened them: the page streams
+	// (CRIU dumps into the source's page server, which forwards here; the
+	// first one's lane frame says how many), then the other images.
 	st, err := in.sess.AcceptStream(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("images stream: %w", err)
 	}
 	var pagesDone chan error
 	if st.Kind() == transport.KindPages {
+		lanes, err := s.acceptLanes(ctx, in, st)
+		if err != nil {
+			return nil, err
+		}
 		pagesDone = make(chan error, 1)
-		go func(ps *transport.Stream) { // owned here: waited for below
-			defer ps.Close()
-			pagesDone <- s.receivePages(ctx, in, ps)
-		}(st)
+		go func() { // owned here: waited for below
+			defer func() {
+				for _, l := range lanes {
+					l.Close()
+				}
+			}()
+			pagesDone <- s.receivePages(ctx, in, lanes)
+		}()
 		if st, err = in.sess.AcceptStream(ctx); err != nil {
 			return nil, errors.Join(fmt.Errorf("images stream: %w", err), <-pagesDone)
 		}
@@ -444,7 +453,7 @@ func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File
 	defer stop()
 	files, err := images.Receive(st, filepath.Join(in.dir, "images"), s.cfg.Limits, nil)
 	if pagesDone != nil {
-		// The source ends the page stream before it sends the images:
+		// The source ends the page streams before it sends the images:
 		// this only waits on a broken one.
 		err = errors.Join(err, <-pagesDone)
 	}
@@ -455,9 +464,56 @@ func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File
 	return files, nil
 }
 
+// acceptLanes reads the lane frame of first, the first page stream, and
+// accepts the other page streams it announces, each checked to be a page
+// stream with its own lane number. It returns them in lane order, or
+// closes them all.
+func (s *Server) acceptLanes(ctx context.Context, in *incoming, first *transport.Stream) (lanes []*transport.Stream, err error) {
+	defer func() {
+		if err != nil {
+			first.Close()
+			for _, l := range lanes {
+				if l != nil && l != first {
+					l.Close()
+				}
+			}
+		}
+	}()
+	stop := context.AfterFunc(ctx, func() { first.SetDeadline(time.Now()) })
+	idx, n, err := pageserver.ReadLane(first)
+	stop()
+	if err != nil {
+		return nil, fmt.Errorf("pages stream: %w", err)
+	}
+	lanes = make([]*transport.Stream, n) // n <= pageserver.MaxLanes
+	lanes[idx] = first
+	for range n - 1 {
+		st, err := in.sess.AcceptStream(ctx)
+		if err != nil {
+			return lanes, fmt.Errorf("pages stream: %w", err)
+		}
+		if st.Kind() != transport.KindPages {
+			st.Close()
+			return lanes, fmt.Errorf("pages stream: got a %s stream where lane %d of %d belongs", st.Kind(), len(lanes), n)
+		}
+		stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
+		i, m, err := pageserver.ReadLane(st)
+		stop()
+		if err == nil && (m != n || lanes[i] != nil) {
+			err = fmt.Errorf("%w: lane %d of %d after lane %d of %d", pageserver.ErrForward, i, m, idx, n)
+		}
+		if err != nil {
+			st.Close()
+			return lanes, fmt.Errorf("pages stream: %w", err)
+		}
+		lanes[i] = st
+	}
+	return lanes, nil
+}
+
 // receivePages stores the forwarded pages and writes them as CRIU images
 // (pagemap-*.img, pages-*.img) into the migration's images directory.
-func (s *Server) receivePages(ctx context.Context, in *incoming, st *transport.Stream) error {
+func (s *Server) receivePages(ctx context.Context, in *incoming, lanes []*transport.Stream) error {
 	cfg := pagestore.DefaultConfig(filepath.Join(in.dir, "images"))
 	cfg.SpoolDir = filepath.Join(in.dir, "pages.spool")
 	cfg.Logger = in.log
@@ -469,15 +525,19 @@ func (s *Server) receivePages(ctx context.Context, in *incoming, st *transport.S
 		return fmt.Errorf("page store: %w", err)
 	}
 	defer store.Close()
-	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
-	defer stop()
+	rws := make([]io.ReadWriter, len(lanes))
+	for i, st := range lanes {
+		rws[i] = st
+		stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
+		defer stop()
+	}
 	t0 := time.Now()
-	ps, err := pageserver.Receive(st, store)
+	ps, err := pageserver.ReceiveLanes(store, rws...)
 	if err != nil {
 		return fmt.Errorf("receive pages: %w", err)
 	}
 	in.log.Info("pages received", "pages", ps.Pages, "zero", ps.ZeroPages, "dup", ps.DupPages,
-		"bytes", ps.RawBytes, "wire_bytes", ps.WireBytes, "dur", time.Since(t0))
+		"bytes", ps.RawBytes, "wire_bytes", ps.WireBytes, "lanes", len(lanes), "dur", time.Since(t0))
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -356,44 +357,45 @@ func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *tran
 // pageStream is a migration's page path on the source: CRIU dumps into a
 // page server on one end of a socket pair (criuEnd is the other, handed to
 // CRIU as its page-server socket: no listening socket another local process
-// could reach first), and the server forwards every page over a yamux
-// stream to the destination's page store.
+// could reach first), and the server forwards every page over the yamux
+// streams (lanes) to the destination's page store.
 type pageStream struct {
 	criuEnd *os.File
 	local   net.Conn
-	stream  *transport.Stream
+	streams []*transport.Stream
 	fw      *pageserver.Forwarder
 	done    chan error
 }
 
-func (s *source) startPages(ctx context.Context) (*pageStream, error) {
-	st, err := s.sess.OpenStream(ctx, transport.KindPages)
-	if err != nil {
-		return nil, fmt.Errorf("pages stream: %w", err)
+func (s *source) startPages(ctx context.Context) (p *pageStream, err error) {
+	p = &pageStream{done: make(chan error, 1)}
+	defer func() {
+		if err != nil {
+			p.close()
+		}
+	}()
+	var lanes []io.ReadWriter
+	for range max(s.cfg.PageStreams, 1) {
+		st, err := s.sess.OpenStream(ctx, transport.KindPages)
+		if err != nil {
+			return nil, fmt.Errorf("pages stream: %w", err)
+		}
+		p.streams = append(p.streams, st)
+		lanes = append(lanes, ctxStream{ctx, st})
 	}
-	fw, err := pageserver.NewForwarder(ctxStream{ctx, st}, pageserver.ForwardConfig{Compress: s.cfg.Compress})
-	if err != nil {
-		st.Close()
+	if p.fw, err = pageserver.NewForwarder(pageserver.ForwardConfig{Compress: s.cfg.Compress}, lanes...); err != nil {
 		return nil, err
 	}
-	local, criuEnd, err := linux.StreamPair()
-	if err != nil {
-		fw.Close()
-		st.Close()
+	if p.local, p.criuEnd, err = linux.StreamPair(); err != nil {
 		return nil, err
 	}
 	pcfg := pageserver.DefaultConfig()
-	pcfg.Store, pcfg.Logger = fw, s.log
+	pcfg.Store, pcfg.Logger = p.fw, s.log
 	srv, err := pageserver.NewServer(pcfg)
 	if err != nil {
-		local.Close()
-		criuEnd.Close()
-		fw.Close()
-		st.Close()
 		return nil, err
 	}
-	p := &pageStream{criuEnd: criuEnd, local: local, stream: st, fw: fw, done: make(chan error, 1)}
-	go func() { p.done <- srv.ServeConn(ctx, local) }() // owned by p; finish waits
+	go func() { p.done <- srv.ServeConn(ctx, p.local) }() // owned by p; finish waits
 	return p, nil
 }
 
@@ -402,10 +404,25 @@ func (s *source) startPages(ctx context.Context) (*pageStream, error) {
 func (p *pageStream) finish() (pageserver.ForwardStats, error) {
 	p.criuEnd.Close()
 	err := <-p.done
-	p.local.Close()
-	p.stream.Close()
-	p.fw.Close()
+	p.close()
 	return p.fw.Stats(), err
+}
+
+// close releases what startPages set up: the streams first, so that a
+// forwarder lane blocked writing returns.
+func (p *pageStream) close() {
+	if p.criuEnd != nil {
+		p.criuEnd.Close()
+	}
+	if p.local != nil {
+		p.local.Close()
+	}
+	for _, st := range p.streams {
+		st.Close()
+	}
+	if p.fw != nil {
+		p.fw.Close()
+	}
 }
 
 // ctxStream is a stream whose writes fail once ctx is done: a write

@@ -34,6 +34,7 @@ func migrateCommand() *cli.Command {
 			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "where the source writes images (removed afterwards)"},
 			&cli.StringFlag{Name: "stats-json", Usage: "append one JSON object describing the migration to FILE"},
 			&cli.StringFlag{Name: "compress", Value: "auto", Usage: "zstd on the page stream: auto (on when the link is slower than the compressor on this data), on, off"},
+			&cli.IntFlag{Name: "page-streams", Value: def.PageStreams, Usage: "streams the pages are spread over, compressed and written in parallel (1-16)"},
 			&cli.BoolFlag{Name: "tcp-established", Usage: "CRIU: migrate established TCP connections"},
 			&cli.BoolFlag{Name: "file-locks", Usage: "CRIU: migrate file locks"},
 			&cli.BoolFlag{Name: "ext-unix-sk", Usage: "CRIU: allow unix sockets connected to processes outside the tree"},
@@ -60,6 +61,7 @@ func migrateCommand() *cli.Command {
 			cfg.WorkDir = c.String("work-dir")
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.Compress = c.String("compress")
+			cfg.PageStreams = c.Int("page-streams")
 			cfg.CRIU = criu.Options{
 				TCPEstablished: c.Bool("tcp-established"),
 				FileLocks:      c.Bool("file-locks"),
