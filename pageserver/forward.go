@@ -161,16 +161,16 @@ func checkFwdKey(kind pagestore.Kind, id uint64) error {
 
 // ForwardStats counts what crossed one forward session.
 type ForwardStats struct {
-	Pages      uint64 `json:"pages"`      // present pages, all kinds
-	ZeroPages  uint64 `json:"zero_pages"` // sent as zero frames, no bytes
-	DupPages   uint64 `json:"dup_pages"`  // sent as references to an earlier page
-	DataPages  uint64 `json:"data_pages"` // sent with their bytes
-	RawBytes   uint64 `json:"raw_bytes"`  // bytes of data pages before compression
-	WireBytes  uint64 `json:"wire_bytes"` // frame bytes written, headers included
-	Batches    uint64 `json:"batches"`    // batch frames
-	Compressed uint64 `json:"compressed"` // batch frames sent zstd-compressed
-	Entries    uint64 `json:"entries"`    // content-less ranges (lazy, parent)
-	Lanes      []LaneStats `json:"lanes"` // per stream
+	Pages      uint64      `json:"pages"`      // present pages, all kinds
+	ZeroPages  uint64      `json:"zero_pages"` // sent as zero frames, no bytes
+	DupPages   uint64      `json:"dup_pages"`  // sent as references to an earlier page
+	DataPages  uint64      `json:"data_pages"` // sent with their bytes
+	RawBytes   uint64      `json:"raw_bytes"`  // bytes of data pages before compression
+	WireBytes  uint64      `json:"wire_bytes"` // frame bytes written, headers included
+	Batches    uint64      `json:"batches"`    // batch frames
+	Compressed uint64      `json:"compressed"` // batch frames sent zstd-compressed
+	Entries    uint64      `json:"entries"`    // content-less ranges (lazy, parent)
+	Lanes      []LaneStats `json:"lanes"`      // per stream
 	// What the compression policy measured last (auto mode; 0: never):
 	// the link's rate over raw frames and the compressor's, in MB/s, and
 	// the compressed/raw ratio.
@@ -213,4 +213,3 @@ type deadliner interface {
 var zeroPage [pagestore.PageSize]byte
 
 func isZero(p []byte) bool { return bytes.Equal(p, zeroPage[:]) }
-

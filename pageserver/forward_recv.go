@@ -128,9 +128,9 @@ func (r *receiver) lane(g *gate, i, n int, rw io.Reader) (fwdHeader, error) {
 	defer zdec.Close()
 	payload := make([]byte, 0, fwdMaxBatch)
 	decoded := make([]byte, 0, fwdMaxBatch)
-	st := &r.st.Lanes[i] // this goroutine's own
+	st := &r.st.Lanes[i]        // this goroutine's own
 	st.WireBytes = fwdHeaderLen // the lane frame, read before
-	next := uint64(i)    // the only batch number this lane may carry next
+	next := uint64(i)           // the only batch number this lane may carry next
 	var hb [fwdHeaderLen]byte
 	for {
 		if _, err := io.ReadFull(br, hb[:]); err != nil {

@@ -355,6 +355,7 @@ func (f *Forwarder) sendData(k pagestore.Key, vaddr uint64, pages []byte) error 
 	f.stats.RawBytes += uint64(len(pages))
 	return f.write(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: n}, pages)
 }
+
 // Read implements Store: a forwarder keeps no pages.
 func (f *Forwarder) Read(k pagestore.Key, vaddr uint64, buf []byte) error {
 	return fmt.Errorf("forward: %w: pages are on the destination", pagestore.ErrNotFound)

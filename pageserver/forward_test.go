@@ -484,4 +484,3 @@ func TestCompressPolicy(t *testing.T) {
 		t.Fatal("bad mode accepted")
 	}
 }
-

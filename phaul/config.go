@@ -30,7 +30,7 @@ type MigrateConfig struct {
 	// compressing and writing its batches in parallel; 1 to
 	// pageserver.MaxLanes.
 	PageStreams int
-	DumpLock string // host-wide lock file serialising CRIU dumps
+	DumpLock    string // host-wide lock file serialising CRIU dumps
 
 	Transport transport.Config // Identity is loaded from TLSDir
 	Logger    *slog.Logger
