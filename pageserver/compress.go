@@ -5,29 +5,30 @@ import (
 	"time"
 )
 
-// compressPolicy decides, per forward stream, whether data frames are
+// compressPolicy decides, per forward session, whether batches are
 // zstd-compressed. In auto mode it compares two rates measured on this
-// stream, with the ratio the compressor achieves on this data:
+// session, with the ratio the compressor achieves on this data:
 //
 //   - the link's: wire bytes per second of time spent in writes, sampled
-//     only over windows of raw frames, the first window left out. A write blocks when the link is
-//     the bottleneck, so then this is the link's rate; when it does not
-//     block the rate comes out high and raw is the right choice anyway.
-//     Compressed windows say nothing about how fast raw would go (the link
-//     is not saturated), so they are not sampled; while compression stays
-//     on, one raw window every refreshBytes refreshes the link's rate.
-//   - the compressor's: raw bytes per second of EncodeAll, and its ratio,
-//     sampled on every compressed frame, and while off on one data frame
-//     in probeEvery.
+//     only over windows of raw batches, the first window left out (it
+//     fills buffers). A write blocks when the link is the bottleneck, so
+//     then this is the link's rate; when it does not block the rate comes
+//     out high and raw is the right choice anyway. With several lanes
+//     writing at once, each write's time counts 1/lanes. Compressed
+//     windows say nothing about how fast raw would go (the link is not
+//     saturated), so they are not sampled; while compression stays on, one
+//     raw window every refreshBytes refreshes the link's rate.
+//   - the compressor's: raw bytes per CPU second of EncodeAll, times the
+//     compressors running at once, and its ratio; sampled on every
+//     compressed batch, and while off on one batch in probeEvery.
 //
-// The Forwarder compresses a batch while its sender writes the one before,
-// so raw bytes move at min(compressor, link/ratio) compressed against the
-// link's rate raw.
+// Lanes compress while other lanes write, so compressed, raw bytes move at
+// min(compressor, link/ratio), against the link's rate raw.
 type compressPolicy struct {
 	mode string // "auto", "on", "off"
 	on   bool
 
-	frames int // data frames since the last probe, while off
+	frames int // batches since the last probe, while off
 
 	// Exponentially weighted rates, bytes per second.
 	linkRate float64 // wire bytes the link took, raw windows only
