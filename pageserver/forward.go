@@ -137,6 +137,17 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 			return h, fmt.Errorf("%w: range %#x + %d pages", ErrForward, h.vaddr, h.nrPages)
 		}
 	}
+	switch h.typ {
+	case fwdEntry:
+		if h.flags != pagestore.FlagLazy && h.flags != pagestore.FlagParent {
+			return h, fmt.Errorf("%w: entry flags %#x", ErrForward, h.flags)
+		}
+	case fwdAck:
+	default:
+		if h.flags != 0 {
+			return h, fmt.Errorf("%w: flags %#x on type %d", ErrForward, h.flags, h.typ)
+		}
+	}
 	if h.typ != fwdBatch && h.enc != encRaw {
 		return h, fmt.Errorf("%w: encoding %d on type %d", ErrForward, h.enc, h.typ)
 	}

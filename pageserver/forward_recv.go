@@ -66,7 +66,8 @@ func Receive(rw io.ReadWriter, store ReceiveStore) (ForwardStats, error) {
 // ErrForward, the other lanes stop (lanes with SetReadDeadline are woken)
 // and the store is not committed. It returns what it received.
 func ReceiveLanes(store ReceiveStore, lanes ...io.ReadWriter) (ForwardStats, error) {
-	r := &receiver{store: store, opened: make(map[pagestore.Key]bool), page: make([]byte, pagestore.PageSize)}
+	r := &receiver{store: store, opened: make(map[pagestore.Key]bool), parent: make(map[pagestore.Key]bool),
+		page: make([]byte, pagestore.PageSize)}
 	r.st.Lanes = make([]LaneStats, len(lanes))
 	if len(lanes) == 0 || len(lanes) > MaxLanes {
 		return r.st, fmt.Errorf("receive pages: %d lanes", len(lanes))
@@ -126,8 +127,9 @@ func (r *receiver) lane(g *gate, i, n int, rw io.Reader) (fwdHeader, error) {
 		return fwdHeader{}, fmt.Errorf("zstd: %w", err)
 	}
 	defer zdec.Close()
-	payload := make([]byte, 0, fwdMaxBatch)
-	decoded := make([]byte, 0, fwdMaxBatch)
+	// Grown to what frames need, at most fwdMaxBatch (bounded by
+	// decodeFwdHeader and the decoder).
+	var payload, decoded []byte
 	st := &r.st.Lanes[i]        // this goroutine's own
 	st.WireBytes = fwdHeaderLen // the lane frame, read before
 	next := uint64(i)           // the only batch number this lane may carry next
@@ -144,6 +146,9 @@ func (r *receiver) lane(g *gate, i, n int, rw io.Reader) (fwdHeader, error) {
 			return h, fmt.Errorf("lane %d: %w", i, err)
 		}
 		st.WireBytes += fwdHeaderLen + uint64(h.length)
+		if int(h.length) > cap(payload) {
+			payload = make([]byte, h.length, max(int(h.length), 64<<10))
+		}
 		payload = payload[:h.length] // bounded by decodeFwdHeader
 		if _, err := io.ReadFull(br, payload); err != nil {
 			return h, fmt.Errorf("receive pages: lane %d: %w", i, io.ErrUnexpectedEOF)
@@ -254,6 +259,7 @@ type receiver struct {
 	store  ReceiveStore
 	st     ForwardStats
 	opened map[pagestore.Key]bool // bounded by the store's key limit
+	parent map[pagestore.Key]bool // the store has a parent image of the key
 	page   []byte                 // one page, for dup checks
 }
 
@@ -297,10 +303,15 @@ func (r *receiver) frame(h fwdHeader, payload []byte) error {
 	var err error
 	switch h.typ {
 	case fwdOpen:
-		if _, err = r.store.Open(k); err == nil {
+		var parent bool
+		if parent, err = r.store.Open(k); err == nil {
 			r.opened[k] = true
+			r.parent[k] = parent
 		}
 	case fwdEntry:
+		if h.flags == pagestore.FlagParent && !r.parent[k] {
+			return fmt.Errorf("%w: parent pages for %s, which has no parent image", ErrForward, k)
+		}
 		r.st.Entries++
 		err = r.store.Add(k, h.vaddr, h.nrPages, h.flags, nil)
 	case fwdZero:

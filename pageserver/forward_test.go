@@ -240,6 +240,10 @@ func TestReceiveBadInput(t *testing.T) {
 		{"task id 0", on(batchOf(0, false, fwdHeader{typ: fwdOpen, kind: k.Kind}.append(nil))), ErrForward},
 		{"zero range wraps", on(batchOf(0, false, open, fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: 1 << 56, nrPages: 1 << 62}.append(nil))), ErrForward},
 		{"unaligned", on(batchOf(0, false, open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 5, nrPages: 1, flags: pagestore.FlagLazy}.append(nil))), ErrForward},
+		{"entry flags", on(batchOf(0, false, open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1, flags: 0x6502}.append(nil))), ErrForward},
+		{"entry present", on(batchOf(0, false, open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1, flags: pagestore.FlagPresent}.append(nil))), ErrForward},
+		{"parent without parent", on(batchOf(0, false, open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1, flags: pagestore.FlagParent}.append(nil))), ErrForward},
+		{"flags on pages", on(batchOf(0, false, open, frame(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1, flags: 4}, page))), ErrForward},
 		{"end pages wrong", on(batchOf(0, false, open, pages(0x1000, 1, page)), fwdHeader{typ: fwdEnd, nrPages: 5, vaddr: 1}.append(nil)), ErrForward},
 		{"end batches wrong", on(batchOf(0, false, open, pages(0x1000, 1, page)), fwdHeader{typ: fwdEnd, nrPages: 1, vaddr: 2}.append(nil)), ErrForward},
 	}
