@@ -232,3 +232,60 @@ func vdsoSyscall(tid int) (uint64, error) {
 	}
 	return start + uint64(i), nil
 }
+
+// StopThreads stops every thread of process pid (PTRACE_SEIZE and
+// PTRACE_INTERRUPT, repeated until no new thread appears) and returns a
+// function that lets them go on. The calling goroutine stays locked to its
+// OS thread until then, and must be the one that calls thaw. A thread
+// stopped inside epoll_wait returns EINTR to the application, as under
+// CRIU's seize.
+func StopThreads(pid int) (thaw func(), err error) {
+	runtime.LockOSThread()
+	var seized []int
+	thaw = func() {
+		for _, tid := range seized {
+			detach(tid, 0)
+		}
+		runtime.UnlockOSThread()
+	}
+	defer func() {
+		if err != nil {
+			thaw()
+		}
+	}()
+	done := make(map[int]bool)
+	for round := 0; ; round++ {
+		if round == 100 {
+			return nil, fmt.Errorf("stop threads of %d: they keep appearing", pid)
+		}
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			return nil, fmt.Errorf("threads of %d: %w", pid, err)
+		}
+		added := false
+		for _, e := range ents {
+			tid, err := strconv.Atoi(e.Name())
+			if err != nil || done[tid] {
+				continue
+			}
+			done[tid] = true
+			if err := unix.PtraceSeize(tid); err != nil {
+				if errors.Is(err, unix.ESRCH) {
+					continue // exited
+				}
+				return nil, fmt.Errorf("ptrace seize %d: %w", tid, err)
+			}
+			seized = append(seized, tid)
+			added = true
+			if err := unix.PtraceInterrupt(tid); err != nil {
+				return nil, fmt.Errorf("ptrace interrupt %d: %w", tid, err)
+			}
+			if err := waitEventStop(tid); err != nil {
+				return nil, err
+			}
+		}
+		if !added {
+			return thaw, nil
+		}
+	}
+}

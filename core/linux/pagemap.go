@@ -195,3 +195,20 @@ func mapAnon(nrPages int) (*anonPages, error) {
 }
 
 func (p *anonPages) unmap() { _ = unix.Munmap(p.b) }
+
+// Entries fills out with the pagemap entries of the len(out) pages from
+// vaddr (page aligned).
+func (p *Pagemap) Entries(vaddr uint64, out []PagemapEntry) error {
+	if p.f == nil {
+		return os.ErrClosed
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	b := unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), len(out)*8) // kernel layout: native u64s
+	off := int64(vaddr / uint64(os.Getpagesize()) * 8)
+	if _, err := p.f.ReadAt(b, off); err != nil {
+		return fmt.Errorf("read pagemap %#x+%d: %w", vaddr, len(out), err)
+	}
+	return nil
+}
