@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/linux"
 )
 
@@ -28,8 +29,12 @@ const (
 	FeatureFreezerV2   = "freezer-cgroup-v2"
 	FeaturePtraceScope = "ptrace-scope"
 	FeaturePidfdGetfd  = "pidfd-getfd"
-	FeatureKernel      = "kernel"
-	FeatureCPU         = "cpu"
+	// Dirty-page trackers for pre-copy (core/dirty), best first.
+	FeatureTrackerUffdWP    = "tracker-uffd-wp"
+	FeatureTrackerSoftDirty = "tracker-soft-dirty"
+	FeatureTrackerHash      = "tracker-hash"
+	FeatureKernel           = "kernel"
+	FeatureCPU              = "cpu"
 )
 
 // minKernel is the oldest kernel CRIU supports.
@@ -127,6 +132,9 @@ func Check(ctx context.Context, cfg CheckConfig) (*CheckReport, error) {
 	add(checkPtraceScope())
 	add(probeItem(FeaturePidfdGetfd, linux.HavePidfdGetfd(),
 		"pidfd_open + pidfd_getfd: copies a userfaultfd out of the target process for dirty tracking"))
+	for _, it := range checkTrackers() {
+		add(it)
+	}
 	add(checkKernel(r))
 	add(checkCPU(r))
 
@@ -134,6 +142,24 @@ func Check(ctx context.Context, cfg CheckConfig) (*CheckReport, error) {
 		return r, fmt.Errorf("check: %w", err)
 	}
 	return r, nil
+}
+
+// checkTrackers says which dirty-page trackers (--tracker) work here. A
+// target under a seccomp filter falls back from uffd-wp at migration time.
+func checkTrackers() []CheckItem {
+	why := map[string]string{
+		dirty.KindUffdWP:    "userfaultfd write-protect + PAGEMAP_SCAN, injected into the target: exact, cheap (pre-copy's default)",
+		dirty.KindSoftDirty: "clear_refs + pagemap bit 55: exact, stops the target's threads each round",
+		dirty.KindHash:      "a hash of every page each round: works everywhere, reads all memory every round",
+	}
+	feature := map[string]string{
+		dirty.KindUffdWP: FeatureTrackerUffdWP, dirty.KindSoftDirty: FeatureTrackerSoftDirty, dirty.KindHash: FeatureTrackerHash,
+	}
+	var items []CheckItem
+	for _, k := range dirty.Kinds {
+		items = append(items, probeItem(feature[k], dirty.Available(k), why[k]))
+	}
+	return items
 }
 
 // probeItem turns a linux probe's answer into an item that is not required.

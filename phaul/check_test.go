@@ -13,6 +13,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/linux"
 )
 
@@ -24,6 +25,7 @@ var reportOrder = []string{
 	FeatureCRIU, FeatureCRIUCheck, FeatureUffd, FeatureUffdWPAsync, FeatureUffdMissing,
 	FeatureUffdMinor, FeatureUffdEvents, FeaturePagemapScan, FeatureSoftDirty,
 	FeatureFreezerV1, FeatureFreezerV2, FeaturePtraceScope, FeaturePidfdGetfd,
+	FeatureTrackerUffdWP, FeatureTrackerSoftDirty, FeatureTrackerHash,
 	FeatureKernel, FeatureCPU,
 }
 
@@ -76,6 +78,9 @@ func TestCheckThisHost(t *testing.T) {
 		{FeaturePagemapScan, linux.HavePagemapScan},
 		{FeatureSoftDirty, linux.HaveSoftDirty},
 		{FeaturePidfdGetfd, linux.HavePidfdGetfd},
+		{FeatureTrackerUffdWP, func() error { return dirty.Available(dirty.KindUffdWP) }},
+		{FeatureTrackerSoftDirty, func() error { return dirty.Available(dirty.KindSoftDirty) }},
+		{FeatureTrackerHash, func() error { return dirty.Available(dirty.KindHash) }},
 		{FeatureFreezerV2, linux.HaveFreezerV2},
 		{FeatureFreezerV1, func() error { _, err := linux.FreezerV1Root(); return err }},
 	}
