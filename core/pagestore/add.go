@@ -174,6 +174,9 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 				end += PageSize // a zero page: a hole in the image
 			}
 		}
+		if s.final {
+			ns |= slotFinal
+		}
 		if old.valid() {
 			p.counts.Replaced++
 		}

@@ -112,7 +112,7 @@ func (s *Store) stage() (names []string, err error) {
 		p := s.pagemap(k)
 		p.mu.RLock()
 		m := &Pagemap{PagesID: pagesID}
-		for _, r := range p.runs() {
+		for _, r := range p.runs(s.final) {
 			m.Entries = append(m.Entries, Entry{Vaddr: r.first << pageShift, NrPages: r.n, Flags: r.flags})
 		}
 		err = s.stagePages(filepath.Join(staging, pagesName(pagesID)), p, buf)
@@ -147,7 +147,7 @@ func (s *Store) stage() (names []string, err error) {
 // holds the pages in image order (pagemap.ordered), else a copy. Callers
 // hold p.mu.
 func (s *Store) stagePages(path string, p *pagemap, buf []byte) error {
-	if !p.ordered || !p.sp.linkable {
+	if !p.ordered || !p.sp.linkable || (s.final && p.dropsContent()) {
 		return s.writePages(path, p, buf)
 	}
 	f := p.sp.f
@@ -197,7 +197,7 @@ func (s *Store) writePages(path string, p *pagemap, buf []byte) (err error) {
 		_, err := f.WriteAt(buf[:n*PageSize], bufStart)
 		return err
 	}
-	p.scan(func(pn uint64, sl slot) bool {
+	p.scanImage(s.final, func(pn uint64, sl slot) bool {
 		switch {
 		case sl.hasData():
 			if len(reads) == 0 {

@@ -35,6 +35,10 @@ type Store struct {
 	// for them to finish.
 	mu    sync.RWMutex
 	state state // guarded by mu
+	// final: BeginFinal was called (guarded by mu, set with it held
+	// exclusively): pages recorded from then on, and pages Kept, are the
+	// only ones Commit writes.
+	final bool
 
 	keysMu sync.RWMutex
 	keys   map[Key]*pagemap // guarded by keysMu

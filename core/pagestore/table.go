@@ -13,6 +13,7 @@ type slot uint64
 const (
 	slotValid  slot = 1 << 3 // the page is recorded
 	slotZero   slot = 1 << 4 // a present page that is all zeros: no data
+	slotFinal  slot = 1 << 5 // recorded or kept since BeginFinal
 	slotOffset      = ^slot(PageSize - 1)
 )
 
@@ -26,6 +27,7 @@ func (s slot) isZero() bool  { return s.valid() && s.present() && s&slotZero != 
 // hole), unlike a lazy or parent page.
 func (s slot) content() bool { return s.valid() && s.present() }
 func (s slot) offset() int64 { return int64(s & slotOffset) }
+func (s slot) final() bool   { return s&slotFinal != 0 }
 func dataSlot(flags uint32, off int64) slot {
 	return slot(off)&slotOffset | slotValid | slot(flags)
 }
@@ -97,6 +99,18 @@ func (p *pagemap) ref(pn uint64) *slot {
 	return &p.lastChunk[pn&(chunkPages-1)]
 }
 
+// scanImage calls fn for every page the images hold, in address order
+// until fn returns false: every recorded page, or with final only those
+// recorded or kept since BeginFinal. Callers hold mu.
+func (p *pagemap) scanImage(final bool, fn func(pn uint64, s slot) bool) {
+	p.scan(func(pn uint64, s slot) bool {
+		if final && !s.final() {
+			return true
+		}
+		return fn(pn, s)
+	})
+}
+
 // scan calls fn for every recorded page in address order until fn returns
 // false. Callers hold mu.
 func (p *pagemap) scan(fn func(pn uint64, s slot) bool) {
@@ -151,10 +165,11 @@ type run struct {
 	flags    uint32
 }
 
-// runs returns the pagemap entries of p in address order. Callers hold mu.
-func (p *pagemap) runs() []run {
+// runs returns the pagemap entries of p in address order (see scanImage).
+// Callers hold mu.
+func (p *pagemap) runs(final bool) []run {
 	var out []run
-	p.scan(func(pn uint64, s slot) bool {
+	p.scanImage(final, func(pn uint64, s slot) bool {
 		if n := len(out); n > 0 && out[n-1].first+out[n-1].n == pn && out[n-1].flags == s.flags() {
 			out[n-1].n++
 		} else {
