@@ -48,7 +48,7 @@ func (s *Store) Keep(k Key, vaddr, nrPages uint64) error {
 		}
 	}
 	for i := range nrPages {
-		*p.ref(first+i) |= slotFinal
+		*p.ref(first + i) |= slotFinal
 	}
 	return nil
 }
