@@ -46,6 +46,9 @@ const (
 	fwdAck   fwdType = 7 // receiver to sender on lane 0: stored and committed; flags = 0 ok
 	fwdBatch fwdType = 8 // id = sequence number; a run of inner frames, raw or zstd
 	fwdLane  fwdType = 9 // first frame of every lane: id = lane, nrPages = lanes
+	// Inside batches only:
+	fwdFinal fwdType = 10 // the final set begins (pagestore.Store.BeginFinal)
+	fwdKeep  fwdType = 11 // nrPages pages already sent belong to the final set as they are
 )
 
 const (
@@ -100,7 +103,12 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 	}
 	want := -1 // payload length each type demands; -1: checked below
 	switch h.typ {
-	case fwdOpen, fwdZero, fwdEntry, fwdEnd, fwdAck, fwdLane:
+	case fwdOpen, fwdZero, fwdEntry, fwdEnd, fwdAck, fwdLane, fwdKeep:
+		want = 0
+	case fwdFinal:
+		if h.kind != 0 || h.id != 0 || h.vaddr != 0 || h.nrPages != 0 {
+			return h, fmt.Errorf("%w: final header %+v", ErrForward, h)
+		}
 		want = 0
 	case fwdDup:
 		want = fwdDupLen
@@ -120,7 +128,7 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 		return h, fmt.Errorf("%w: type %d", ErrForward, h.typ)
 	}
 	switch h.typ {
-	case fwdOpen, fwdPages, fwdZero, fwdDup, fwdEntry:
+	case fwdOpen, fwdPages, fwdZero, fwdDup, fwdEntry, fwdKeep:
 		if err := checkFwdKey(h.kind, h.id); err != nil {
 			return h, err
 		}
@@ -130,7 +138,7 @@ func decodeFwdHeader(a []byte) (fwdHeader, error) {
 		}
 	}
 	switch h.typ {
-	case fwdPages, fwdZero, fwdDup, fwdEntry:
+	case fwdPages, fwdZero, fwdDup, fwdEntry, fwdKeep:
 		// A range inside user address space, page aligned, not wrapping.
 		if h.nrPages == 0 || h.vaddr%pagestore.PageSize != 0 || h.vaddr >= MaxAddress ||
 			h.nrPages > (MaxAddress-h.vaddr)/pagestore.PageSize {
@@ -181,6 +189,7 @@ type ForwardStats struct {
 	Batches    uint64      `json:"batches"`    // batch frames
 	Compressed uint64      `json:"compressed"` // batch frames sent zstd-compressed
 	Entries    uint64      `json:"entries"`    // content-less ranges (lazy, parent)
+	Kept       uint64      `json:"kept"`       // pages sent before, kept in the final set
 	Lanes      []LaneStats `json:"lanes"`      // per stream
 	// What the compression policy measured last (auto mode; 0: never):
 	// the link's rate over raw frames and the compressor's, in MB/s, and

@@ -21,6 +21,8 @@ type ReceiveStore interface {
 	Add(k pagestore.Key, vaddr, nrPages uint64, flags uint32, data []byte) error
 	AddZero(k pagestore.Key, vaddr, nrPages uint64) error
 	Read(k pagestore.Key, vaddr uint64, buf []byte) error
+	BeginFinal() error
+	Keep(k pagestore.Key, vaddr, nrPages uint64) error
 	Commit() error
 }
 
@@ -279,7 +281,7 @@ func (r *receiver) batch(b []byte) error {
 			return fmt.Errorf("%w: batch ends inside a frame's payload", ErrForward)
 		}
 		switch h.typ {
-		case fwdOpen, fwdPages, fwdZero, fwdDup, fwdEntry:
+		case fwdOpen, fwdPages, fwdZero, fwdDup, fwdEntry, fwdFinal, fwdKeep:
 		default:
 			return fmt.Errorf("%w: type %d inside a batch", ErrForward, h.typ)
 		}
@@ -295,7 +297,7 @@ func (r *receiver) batch(b []byte) error {
 func (r *receiver) frame(h fwdHeader, payload []byte) error {
 	k := pagestore.Key{Kind: h.kind, ID: h.id}
 	switch h.typ {
-	case fwdPages, fwdZero, fwdDup, fwdEntry:
+	case fwdPages, fwdZero, fwdDup, fwdEntry, fwdKeep:
 		if !r.opened[k] {
 			return fmt.Errorf("%w: pages for %s before its open frame", ErrForward, k)
 		}
@@ -322,6 +324,11 @@ func (r *receiver) frame(h fwdHeader, payload []byte) error {
 		err = receiveDup(r.store, k, h.vaddr, payload, r.page)
 		r.st.Pages++
 		r.st.DupPages++
+	case fwdFinal:
+		err = r.store.BeginFinal()
+	case fwdKeep:
+		r.st.Kept += h.nrPages
+		err = r.store.Keep(k, h.vaddr, h.nrPages)
 	case fwdPages:
 		r.st.Pages += h.nrPages
 		r.st.DataPages += h.nrPages

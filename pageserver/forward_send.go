@@ -356,6 +356,19 @@ func (f *Forwarder) sendData(k pagestore.Key, vaddr uint64, pages []byte) error 
 	return f.write(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: n}, pages)
 }
 
+// BeginFinal starts the final set on the receiver's store: from here on,
+// only pages sent or kept count (pagestore.Store.BeginFinal).
+func (f *Forwarder) BeginFinal() error {
+	return f.write(fwdHeader{typ: fwdFinal}, nil)
+}
+
+// Keep tells the receiver that nrPages pages at vaddr, sent before, belong
+// to the final set as they are.
+func (f *Forwarder) Keep(k pagestore.Key, vaddr, nrPages uint64) error {
+	f.stats.Kept += nrPages
+	return f.write(fwdHeader{typ: fwdKeep, kind: k.Kind, id: k.ID, vaddr: vaddr, nrPages: nrPages}, nil)
+}
+
 // Read implements Store: a forwarder keeps no pages.
 func (f *Forwarder) Read(k pagestore.Key, vaddr uint64, buf []byte) error {
 	return fmt.Errorf("forward: %w: pages are on the destination", pagestore.ErrNotFound)

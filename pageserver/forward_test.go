@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -190,6 +191,28 @@ func batchOf(seq uint64, compress bool, frames ...[]byte) []byte {
 	return frame(fwdHeader{typ: fwdBatch, id: seq}, raw)
 }
 
+// BeginFinal and Keep, as pagestore.Store does them: Keep names pages
+// recorded before, after BeginFinal.
+func (m memReceive) BeginFinal() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.final = true
+	return nil
+}
+
+func (m memReceive) Keep(k pagestore.Key, vaddr, n uint64) error {
+	m.mu.Lock()
+	final := m.final
+	m.mu.Unlock()
+	if !final {
+		return pagestore.ErrInvalid
+	}
+	if n > MaxPagesPerIOV {
+		return pagestore.ErrLimit
+	}
+	return m.Read(k, vaddr, make([]byte, n*pagestore.PageSize))
+}
+
 func TestReceiveBadInput(t *testing.T) {
 	k := pagestore.Key{Kind: pagestore.KindTask, ID: 1}
 	lane := fwdHeader{typ: fwdLane, nrPages: 1}.append(nil)
@@ -244,6 +267,11 @@ func TestReceiveBadInput(t *testing.T) {
 		{"entry present", on(batchOf(0, false, open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1, flags: pagestore.FlagPresent}.append(nil))), ErrForward},
 		{"parent without parent", on(batchOf(0, false, open, fwdHeader{typ: fwdEntry, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1, flags: pagestore.FlagParent}.append(nil))), ErrForward},
 		{"flags on pages", on(batchOf(0, false, open, frame(fwdHeader{typ: fwdPages, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1, flags: 4}, page))), ErrForward},
+		{"final with a key", on(batchOf(0, false, fwdHeader{typ: fwdFinal, kind: k.Kind, id: k.ID}.append(nil))), ErrForward},
+		{"keep before open", on(batchOf(0, false, fwdHeader{typ: fwdFinal}.append(nil), fwdHeader{typ: fwdKeep, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1}.append(nil))), ErrForward},
+		{"keep before final", on(batchOf(0, false, open, pages(0x1000, 1, page), fwdHeader{typ: fwdKeep, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1}.append(nil))), pagestore.ErrInvalid},
+		{"keep of nothing", on(batchOf(0, false, open, fwdHeader{typ: fwdFinal}.append(nil), fwdHeader{typ: fwdKeep, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1}.append(nil))), pagestore.ErrNotFound},
+		{"keep with a payload", on(batchOf(0, false, open, fwdHeader{typ: fwdFinal}.append(nil), frame(fwdHeader{typ: fwdKeep, kind: k.Kind, id: k.ID, vaddr: 0x1000, nrPages: 1}, page))), ErrForward},
 		{"end pages wrong", on(batchOf(0, false, open, pages(0x1000, 1, page)), fwdHeader{typ: fwdEnd, nrPages: 5, vaddr: 1}.append(nil)), ErrForward},
 		{"end batches wrong", on(batchOf(0, false, open, pages(0x1000, 1, page)), fwdHeader{typ: fwdEnd, nrPages: 1, vaddr: 2}.append(nil)), ErrForward},
 	}
@@ -486,5 +514,67 @@ func TestCompressPolicy(t *testing.T) {
 	}
 	if _, err := newCompressPolicy("sometimes"); err == nil {
 		t.Fatal("bad mode accepted")
+	}
+}
+
+// TestForwardFinal: pages sent in earlier rounds reach the images only if
+// the final set keeps or resends them.
+func TestForwardFinal(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "images")
+	store, err := pagestore.New(pagestore.DefaultConfig(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	f, wait := forwardPair(t, ForwardConfig{Compress: "auto"}, store, 2)
+	k := pagestore.Key{Kind: pagestore.KindTask, ID: 1}
+	const base = 0x7f0000000000
+	old, fresh := testPages(64, 1), testPages(4, 2)
+	for _, err := range []error{
+		func() error { _, err := f.Open(k); return err }(),
+		f.Add(k, base, 64, pagestore.FlagPresent, old),
+		f.Add(k, base+100*pagestore.PageSize, 10, pagestore.FlagPresent, testPages(10, 3)),
+		f.BeginFinal(),
+		f.Keep(k, base, 32),
+		f.Add(k, base+32*pagestore.PageSize, 4, pagestore.FlagPresent, fresh),
+		f.Commit(),
+	} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Kept != 32 || f.Stats().Kept != 32 {
+		t.Fatalf("kept: received %d, sent %d; want 32", got.Kept, f.Stats().Kept)
+	}
+	fm, err := os.Open(filepath.Join(dir, "pagemap-1.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fm.Close()
+	pm, err := pagestore.ReadPagemap(fm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pages uint64
+	for _, e := range pm.Entries {
+		if e.Vaddr < base || e.Vaddr+e.NrPages*pagestore.PageSize > base+36*pagestore.PageSize {
+			t.Fatalf("pagemap entry %+v outside the final set", e)
+		}
+		pages += e.NrPages
+	}
+	if pages != 36 {
+		t.Fatalf("%d pages in the pagemap, want 36", pages)
+	}
+	img, err := os.ReadFile(filepath.Join(dir, "pages-1.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append(append([]byte(nil), old[:32*pagestore.PageSize]...), fresh...)
+	if !bytes.Equal(img, want) {
+		t.Fatal("pages image differs from the kept and resent pages")
 	}
 }

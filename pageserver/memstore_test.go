@@ -20,6 +20,7 @@ type memStore struct {
 	opened    map[pagestore.Key]int
 	commits   int
 	commitErr error // returned by Commit if set
+	final     bool  // BeginFinal was called (memReceive)
 }
 
 func newMemStore(t testing.TB) *memStore {
