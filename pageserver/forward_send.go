@@ -29,6 +29,7 @@ type Forwarder struct {
 	cfg    ForwardConfig
 	lanes  []*lane
 	seen   map[xxh3.Uint128]pageRef // first occurrence of each content
+	byRef  map[pageRef]xxh3.Uint128 // the content seen holds for a page
 	batch  []byte                   // header room, then frames not sent yet
 	seq    uint64                   // number of the next batch
 	stats  ForwardStats             // what Add saw; the lanes count the rest
@@ -78,7 +79,7 @@ func NewForwarder(cfg ForwardConfig, lanes ...io.ReadWriter) (*Forwarder, error)
 	// Compressors run on every lane at once, as far as there are CPUs.
 	policy.parallel = float64(min(len(lanes), runtime.NumCPU()))
 	policy.lanes = float64(len(lanes))
-	f := &Forwarder{cfg: cfg, seen: make(map[xxh3.Uint128]pageRef), comp: policy,
+	f := &Forwarder{cfg: cfg, seen: make(map[xxh3.Uint128]pageRef), byRef: make(map[pageRef]xxh3.Uint128), comp: policy,
 		free: make(chan []byte, 2*len(lanes)+1)}
 	for range 2 * len(lanes) {
 		f.free <- make([]byte, fwdHeaderLen, fwdHeaderLen+fwdMaxBatch)
@@ -304,12 +305,15 @@ func (f *Forwarder) Add(k pagestore.Key, vaddr, nrPages uint64, flags uint32, da
 	}
 	for i := uint64(0); i < nrPages; {
 		page := data[i*pagestore.PageSize : (i+1)*pagestore.PageSize]
+		here := pageRef{k.Kind, k.ID, vaddr + i*pagestore.PageSize}
+		f.forget(here)
 		if isZero(page) {
 			if err := flush(i); err != nil {
 				return err
 			}
 			j := i + 1
 			for j < nrPages && isZero(data[j*pagestore.PageSize:(j+1)*pagestore.PageSize]) {
+				f.forget(pageRef{k.Kind, k.ID, vaddr + j*pagestore.PageSize})
 				j++
 			}
 			if err := f.write(fwdHeader{typ: fwdZero, kind: k.Kind, id: k.ID, vaddr: vaddr + i*pagestore.PageSize, nrPages: j - i}, nil); err != nil {
@@ -320,7 +324,6 @@ func (f *Forwarder) Add(k pagestore.Key, vaddr, nrPages uint64, flags uint32, da
 			continue
 		}
 		sum := xxh3.Hash128(page)
-		here := pageRef{k.Kind, k.ID, vaddr + i*pagestore.PageSize}
 		if ref, ok := f.seen[sum]; ok {
 			if err := flush(i); err != nil {
 				return err
@@ -333,9 +336,24 @@ func (f *Forwarder) Add(k pagestore.Key, vaddr, nrPages uint64, flags uint32, da
 			continue
 		}
 		f.seen[sum] = here
+		f.byRef[here] = sum
 		i++
 	}
 	return flush(nrPages)
+}
+
+// forget drops the page at r as a reference for duplicates: a new copy of
+// it is being sent (pre-copy re-sends pages), and a dup naming its old
+// content would no longer match on the receiver.
+func (f *Forwarder) forget(r pageRef) {
+	sum, ok := f.byRef[r]
+	if !ok {
+		return
+	}
+	delete(f.byRef, r)
+	if f.seen[sum] == r {
+		delete(f.seen, sum)
+	}
 }
 
 func (f *Forwarder) sendDup(k pagestore.Key, vaddr uint64, sum xxh3.Uint128, ref pageRef) error {

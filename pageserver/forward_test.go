@@ -578,3 +578,48 @@ func TestForwardFinal(t *testing.T) {
 		t.Fatal("pages image differs from the kept and resent pages")
 	}
 }
+
+// TestForwardResentPages: a page sent again with new content must not be
+// named by a later duplicate for its old content.
+func TestForwardResentPages(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "images")
+	store, err := pagestore.New(pagestore.DefaultConfig(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	f, wait := forwardPair(t, ForwardConfig{Compress: "off"}, store, 1)
+	k := pagestore.Key{Kind: pagestore.KindTask, ID: 1}
+	const base = 0x7f0000000000
+	a, b := bytes.Repeat([]byte{'a'}, pagestore.PageSize), bytes.Repeat([]byte{'b'}, pagestore.PageSize)
+	steps := []struct {
+		vaddr uint64
+		data  []byte
+	}{
+		{base, a},                        // first 'a'
+		{base, b},                        // page 0 changes to 'b'
+		{base + pagestore.PageSize, a},   // 'a' again: must go as data, page 0 no longer holds it
+		{base + 2*pagestore.PageSize, b}, // a dup of page 0's new content is fine
+	}
+	if _, err := f.Open(k); err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range steps {
+		if err := f.Add(k, st.vaddr, 1, pagestore.FlagPresent, st.data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wait(); err != nil {
+		t.Fatalf("receiver: %v", err)
+	}
+	got := make([]byte, 3*pagestore.PageSize)
+	if err := store.Read(k, base, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, slices.Concat(b, a, b)) {
+		t.Fatal("pages differ from the last copies sent")
+	}
+}

@@ -29,6 +29,9 @@ type Mode int32
 const (
 	Mode_MODE_UNSPECIFIED Mode = 0
 	Mode_MODE_COLD        Mode = 1
+	// Memory moves in rounds while the tree runs; the destination receives
+	// the same page stream (with a final set) and images as in cold mode.
+	Mode_MODE_PRECOPY Mode = 2
 )
 
 // Enum value maps for Mode.
@@ -36,10 +39,12 @@ var (
 	Mode_name = map[int32]string{
 		0: "MODE_UNSPECIFIED",
 		1: "MODE_COLD",
+		2: "MODE_PRECOPY",
 	}
 	Mode_value = map[string]int32{
 		"MODE_UNSPECIFIED": 0,
 		"MODE_COLD":        1,
+		"MODE_PRECOPY":     2,
 	}
 )
 
@@ -1134,10 +1139,11 @@ const file_control_proto_rawDesc = "" +
 	"\x04Ping\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\"\x18\n" +
 	"\x04Pong\x12\x10\n" +
-	"\x03seq\x18\x01 \x01(\x04R\x03seq*+\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq*=\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\r\n" +
-	"\tMODE_COLD\x10\x01B\"Z github.com/phaul/phaul/core/wireb\x06proto3"
+	"\tMODE_COLD\x10\x01\x12\x10\n" +
+	"\fMODE_PRECOPY\x10\x02B\"Z github.com/phaul/phaul/core/wireb\x06proto3"
 
 var (
 	file_control_proto_rawDescOnce sync.Once
