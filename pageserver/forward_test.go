@@ -60,6 +60,13 @@ func forwardPair(t *testing.T, cfg ForwardConfig, store ReceiveStore, lanes int)
 			ordered[idx] = rw
 		}
 		st, err := ReceiveLanes(store, ordered...)
+		if err != nil {
+			// As the destination does: a failed receiver closes its
+			// streams, and the sender's writes fail instead of blocking.
+			for _, rw := range dst {
+				rw.(net.Conn).Close()
+			}
+		}
 		done <- res{st, err}
 	}()
 	return f, func() (ForwardStats, error) { r := <-done; return r.st, r.err }
