@@ -12,6 +12,7 @@ import (
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/pageserver"
 )
@@ -30,6 +31,14 @@ type MigrateConfig struct {
 	// compressing and writing its batches in parallel; 1 to
 	// pageserver.MaxLanes.
 	PageStreams int
+	// Pre-copy: the dirty-page tracker (dirty.Kind*, "auto"), the downtime
+	// to aim for, the estimated time the frozen tree spends in CRIU's dump
+	// and restore besides memory (the floor of the downtime), and the
+	// most rounds before freezing anyway.
+	Tracker        string
+	DowntimeTarget time.Duration
+	DowntimeFloor  time.Duration
+	MaxRounds      int
 	DumpLock    string // host-wide lock file serialising CRIU dumps
 
 	Transport transport.Config // Identity is loaded from TLSDir
@@ -58,8 +67,12 @@ func defaultTransport() transport.Config {
 // DefaultMigrateConfig returns a cold migration config with defaults set.
 func DefaultMigrateConfig() MigrateConfig {
 	return MigrateConfig{
-		Mode:           ModeCold,
+		Mode:           ModePrecopy,
 		PageStreams:    2,
+		Tracker:        dirty.KindAuto,
+		DowntimeTarget: 300 * time.Millisecond,
+		DowntimeFloor:  250 * time.Millisecond,
+		MaxRounds:      30,
 		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
 		DumpLock:       filepath.Join(os.TempDir(), "phaul-dump.lock"),
 		Transport:      defaultTransport(),
@@ -97,6 +110,16 @@ func (c MigrateConfig) Validate() error {
 	case "", "auto", "on", "off":
 	default:
 		errs = append(errs, fmt.Errorf("--compress %q: want auto, on or off", c.Compress))
+	}
+	if c.Mode == ModePrecopy {
+		if c.Tracker != dirty.KindAuto && c.Tracker != "" {
+			if err := dirty.Available(c.Tracker); err != nil {
+				errs = append(errs, fmt.Errorf("--tracker: %w", err))
+			}
+		}
+		if c.DowntimeTarget <= 0 || c.DowntimeFloor < 0 || c.MaxRounds < 1 {
+			errs = append(errs, errors.New("--downtime-target and --max-rounds must be positive"))
+		}
 	}
 	if c.PageStreams < 1 || c.PageStreams > pageserver.MaxLanes {
 		errs = append(errs, fmt.Errorf("--page-streams %d: want 1 to %d", c.PageStreams, pageserver.MaxLanes))

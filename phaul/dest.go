@@ -168,7 +168,7 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 	if !migrationIDRe.MatchString(h.GetMigrationId()) {
 		return nil, refuse("bad migration id")
 	}
-	if h.GetMode() != wire.Mode_MODE_COLD {
+	if m := h.GetMode(); m != wire.Mode_MODE_COLD && m != wire.Mode_MODE_PRECOPY {
 		return nil, refuse(fmt.Sprintf("mode %v not supported", h.GetMode()))
 	}
 	opts := optionsFromWire(h.GetCriu())

@@ -8,6 +8,7 @@ type Phase int
 const (
 	PhasePreflight Phase = iota // local checks, CRIU lookup
 	PhaseConnect                // TLS + yamux session, hello exchange
+	PhaseRounds                 // pre-copy: memory moves while the tree runs
 	PhaseDump                   // CRIU dump running, tree frozen
 	PhaseTransfer               // images on the wire
 	PhaseRestore                // destination restoring the tree stopped
@@ -18,7 +19,7 @@ const (
 	PhaseInDoubt                // commit outcome unknown
 )
 
-var phaseNames = [...]string{"preflight", "connect", "dump", "transfer", "restore", "prepared",
+var phaseNames = [...]string{"preflight", "connect", "rounds", "dump", "transfer", "restore", "prepared",
 	"commit", "done", "rollback", "in-doubt"}
 
 func (p Phase) String() string {
@@ -37,13 +38,16 @@ type Mode string
 const (
 	// ModeCold freezes the tree, dumps everything, restores it.
 	ModeCold Mode = "cold"
+	// ModePrecopy moves memory in rounds while the tree runs, then freezes
+	// it and moves what is left.
+	ModePrecopy Mode = "precopy"
 )
 
 // ParseMode checks a --mode value.
 func ParseMode(s string) (Mode, error) {
 	switch Mode(s) {
-	case ModeCold:
-		return ModeCold, nil
+	case ModeCold, ModePrecopy:
+		return Mode(s), nil
 	}
-	return "", fmt.Errorf("mode %q: want cold (pre-copy and post-copy modes are not built yet)", s)
+	return "", fmt.Errorf("mode %q: want precopy or cold (post-copy is not built yet)", s)
 }

@@ -146,7 +146,7 @@ func (s *source) hello(ctx context.Context, stream *transport.Stream, local *wir
 	defer stop()
 	err := s.ctl.Send(&wire.Message{Body: &wire.Message_Hello{Hello: &wire.Hello{
 		MinVersion: wire.MinVersion, MaxVersion: wire.MaxVersion,
-		MigrationId: s.stats.MigrationID, Mode: wire.Mode_MODE_COLD,
+		MigrationId: s.stats.MigrationID, Mode: modeToWire(cfg.Mode),
 		Host: local, Criu: optionsToWire(cfg.CRIU),
 	}}})
 	if err != nil {
@@ -192,6 +192,13 @@ func (s *source) hello(ctx context.Context, stream *transport.Stream, local *wir
 	return nil
 }
 
+func modeToWire(m Mode) wire.Mode {
+	if m == ModePrecopy {
+		return wire.Mode_MODE_PRECOPY
+	}
+	return wire.Mode_MODE_COLD
+}
+
 // abort tells the destination to drop the migration; best effort.
 func (s *source) abort(reason string) {
 	if s.ctl == nil {
@@ -233,15 +240,42 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	// One CRIU dump at a time on this host: concurrent dumps collide in
 	// CRIU's parasite ("Can't create a directory (-17)", seen with two
 	// migrations started together).
-	unlock, err := linux.LockFile(cfg.DumpLock)
-	if err != nil {
-		return fmt.Errorf("dump lock: %w", err)
+	var pre *precopy
+	store := func(fw *pageserver.Forwarder) pageserver.Store {
+		if cfg.Mode != ModePrecopy {
+			return fw
+		}
+		pre = newPrecopy(s, fw, cfg.PID)
+		return &finalFilter{p: pre, ctx: ctx}
 	}
-	defer unlock()
-	pages, err := s.startPages(ctx)
+	pages, err := s.startPages(ctx, store)
 	if err != nil {
 		return err
 	}
+	if pre != nil {
+		// Whatever the outcome: a killed source needs nothing undone, a
+		// resumed one runs untracked again.
+		defer pre.stop()
+		s.phase(PhaseRounds)
+		reason, err := pre.rounds(ctx)
+		if err != nil {
+			pages.finish()
+			s.phase(PhaseRollback)
+			s.abort(fmt.Sprintf("pre-copy failed: %v", err))
+			return s.rolledBack(fmt.Errorf("pre-copy: %w", err))
+		}
+		s.stats.StopReason = reason
+		for _, pr := range pre.procs {
+			s.stats.Tracker = pr.tr.Kind()
+		}
+		s.log.Info("pre-copy converged", "rounds", len(s.stats.Rounds), "why", reason)
+	}
+	unlock, err := linux.LockFile(cfg.DumpLock)
+	if err != nil {
+		pages.finish()
+		return fmt.Errorf("dump lock: %w", err)
+	}
+	defer unlock()
 	err = bin.Dump(ctx, criu.DumpRequest{Pid: cfg.PID, ImagesDir: imagesDir, Options: cfg.CRIU,
 		PageServer: pages.criuEnd}, notify)
 	pstats, perr := pages.finish()
@@ -267,7 +301,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	s.stats.CRIURestoreMS = ms(time.Duration(prepared.GetRestoreNanos()))
 	s.stats.BytesImages = images.Total(sent)
 	s.stats.BytesImages += pstats.Pages * pagestore.PageSize
-	s.stats.Rounds = append(s.stats.Rounds, Round{Round: 1, Kind: "final", BytesImages: s.stats.BytesImages,
+	s.stats.Rounds = append(s.stats.Rounds, Round{Round: len(s.stats.Rounds) + 1, Kind: "final", BytesImages: s.stats.BytesImages,
 		Files: len(sent), DurationMS: ms(time.Since(frozen)), Pages: &pstats})
 
 	s.phase(PhaseCommit)
@@ -367,7 +401,9 @@ type pageStream struct {
 	done    chan error
 }
 
-func (s *source) startPages(ctx context.Context) (p *pageStream, err error) {
+// startPages opens the page streams and the page server CRIU will dump
+// into; store wraps the forwarder into what that server writes to.
+func (s *source) startPages(ctx context.Context, store func(*pageserver.Forwarder) pageserver.Store) (p *pageStream, err error) {
 	p = &pageStream{done: make(chan error, 1)}
 	defer func() {
 		if err != nil {
@@ -390,7 +426,7 @@ func (s *source) startPages(ctx context.Context) (p *pageStream, err error) {
 		return nil, err
 	}
 	pcfg := pageserver.DefaultConfig()
-	pcfg.Store, pcfg.Logger = p.fw, s.log
+	pcfg.Store, pcfg.Logger = store(p.fw), s.log
 	srv, err := pageserver.NewServer(pcfg)
 	if err != nil {
 		return nil, err

@@ -37,6 +37,9 @@ type Stats struct {
 	BytesWire     uint64      `json:"bytes_wire"`
 	BytesImages   uint64      `json:"bytes_images"`
 	Rounds        []Round     `json:"rounds"`
+	// Pre-copy: why the rounds stopped, and the tracker that ran.
+	StopReason string `json:"stop_reason,omitempty"`
+	Tracker    string `json:"tracker,omitempty"`
 
 	start time.Time // monotonic reference
 }
@@ -48,14 +51,22 @@ type PhaseMark struct {
 	TMS   float64   `json:"t_ms"` // since the migration began, monotonic
 }
 
-// Round is one memory transfer round; cold migration has exactly one, the
-// final dump.
+// Round is one memory transfer round: pre-copy rounds ("precopy"), the
+// dirty pages read from the frozen tree ("frozen"), and the dump ("final",
+// the only one of a cold migration).
 type Round struct {
 	Round       int     `json:"round"`
-	Kind        string  `json:"kind"` // "final"
-	BytesImages uint64  `json:"bytes_images"`
-	Files       int     `json:"files"`
-	DurationMS  float64 `json:"duration_ms"` // dump start to images received
+	Kind        string  `json:"kind"` // "precopy", "frozen" or "final"
+	BytesImages uint64  `json:"bytes_images,omitempty"`
+	Files       int     `json:"files,omitempty"`
+	DurationMS  float64 `json:"duration_ms"` // final: dump start to images received
+	// Pre-copy and frozen rounds: pages found written since the round
+	// before (round 1: all), pages read and sent, their bytes on the wire,
+	// and the rate they moved at.
+	DirtyPages    uint64  `json:"dirty_pages,omitempty"`
+	PagesSent     uint64  `json:"pages_sent,omitempty"`
+	BytesWire     uint64  `json:"bytes_wire,omitempty"`
+	BandwidthMBps float64 `json:"bandwidth_mbps,omitempty"`
 	// Pages describes the page stream: pages, zero and duplicate pages
 	// (sent without their bytes), bytes before and after compression.
 	Pages *pageserver.ForwardStats `json:"pages,omitempty"`

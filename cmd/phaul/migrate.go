@@ -30,7 +30,11 @@ func migrateCommand() *cli.Command {
 			criuFlag(),
 			&cli.StringFlag{Name: "to", Required: true, Usage: "destination HOST:PORT; its certificate must name HOST"},
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
-			&cli.StringFlag{Name: "mode", Value: string(phaul.ModeCold), Usage: "cold"},
+			&cli.StringFlag{Name: "mode", Value: string(phaul.ModeCold), Usage: "precopy (memory moves in rounds while the tree runs) or cold (freeze, then move everything)"},
+			&cli.StringFlag{Name: "tracker", Value: def.Tracker, Usage: "pre-copy dirty-page tracker: auto, uffd-wp, soft-dirty, hash (phaul check says which work here)"},
+			&cli.DurationFlag{Name: "downtime-target", Value: def.DowntimeTarget, Usage: "pre-copy: freeze once the expected downtime fits this"},
+			&cli.DurationFlag{Name: "downtime-floor", Value: def.DowntimeFloor, Usage: "pre-copy: estimated freeze time of CRIU's dump and restore besides memory"},
+			&cli.IntFlag{Name: "max-rounds", Value: def.MaxRounds, Usage: "pre-copy: freeze after this many rounds at the latest"},
 			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "where the source writes images (removed afterwards)"},
 			&cli.StringFlag{Name: "stats-json", Usage: "append one JSON object describing the migration to FILE"},
 			&cli.StringFlag{Name: "compress", Value: "auto", Usage: "zstd on the page stream: auto (on when the link is slower than the compressor on this data), on, off"},
@@ -62,6 +66,10 @@ func migrateCommand() *cli.Command {
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.Compress = c.String("compress")
 			cfg.PageStreams = c.Int("page-streams")
+			cfg.Tracker = c.String("tracker")
+			cfg.DowntimeTarget = c.Duration("downtime-target")
+			cfg.DowntimeFloor = c.Duration("downtime-floor")
+			cfg.MaxRounds = c.Int("max-rounds")
 			cfg.CRIU = criu.Options{
 				TCPEstablished: c.Bool("tcp-established"),
 				FileLocks:      c.Bool("file-locks"),

@@ -138,6 +138,11 @@ func seccompAllows(pid int) error {
 	return nil
 }
 
+// Mappings returns the ranges of pid a tracker follows, and pre-copy's
+// first round reads: private mappings, not the kernel's own ([vdso],
+// [vvar], ...).
+func Mappings(pid int) ([]Range, error) { return tracked(pid) }
+
 // tracked returns the mappings of pid a tracker follows: private ones, not
 // the kernel's own ([vdso], [vvar], ...).
 func tracked(pid int) ([]Range, error) {

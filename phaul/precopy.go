@@ -1,0 +1,430 @@
+package phaul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/phaul/phaul/core/dirty"
+	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/core/pagestore"
+	"github.com/phaul/phaul/pageserver"
+)
+
+// Pre-copy moves the tree's memory while it runs. Round 1 arms a dirty
+// tracker on every process of the tree and sends all its memory; each
+// later round first collects what was written since (which re-arms), then
+// reads that with process_vm_readv and sends it. When what is left would
+// cross within the downtime target, the tree is frozen by CRIU's dump: the
+// first pagemap CRIU opens on the page server proves every task is frozen,
+// and there the last dirty pages are read and sent, after a final-set
+// frame. CRIU's own pages then pass a filter that sends only what the
+// destination lacks and names the rest with keep frames, so that the
+// destination's images hold exactly the pages of the frozen tree.
+
+// precopyProc is one process of the tree being tracked.
+type precopyProc struct {
+	pid     int
+	key     pagestore.Key // CRIU's pagemap of it: its pid in the tree's namespace
+	tr      dirty.Tracker
+	pm      *linux.Pagemap
+	pending []dirty.Range // collected, not sent yet
+}
+
+// precopy is the source side of pre-copy over one forward session.
+type precopy struct {
+	s     *source
+	fw    *pageserver.Forwarder
+	root  int
+	procs map[int]*precopyProc
+	sent  map[pagestore.Key]pageSet // every page sent, by pagemap
+	ents  []linux.PagemapEntry
+	buf   []byte
+	// Counters of the round in progress.
+	roundPages, roundBytes uint64
+}
+
+func newPrecopy(s *source, fw *pageserver.Forwarder, root int) *precopy {
+	return &precopy{s: s, fw: fw, root: root, procs: make(map[int]*precopyProc),
+		sent: make(map[pagestore.Key]pageSet),
+		ents: make([]linux.PagemapEntry, readChunk), buf: make([]byte, readChunk*pagestore.PageSize)}
+}
+
+// readChunk pages are looked up and read at once (1 MiB).
+const readChunk = 256
+
+// pageSet is a set of page addresses.
+type pageSet map[uint64]uint64 // page number / 64 -> bits
+
+func (s pageSet) add(vaddr, n uint64) {
+	for pn := vaddr / pagestore.PageSize; n > 0; pn, n = pn+1, n-1 {
+		s[pn>>6] |= 1 << (pn & 63)
+	}
+}
+
+func (s pageSet) has(vaddr uint64) bool {
+	pn := vaddr / pagestore.PageSize
+	return s[pn>>6]&(1<<(pn&63)) != 0
+}
+
+// treePids returns root and its descendants (threads' children included).
+func treePids(root int) ([]int, error) {
+	pids := []int{root}
+	for i := 0; i < len(pids); i++ {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pids[i]))
+		if err != nil {
+			if i == 0 {
+				return nil, fmt.Errorf("tree of %d: %w", root, err)
+			}
+			continue // exited meanwhile
+		}
+		for _, t := range tasks {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pids[i], t.Name()))
+			if err != nil {
+				continue
+			}
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil {
+					pids = append(pids, pid)
+				}
+			}
+		}
+	}
+	return pids, nil
+}
+
+// nsPid returns pid's number in its own (innermost) PID namespace: the id
+// CRIU gives its pagemap.
+func nsPid(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			f := strings.Fields(v)
+			if len(f) == 0 {
+				break
+			}
+			return strconv.ParseUint(f[len(f)-1], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("status of %d: no NSpid", pid)
+}
+
+// refresh starts tracking processes new to the tree (whole: their memory
+// is sent in full by the next send) and forgets those that are gone.
+func (p *precopy) refresh() error {
+	pids, err := treePids(p.root)
+	if err != nil {
+		return err
+	}
+	alive := make(map[int]bool, len(pids))
+	for _, pid := range pids {
+		alive[pid] = true
+		if p.procs[pid] != nil {
+			continue
+		}
+		vpid, err := nsPid(pid)
+		if err != nil {
+			continue // exited meanwhile
+		}
+		tr, err := dirty.Start(p.s.cfg.Tracker, pid)
+		if err != nil {
+			return fmt.Errorf("track %d: %w", pid, err)
+		}
+		pm, err := linux.OpenPagemap(pid)
+		if err != nil {
+			tr.Stop()
+			return fmt.Errorf("track %d: %w", pid, err)
+		}
+		// Tracking is armed before anything is read: a write after the
+		// read below is caught by the next collect.
+		all, err := dirty.Mappings(pid)
+		if err != nil {
+			tr.Stop()
+			pm.Close()
+			return fmt.Errorf("track %d: %w", pid, err)
+		}
+		pr := &precopyProc{pid: pid, key: pagestore.Key{Kind: pagestore.KindTask, ID: vpid}, tr: tr, pm: pm, pending: all}
+		if _, err := p.fw.Open(pr.key); err != nil {
+			p.stopProc(pr)
+			return err
+		}
+		p.procs[pid] = pr
+		p.s.log.Debug("tracking", "pid", pid, "vpid", vpid, "tracker", tr.Kind())
+	}
+	for pid, pr := range p.procs {
+		if !alive[pid] {
+			p.stopProc(pr)
+			delete(p.procs, pid)
+		}
+	}
+	return nil
+}
+
+func (p *precopy) stopProc(pr *precopyProc) {
+	if err := pr.tr.Stop(); err != nil {
+		p.s.log.Warn("stop tracker", "pid", pr.pid, "err", err)
+	}
+	pr.pm.Close()
+}
+
+// stop ends every tracker: after the migration, whatever its outcome (a
+// resumed source runs untracked again).
+func (p *precopy) stop() {
+	for pid, pr := range p.procs {
+		p.stopProc(pr)
+		delete(p.procs, pid)
+	}
+}
+
+// collect adds what each tracker collected to its pending ranges and
+// returns the pending bytes in all.
+func (p *precopy) collect() (uint64, error) {
+	var total uint64
+	for pid, pr := range p.procs {
+		rs, err := pr.tr.Collect()
+		if err != nil {
+			if !processExists(pid) {
+				continue // exited: refresh drops it
+			}
+			return 0, fmt.Errorf("collect %d: %w", pid, err)
+		}
+		pr.pending = append(pr.pending, rs...)
+		for _, r := range pr.pending {
+			total += r.End - r.Start
+		}
+	}
+	return total, nil
+}
+
+func processExists(pid int) bool {
+	ok, _ := linux.ProcessExists(pid)
+	return ok
+}
+
+// sendPending reads every process's pending ranges and sends them.
+func (p *precopy) sendPending(ctx context.Context) error {
+	for _, pr := range p.procs {
+		for _, r := range pr.pending {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if err := p.sendRange(pr, r); err != nil {
+				return err
+			}
+		}
+		pr.pending = pr.pending[:0]
+	}
+	return nil
+}
+
+// sendRange reads the pages of r that CRIU would dump (present or swapped,
+// not file-backed page cache) and sends them.
+func (p *precopy) sendRange(pr *precopyProc, r dirty.Range) error {
+	for at := r.Start; at < r.End; {
+		n := min(uint64(readChunk), (r.End-at)/pagestore.PageSize)
+		ents := p.ents[:n]
+		if err := pr.pm.Entries(at, ents); err != nil {
+			return nil // unmapped meanwhile; CRIU will not dump it either
+		}
+		for i := uint64(0); i < n; {
+			if !wanted(ents[i]) {
+				i++
+				continue
+			}
+			j := i + 1
+			for j < n && wanted(ents[j]) {
+				j++
+			}
+			vaddr := at + i*pagestore.PageSize
+			buf := p.buf[:(j-i)*pagestore.PageSize]
+			got, err := linux.ReadProcessMemory(pr.pid, vaddr, buf)
+			if err != nil {
+				got = 0 // unmapped meanwhile
+			}
+			if pages := uint64(got) / pagestore.PageSize; pages > 0 {
+				if err := p.fw.Add(pr.key, vaddr, pages, pagestore.FlagPresent, buf[:pages*pagestore.PageSize]); err != nil {
+					return err
+				}
+				p.sentSet(pr.key).add(vaddr, pages)
+				p.roundPages += pages
+				p.roundBytes += pages * pagestore.PageSize
+			}
+			i = j
+		}
+		at += n * pagestore.PageSize
+	}
+	return nil
+}
+
+func wanted(e linux.PagemapEntry) bool {
+	return (e.Present() || e.Swapped()) && !e.FileOrShared()
+}
+
+func (p *precopy) sentSet(k pagestore.Key) pageSet {
+	s := p.sent[k]
+	if s == nil {
+		s = make(pageSet)
+		p.sent[k] = s
+	}
+	return s
+}
+
+// rounds runs pre-copy until what is left fits the downtime target or it
+// stops converging, and returns why it stopped. What the last collect
+// found stays pending for the final phase.
+func (p *precopy) rounds(ctx context.Context) (string, error) {
+	cfg := p.s.cfg
+	floor := cfg.DowntimeFloor
+	if floor > cfg.DowntimeTarget {
+		p.s.log.Warn("the downtime floor alone exceeds the target: freezing once the dirty set stops shrinking",
+			"floor", floor, "target", cfg.DowntimeTarget)
+	}
+	var (
+		bandwidth float64 // bytes per second, last round
+		best      = ^uint64(0)
+		noGain    int
+	)
+	for round := 1; ; round++ {
+		t0 := time.Now()
+		if err := p.refresh(); err != nil {
+			return "", err
+		}
+		if round > 1 {
+			if _, err := p.collect(); err != nil {
+				return "", err
+			}
+		}
+		var dirtyBytes uint64
+		for _, pr := range p.procs {
+			for _, r := range pr.pending {
+				dirtyBytes += r.End - r.Start
+			}
+		}
+		if round > 1 {
+			// Expected downtime if frozen now: the floor plus the dirty
+			// set at the last round's bandwidth.
+			expected := floor + time.Duration(float64(dirtyBytes)/max(bandwidth, 1)*float64(time.Second))
+			reason := ""
+			switch {
+			case expected <= cfg.DowntimeTarget:
+				reason = fmt.Sprintf("expected downtime %v fits the target %v", expected.Round(time.Millisecond), cfg.DowntimeTarget)
+			case round > cfg.MaxRounds:
+				reason = fmt.Sprintf("max rounds (%d) reached; expected downtime %v", cfg.MaxRounds, expected.Round(time.Millisecond))
+			}
+			if dirtyBytes < best {
+				best, noGain = dirtyBytes, 0
+			} else if noGain++; noGain >= 3 && reason == "" {
+				reason = fmt.Sprintf("no gain in 3 rounds (dirty set %d KiB); expected downtime %v", dirtyBytes>>10, expected.Round(time.Millisecond))
+			}
+			p.s.log.Info("pre-copy", "round", round, "dirty_kib", dirtyBytes>>10, "expected_downtime", expected.Round(time.Millisecond))
+			if reason != "" {
+				return reason, nil
+			}
+		}
+		p.roundPages, p.roundBytes = 0, 0
+		wire0 := p.fw.Stats().WireBytes
+		if err := p.sendPending(ctx); err != nil {
+			return "", err
+		}
+		d := time.Since(t0)
+		bandwidth = float64(p.roundBytes) / max(d.Seconds(), 1e-3)
+		p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: round, Kind: "precopy",
+			DirtyPages: dirtyBytes / pagestore.PageSize, PagesSent: p.roundPages,
+			BytesWire: p.fw.Stats().WireBytes - wire0, DurationMS: ms(d),
+			BandwidthMBps: bandwidth / 1e6})
+		p.s.progress(PhaseRounds, p.fw.Stats().RawBytes)
+	}
+}
+
+// finalFilter is the Store of the page server CRIU's final dump writes
+// into. Its first Open (every task is frozen by then) sends the last dirty
+// pages; then pages the destination has already are kept, not sent.
+type finalFilter struct {
+	p       *precopy
+	ctx     context.Context
+	started bool
+	err     error
+}
+
+func (f *finalFilter) Open(k pagestore.Key) (bool, error) {
+	if !f.started {
+		f.started = true
+		f.err = f.p.final(f.ctx)
+	}
+	if f.err != nil {
+		// Failing the OPEN fails CRIU's dump: the tree resumes.
+		return false, f.err
+	}
+	return f.p.fw.Open(k)
+}
+
+// final runs with the tree frozen: a final-set frame, then what was
+// written since the last round.
+func (p *precopy) final(ctx context.Context) error {
+	t0 := time.Now()
+	if err := p.fw.BeginFinal(); err != nil {
+		return err
+	}
+	if _, err := p.collect(); err != nil {
+		return err
+	}
+	p.roundPages, p.roundBytes = 0, 0
+	wire0 := p.fw.Stats().WireBytes
+	if err := p.sendPending(ctx); err != nil {
+		return err
+	}
+	p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: len(p.s.stats.Rounds) + 1, Kind: "frozen",
+		DirtyPages: p.roundPages, PagesSent: p.roundPages, BytesWire: p.fw.Stats().WireBytes - wire0,
+		DurationMS: ms(time.Since(t0))})
+	p.s.log.Info("pre-copy final dirty set sent", "pages", p.roundPages, "dur", time.Since(t0))
+	return nil
+}
+
+func (f *finalFilter) Add(k pagestore.Key, vaddr, nrPages uint64, flags uint32, data []byte) error {
+	if f.err != nil {
+		return f.err
+	}
+	sent := f.p.sent[k]
+	if flags&pagestore.FlagPresent == 0 || len(data) == 0 || sent == nil {
+		return f.p.fw.Add(k, vaddr, nrPages, flags, data)
+	}
+	for i := uint64(0); i < nrPages; {
+		have := sent.has(vaddr + i*pagestore.PageSize)
+		j := i + 1
+		for j < nrPages && sent.has(vaddr+j*pagestore.PageSize) == have {
+			j++
+		}
+		var err error
+		if have {
+			err = f.p.fw.Keep(k, vaddr+i*pagestore.PageSize, j-i)
+		} else {
+			err = f.p.fw.Add(k, vaddr+i*pagestore.PageSize, j-i, flags, data[i*pagestore.PageSize:j*pagestore.PageSize])
+		}
+		if err != nil {
+			return err
+		}
+		i = j
+	}
+	return nil
+}
+
+func (f *finalFilter) Read(k pagestore.Key, vaddr uint64, buf []byte) error {
+	return f.p.fw.Read(k, vaddr, buf)
+}
+
+func (f *finalFilter) Commit() error {
+	if f.err != nil {
+		return f.err
+	}
+	if !f.started {
+		return errors.New("pre-copy: CRIU's dump opened no pagemap")
+	}
+	return f.p.fw.Commit()
+}
