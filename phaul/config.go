@@ -10,9 +10,9 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
-	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/pageserver"
 )
@@ -39,7 +39,7 @@ type MigrateConfig struct {
 	DowntimeTarget time.Duration
 	DowntimeFloor  time.Duration
 	MaxRounds      int
-	DumpLock    string // host-wide lock file serialising CRIU dumps
+	DumpLock       string // host-wide lock file serialising CRIU dumps
 
 	Transport transport.Config // Identity is loaded from TLSDir
 	Logger    *slog.Logger
