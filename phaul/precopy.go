@@ -44,8 +44,23 @@ type precopy struct {
 	sent  map[pagestore.Key]pageSet // every page sent, by pagemap
 	ents  []linux.PagemapEntry
 	buf   []byte
-	// Counters of the round in progress.
+	// The round in progress: its counters, what it set out to send, the
+	// downtime expected before it.
 	roundPages, roundBytes uint64
+	round                  int
+	remaining              uint64
+	expected               time.Duration
+	lastProgress           time.Time
+}
+
+// progress reports the round in progress, at most every 100 ms.
+func (p *precopy) progress() {
+	if p.s.cfg.Progress == nil || time.Since(p.lastProgress) < 100*time.Millisecond {
+		return
+	}
+	p.lastProgress = time.Now()
+	p.s.cfg.Progress(Event{Phase: PhaseRounds, Bytes: p.roundBytes, Elapsed: time.Since(p.s.stats.start),
+		Round: p.round, Remaining: p.remaining - min(p.remaining, p.roundBytes), ExpectedDowntime: p.expected})
 }
 
 func newPrecopy(s *source, fw *pageserver.Forwarder, root int) *precopy {
@@ -255,6 +270,7 @@ func (p *precopy) sendRange(pr *precopyProc, r dirty.Range) error {
 				p.sentSet(pr.key).add(vaddr, pages)
 				p.roundPages += pages
 				p.roundBytes += pages * pagestore.PageSize
+				p.progress()
 			}
 			i = j
 		}
@@ -324,11 +340,13 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 				reason = fmt.Sprintf("no gain in 3 rounds (dirty set %d KiB); expected downtime %v", dirtyBytes>>10, expected.Round(time.Millisecond))
 			}
 			p.s.log.Info("pre-copy", "round", round, "dirty_kib", dirtyBytes>>10, "expected_downtime", expected.Round(time.Millisecond))
+			p.expected = expected
 			if reason != "" {
 				return reason, nil
 			}
 		}
 		p.roundPages, p.roundBytes = 0, 0
+		p.round, p.remaining = round, dirtyBytes
 		wire0 := p.fw.Stats().WireBytes
 		if err := p.sendPending(ctx); err != nil {
 			return "", err
@@ -339,7 +357,6 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 			DirtyPages: dirtyBytes / pagestore.PageSize, PagesSent: p.roundPages,
 			BytesWire: p.fw.Stats().WireBytes - wire0, DurationMS: ms(d),
 			BandwidthMBps: bandwidth / 1e6})
-		p.s.progress(PhaseRounds, p.fw.Stats().RawBytes)
 	}
 }
 

@@ -114,6 +114,11 @@ type Event struct {
 	Phase   Phase
 	Bytes   uint64        // image bytes sent so far in this phase
 	Elapsed time.Duration // since the migration began
+	// Pre-copy: the round, the dirty bytes it is sending, and the downtime
+	// expected if the tree were frozen now.
+	Round            int
+	Remaining        uint64
+	ExpectedDowntime time.Duration
 }
 
 // Progress receives events; it is called from the migration's goroutine

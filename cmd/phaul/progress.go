@@ -14,6 +14,7 @@ type progressBar struct {
 	mu    sync.Mutex
 	out   *os.File
 	phase phaul.Phase
+	round int
 	since time.Time
 	last  time.Time
 }
@@ -31,16 +32,27 @@ func newProgressBar(out *os.File) *progressBar {
 func (p *progressBar) update(e phaul.Event) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if e.Phase != p.phase {
-		p.phase, p.since = e.Phase, time.Now()
+	if e.Phase != p.phase || e.Round != p.round {
+		p.phase, p.round, p.since = e.Phase, e.Round, time.Now()
 	} else if time.Since(p.last) < 100*time.Millisecond {
 		return
 	}
 	p.last = time.Now()
 	line := fmt.Sprintf("%-9s %6.1fs", e.Phase, e.Elapsed.Seconds())
+	if e.Round > 0 {
+		// Pre-copy, as QEMU's query-migrate: round, remaining, rate,
+		// expected downtime.
+		line += fmt.Sprintf("  round %d", e.Round)
+	}
 	if e.Bytes > 0 {
 		rate := float64(e.Bytes) / time.Since(p.since).Seconds() / (1 << 20)
 		line += fmt.Sprintf("  %8.1f MiB  %7.1f MiB/s", float64(e.Bytes)/(1<<20), rate)
+	}
+	if e.Round > 0 {
+		line += fmt.Sprintf("  remaining %.1f MiB", float64(e.Remaining)/(1<<20))
+		if e.ExpectedDowntime > 0 {
+			line += fmt.Sprintf("  expected downtime %v", e.ExpectedDowntime.Round(time.Millisecond))
+		}
 	}
 	fmt.Fprintf(p.out, "\r\033[K%s", line)
 }
