@@ -240,13 +240,17 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	// One CRIU dump at a time on this host: concurrent dumps collide in
 	// CRIU's parasite ("Can't create a directory (-17)", seen with two
 	// migrations started together).
-	var pre *precopy
+	var (
+		pre    *precopy
+		filter *finalFilter
+	)
 	store := func(fw *pageserver.Forwarder) pageserver.Store {
 		if cfg.Mode != ModePrecopy {
 			return fw
 		}
 		pre = newPrecopy(s, fw, cfg.PID)
-		return &finalFilter{p: pre, ctx: ctx}
+		filter = &finalFilter{p: pre, ctx: ctx}
+		return filter
 	}
 	pages, err := s.startPages(ctx, store)
 	if err != nil {
@@ -279,6 +283,10 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	err = bin.Dump(ctx, criu.DumpRequest{Pid: cfg.PID, ImagesDir: imagesDir, Options: cfg.CRIU,
 		PageServer: pages.criuEnd}, notify)
 	pstats, perr := pages.finish()
+	if err != nil && filter != nil && filter.err != nil {
+		// The root cause: CRIU only saw its page server go away.
+		err = fmt.Errorf("pre-copy final phase: %w (criu: %w)", filter.err, err)
+	}
 	if err == nil && perr != nil {
 		s.log.Warn("page stream ended badly after a good dump", "err", perr)
 	}

@@ -56,7 +56,7 @@ func BenchmarkColdMigration(b *testing.B) {
 				w = testenv.StartWorkload(b, e.hosts.Src, opts)
 				warmMemory()
 				b.StartTimer()
-				r := e.migrate(w.PID())
+				r := e.migrate(w.PID(), "--mode", "cold")
 				b.StopTimer()
 				if r.code != 0 {
 					b.Fatalf("migrate exit %d\n%s", r.code, r.out)

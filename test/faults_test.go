@@ -89,6 +89,53 @@ func TestFaultConnectionCut(t *testing.T) {
 	assertNoCgroup(t, r)
 }
 
+// TestFaultPrecopyConnectionCut takes the link down while pre-copy rounds
+// run: the source must roll back with the workload running untracked (no
+// write-protected mapping, no userfaultfd left in it).
+func TestFaultPrecopyConnectionCut(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: slowLink})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
+	w.WaitProgress(t, 3)
+	m := e.startMigrate(w.PID(), "", "--mode", "precopy", "--tracker", "uffd-wp")
+	var id string
+	testenv.WaitFor(t, 60*time.Second, func() (bool, error) {
+		out := m.out.String()
+		if !strings.Contains(out, "phase=rounds") {
+			return false, nil
+		}
+		if id == "" {
+			id = migrationID(t, out)
+		}
+		return receivedBytes(e, id) >= 4<<20, nil
+	})
+	if strings.Contains(m.out.String(), "phase=dump") {
+		t.Fatalf("pre-copy reached the dump before it could be broken: shape the link slower\n%s", m.out)
+	}
+	if out, err := exec.Command("ip", "-n", e.hosts.Dst.Name, "link", "set", "to-src", "down").CombinedOutput(); err != nil {
+		t.Fatalf("cut the link: %v\n%s", err, out)
+	}
+	r := m.wait(60 * time.Second)
+	assertRolledBack(t, r, id)
+	e.assertOnSource(w)
+	smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", w.PID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(smaps), "\n") {
+		if strings.HasPrefix(line, "VmFlags:") && slices.Contains(strings.Fields(line), "uw") {
+			t.Fatalf("a mapping of the workload stays write-protected for tracking: %s", line)
+		}
+	}
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", w.PID()))
+	for _, fd := range fds {
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", w.PID(), fd.Name())); strings.Contains(l, "userfaultfd") {
+			t.Fatalf("the workload holds a userfaultfd after the rollback: fd %s", fd.Name())
+		}
+	}
+	waitDirEmpty(t, e.srcWork, 10*time.Second)
+}
+
 // TestFaultDestinationDiesMidTransfer SIGKILLs the destination service
 // during the transfer: the source must roll back and fail with exit 1.
 func TestFaultDestinationDiesMidTransfer(t *testing.T) {
@@ -468,7 +515,8 @@ func startBreakableMigration(t *testing.T, rate int64) (*env, *testenv.Workload,
 	e.startServe()
 	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
 	w.WaitProgress(t, 3)
-	m := e.startMigrate(w.PID(), "")
+	// Cold: the transfer under test is CRIU's dump streaming pages.
+	m := e.startMigrate(w.PID(), "", "--mode", "cold")
 	return e, w, m, m.waitTransfer(e)
 }
 

@@ -23,7 +23,7 @@ func TestColdMigration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := e.migrate(w.PID())
+	r := e.migrate(w.PID(), "--mode", "cold")
 	e.assertMigrated(w, r)
 	after, err := w.LastStep()
 	if err != nil {

@@ -144,7 +144,7 @@ func benchPageServer(b *testing.B, mib int, v pageVictim, verify bool) pageBench
 				w = start(b)
 			}
 			warmMemoryBytes(warmMigrate)
-			r := e.migrateQuiet(w.PID(), "--compress", mode)
+			r := e.migrateQuiet(w.PID(), "--mode", "cold", "--compress", mode)
 			if r.code != 0 || r.str("result") != "ok" {
 				b.Fatalf("migrate --compress %s: exit %d\n%s\nserve log:\n%s", mode, r.code, r.out, tail(e.readServeLog(), 20))
 			}

@@ -30,7 +30,7 @@ func migrateCommand() *cli.Command {
 			criuFlag(),
 			&cli.StringFlag{Name: "to", Required: true, Usage: "destination HOST:PORT; its certificate must name HOST"},
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
-			&cli.StringFlag{Name: "mode", Value: string(phaul.ModeCold), Usage: "precopy (memory moves in rounds while the tree runs) or cold (freeze, then move everything)"},
+			&cli.StringFlag{Name: "mode", Value: string(def.Mode), Usage: "precopy (memory moves in rounds while the tree runs) or cold (freeze, then move everything)"},
 			&cli.StringFlag{Name: "tracker", Value: def.Tracker, Usage: "pre-copy dirty-page tracker: auto, uffd-wp, soft-dirty, hash (phaul check says which work here)"},
 			&cli.DurationFlag{Name: "downtime-target", Value: def.DowntimeTarget, Usage: "pre-copy: freeze once the expected downtime fits this"},
 			&cli.DurationFlag{Name: "downtime-floor", Value: def.DowntimeFloor, Usage: "pre-copy: estimated freeze time of CRIU's dump and restore besides memory"},
