@@ -26,6 +26,15 @@ import (
 // destination lacks and names the rest with keep frames, so that the
 // destination's images hold exactly the pages of the frozen tree.
 
+// faultDropCollect is a fault injection for tests only: with
+// PHAUL_FAULT_DROP_COLLECT=N, what round N collects is thrown away, as a
+// tracker that missed writes would; the end-to-end check of the workload
+// must then fail (test/precopy_test.go). 0: off.
+func faultDropCollect() int {
+	n, _ := strconv.Atoi(os.Getenv("PHAUL_FAULT_DROP_COLLECT"))
+	return n
+}
+
 // precopyProc is one process of the tree being tracked.
 type precopyProc struct {
 	pid     int
@@ -315,6 +324,12 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 		if round > 1 {
 			if _, err := p.collect(); err != nil {
 				return "", err
+			}
+			if round == faultDropCollect() {
+				p.s.log.Warn("fault injection: dropping what this round collected", "round", round)
+				for _, pr := range p.procs {
+					pr.pending = nil
+				}
 			}
 		}
 		var dirtyBytes uint64

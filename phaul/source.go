@@ -272,7 +272,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		for _, pr := range pre.procs {
 			s.stats.Tracker = pr.tr.Kind()
 		}
-		s.log.Info("pre-copy converged", "rounds", len(s.stats.Rounds), "why", reason)
+		s.log.Info("pre-copy rounds done", "rounds", len(s.stats.Rounds), "why", reason)
 	}
 	unlock, err := linux.LockFile(cfg.DumpLock)
 	if err != nil {

@@ -1,7 +1,10 @@
 package test
 
 import (
+	"errors"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/phaul/phaul/test/testenv"
 )
@@ -53,4 +56,59 @@ func TestPrecopyMigration(t *testing.T) {
 			t.Logf("stop: %s; rounds %v; downtime %.0f ms", r.str("stop_reason"), kinds, r.num("downtime_ms"))
 		})
 	}
+}
+
+// TestPrecopyNegativeControl: with one round's collect thrown away (fault
+// injection, as a tracker that missed writes), pages the workload wrote
+// reach the destination stale, and its own verification must catch it.
+// This is the check every pre-copy test relies on.
+func TestPrecopyNegativeControl(t *testing.T) {
+	t.Setenv("PHAUL_FAULT_DROP_COLLECT", "2")
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 1e9})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 64, Threads: 2, PagesPerSec: 4000})
+	w.WaitProgress(t, 3)
+	// A target no round can meet: rounds 2 and 3 run, the final set then
+	// holds only what the later collects found.
+	r := e.migrate(w.PID(), "--mode", "precopy", "--downtime-target", "1ms", "--max-rounds", "3")
+	if r.code != 0 {
+		t.Fatalf("migrate exit %d", r.code)
+	}
+	if !strings.Contains(r.out, "fault injection") {
+		t.Fatalf("the fault was not injected:\n%s", r.out)
+	}
+	err := waitUnhealthy(w, 30*time.Second)
+	if err == nil {
+		t.Fatal("negative control: a round's dirty pages were dropped and the workload found nothing wrong")
+	}
+	t.Logf("caught: %v", err)
+}
+
+// waitUnhealthy waits for the workload's log to turn unhealthy.
+func waitUnhealthy(w *testenv.Workload, timeout time.Duration) error {
+	for end := time.Now().Add(timeout); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		if err := w.Health(); errors.Is(err, testenv.ErrUnhealthy) {
+			return err
+		}
+	}
+	return nil
+}
+
+// TestPrecopyNoConvergence: a workload that dirties memory faster than the
+// link carries it never fits the downtime target; pre-copy must still
+// finish, freezing after rounds without gain or at --max-rounds, and say
+// why.
+func TestPrecopyNoConvergence(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 200e6})
+	e.startServe()
+	// 8000 pages/s = 31 MiB/s of dirt against 24 MiB/s of link.
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: 8000})
+	w.WaitProgress(t, 3)
+	r := e.migrate(w.PID(), "--mode", "precopy", "--max-rounds", "6")
+	e.assertMigrated(w, r)
+	reason := r.str("stop_reason")
+	if !strings.Contains(reason, "no gain") && !strings.Contains(reason, "max rounds") {
+		t.Fatalf("stop_reason %q: want no gain or max rounds", reason)
+	}
+	t.Logf("stopped: %s; downtime %.0f ms", reason, r.num("downtime_ms"))
 }
