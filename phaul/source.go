@@ -280,6 +280,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		return fmt.Errorf("dump lock: %w", err)
 	}
 	defer unlock()
+	pages.start()
 	err = bin.Dump(ctx, criu.DumpRequest{Pid: cfg.PID, ImagesDir: imagesDir, Options: cfg.CRIU,
 		PageServer: pages.criuEnd}, notify)
 	pstats, perr := pages.finish()
@@ -407,6 +408,8 @@ type pageStream struct {
 	streams []*transport.Stream
 	fw      *pageserver.Forwarder
 	done    chan error
+	serve   func()
+	started bool
 }
 
 // startPages opens the page streams and the page server CRIU will dump
@@ -439,15 +442,28 @@ func (s *source) startPages(ctx context.Context, store func(*pageserver.Forwarde
 	if err != nil {
 		return nil, err
 	}
-	go func() { p.done <- srv.ServeConn(ctx, p.local) }() // owned by p; finish waits
+	p.serve = func() {
+		go func() { p.done <- srv.ServeConn(ctx, p.local) }() // owned by p; finish waits
+	}
 	return p, nil
+}
+
+// start serves CRIU's page-server session; call it right before the dump
+// (the session's handshake timeout runs from here, and pre-copy rounds
+// come first).
+func (p *pageStream) start() {
+	p.serve()
+	p.started = true
 }
 
 // finish ends the page path after the dump: CRIU has closed its end (or
 // died); closing ours lets the server see EOF.
 func (p *pageStream) finish() (pageserver.ForwardStats, error) {
 	p.criuEnd.Close()
-	err := <-p.done
+	var err error
+	if p.started {
+		err = <-p.done
+	}
 	p.close()
 	return p.fw.Stats(), err
 }
