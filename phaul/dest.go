@@ -327,6 +327,11 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 			if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: &wire.Pong{Seq: b.Ping.GetSeq()}}}); err != nil {
 				return nil, err
 			}
+			// A ping proves the source alive: pre-copy sends one per
+			// round, and the step timeout bounds a round, not them all.
+			if ctx.Err() == nil {
+				stream.SetDeadline(time.Now().Add(s.cfg.StepTimeout))
+			}
 		case *wire.Message_Restore:
 			restore = b.Restore
 		case *wire.Message_Abort:

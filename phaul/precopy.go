@@ -368,6 +368,9 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 		}
 		d := time.Since(t0)
 		bandwidth = float64(p.roundBytes) / max(d.Seconds(), 1e-3)
+		if err := p.s.keepalive(ctx); err != nil {
+			return "", err
+		}
 		p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: round, Kind: "precopy",
 			DirtyPages: dirtyBytes / pagestore.PageSize, PagesSent: p.roundPages,
 			BytesWire: p.fw.Stats().WireBytes - wire0, DurationMS: ms(d),

@@ -65,6 +65,9 @@ type source struct {
 	stats *Stats
 	sess  *transport.Session
 	ctl   *wire.Conn
+	// ctlStream carries ctl; pings counts keepalive pings.
+	ctlStream *transport.Stream
+	pings     uint64
 }
 
 func (s *source) progress(p Phase, bytes uint64) {
@@ -132,7 +135,7 @@ func (s *source) run(ctx context.Context) error {
 		return fmt.Errorf("control stream: %w", err)
 	}
 	defer stream.Close()
-	s.ctl = wire.NewConn(stream)
+	s.ctl, s.ctlStream = wire.NewConn(stream), stream
 	if err := s.hello(ctx, stream, local); err != nil {
 		return err
 	}
@@ -197,6 +200,30 @@ func modeToWire(m Mode) wire.Mode {
 		return wire.Mode_MODE_PRECOPY
 	}
 	return wire.Mode_MODE_COLD
+}
+
+// keepalive pings the destination once and waits for the answer: between
+// pre-copy rounds it proves both ends alive (the destination's wait for
+// the next step starts again) and notices an ABORT early.
+func (s *source) keepalive(ctx context.Context) error {
+	s.pings++
+	seq := 100 + s.pings // the hello's pings are 1 to 3
+	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Ping{Ping: &wire.Ping{Seq: seq}}}); err != nil {
+		return fmt.Errorf("keepalive: %w", err)
+	}
+	stop := deadline(ctx, s.ctlStream, s.cfg.HelloTimeout)
+	defer stop()
+	m, err := s.ctl.Recv()
+	if err != nil {
+		return fmt.Errorf("keepalive: %w", err)
+	}
+	if a := m.GetAbort(); a != nil {
+		return fmt.Errorf("%w: %s", ErrAborted, a.GetReason())
+	}
+	if m.GetPong().GetSeq() != seq {
+		return fmt.Errorf("keepalive: %w: got %s", wire.ErrFrame, wire.Name(m))
+	}
+	return nil
 }
 
 // abort tells the destination to drop the migration; best effort.
