@@ -36,6 +36,7 @@ type MigrateConfig struct {
 	// and restore besides memory (the floor of the downtime), and the
 	// most rounds before freezing anyway.
 	Tracker        string
+	FinalDump      string // "lazy" (default) or "full"; see FinalDump*
 	DowntimeTarget time.Duration
 	DowntimeFloor  time.Duration
 	MaxRounds      int
@@ -64,12 +65,22 @@ func defaultTransport() transport.Config {
 	return c
 }
 
+// How pre-copy's final dump runs. Lazy: CRIU's lazy dump freezes the tree
+// without copying its anonymous memory and holds it while phaul reads the
+// last dirty pages itself; full: CRIU dumps all memory into phaul's page
+// server, which sends only what the destination lacks.
+const (
+	FinalDumpLazy = "lazy"
+	FinalDumpFull = "full"
+)
+
 // DefaultMigrateConfig returns a cold migration config with defaults set.
 func DefaultMigrateConfig() MigrateConfig {
 	return MigrateConfig{
 		Mode:           ModePrecopy,
 		PageStreams:    2,
 		Tracker:        dirty.KindAuto,
+		FinalDump:      FinalDumpLazy,
 		DowntimeTarget: 300 * time.Millisecond,
 		DowntimeFloor:  250 * time.Millisecond,
 		MaxRounds:      30,
@@ -116,6 +127,9 @@ func (c MigrateConfig) Validate() error {
 			if err := dirty.Available(c.Tracker); err != nil {
 				errs = append(errs, fmt.Errorf("--tracker: %w", err))
 			}
+		}
+		if c.FinalDump != FinalDumpLazy && c.FinalDump != FinalDumpFull {
+			errs = append(errs, fmt.Errorf("--final-dump %q: want lazy or full", c.FinalDump))
 		}
 		if c.DowntimeTarget <= 0 || c.DowntimeFloor < 0 || c.MaxRounds < 1 {
 			errs = append(errs, errors.New("--downtime-target and --max-rounds must be positive"))

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -462,4 +465,178 @@ func (f *finalFilter) Commit() error {
 		return errors.New("pre-copy: CRIU's dump opened no pagemap")
 	}
 	return f.p.fw.Commit()
+}
+
+// finalLazy runs in the post-dump notification of a lazy dump, with the
+// tree frozen and held by CRIU: it sends the last dirty set, then turns the
+// pagemaps CRIU wrote locally into the final set (pages already sent are
+// kept; the rest come from the held tree, or from the local pages images
+// for the few CRIU copied), removes those images (the destination writes
+// its own from the store) and ends the forward session, which the
+// destination commits.
+func (p *precopy) finalLazy(ctx context.Context, imagesDir string) error {
+	if err := p.final(ctx); err != nil {
+		return err
+	}
+	t0 := time.Now()
+	ents, err := os.ReadDir(imagesDir)
+	if err != nil {
+		return err
+	}
+	var kept, added uint64
+	for _, e := range ents {
+		k, ok := pagestore.ParsePagemapName(e.Name())
+		if !ok {
+			continue
+		}
+		if err := p.finalPagemap(ctx, imagesDir, e.Name(), k, &kept, &added); err != nil {
+			return fmt.Errorf("final set from %s: %w", e.Name(), err)
+		}
+	}
+	// The local page images must not travel: the destination's store
+	// writes the complete set.
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), "pagemap-") || strings.HasPrefix(e.Name(), "pages-") {
+			if err := os.Remove(filepath.Join(imagesDir, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	p.s.log.Info("final set from the lazy dump", "kept_pages", kept, "added_pages", added, "dur", time.Since(t0))
+	return p.fw.Commit()
+}
+
+// finalPagemap sends one local pagemap as final-set frames.
+func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestore.Key, kept, added *uint64) error {
+	f, err := os.Open(filepath.Join(dir, name))
+	if err != nil {
+		return err
+	}
+	pm, err := pagestore.ReadPagemap(f)
+	f.Close()
+	if err != nil {
+		return err
+	}
+	var pages *os.File
+	if pm.PresentPages() > 0 {
+		if pages, err = os.Open(filepath.Join(dir, pagestore.PagesName(pm.PagesID))); err != nil {
+			return err
+		}
+		defer pages.Close()
+	}
+	if _, err := p.fw.Open(k); err != nil {
+		return err
+	}
+	var pr *precopyProc
+	for _, x := range p.procs {
+		if x.key == k {
+			pr = x
+		}
+	}
+	sent := p.sent[k]
+	var off int64 // in the pages image
+	for _, e := range pm.Entries {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		present := e.Flags&pagestore.FlagPresent != 0
+		for i := uint64(0); i < e.NrPages; {
+			vaddr := e.Vaddr + i*pagestore.PageSize
+			have := sent != nil && sent.has(vaddr)
+			j := i + 1
+			for j < e.NrPages && j-i < readChunk && (sent != nil && sent.has(e.Vaddr+j*pagestore.PageSize)) == have {
+				j++
+			}
+			n := j - i
+			buf := p.buf[:n*pagestore.PageSize]
+			switch {
+			case have:
+				if err := p.fw.Keep(k, vaddr, n); err != nil {
+					return err
+				}
+				*kept += n
+			case present:
+				if _, err := pages.ReadAt(buf, off+int64(i*pagestore.PageSize)); err != nil {
+					return fmt.Errorf("%s: %w", pagestore.PagesName(pm.PagesID), err)
+				}
+				if err := p.fw.Add(k, vaddr, n, pagestore.FlagPresent, buf); err != nil {
+					return err
+				}
+				*added += n
+			default:
+				// Lazy: the content is in the held tree.
+				if pr == nil || k.Kind != pagestore.KindTask {
+					return fmt.Errorf("lazy pages of %v, a pagemap phaul did not track", k)
+				}
+				got, err := linux.ReadProcessMemory(pr.pid, vaddr, buf)
+				if err != nil || got != len(buf) {
+					return fmt.Errorf("read %d pages at %#x of %d: %d bytes, %v", n, vaddr, pr.pid, got, err)
+				}
+				if err := p.fw.Add(k, vaddr, n, pagestore.FlagPresent, buf); err != nil {
+					return err
+				}
+				*added += n
+			}
+			i = j
+		}
+		if present {
+			off += int64(e.NrPages * pagestore.PageSize)
+		}
+	}
+	return nil
+}
+
+// lazyHolder is phaul's connection to the page server of CRIU's lazy
+// dump, which holds the frozen tree until the session ends: cleanly (EOF
+// or CLOSE: the tree is killed) or with a command CRIU rejects (the tree
+// resumes).
+type lazyHolder struct {
+	conn *net.TCPConn
+	done chan error
+}
+
+// holdLazy connects to the lazy dump's listener and ends the session
+// cleanly at once, which kills the source's tree: it runs only once the
+// destination has answered PREPARED, as CRIU kills a cold dump's tree when
+// post-dump succeeds. It sends EOF rather than CLOSE: CRIU corks its
+// lazy-serving socket, and its answer to CLOSE waits out the cork's 200 ms.
+func holdLazy(ctx context.Context, addr string) (*lazyHolder, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("lazy dump's page server: %w", err)
+	}
+	conn := c.(*net.TCPConn)
+	// CRIU accepts once the notification is answered; if someone else's
+	// connection was taken instead, this one never sees CRIU's EOF.
+	conn.SetDeadline(time.Now().Add(time.Minute))
+	h := &lazyHolder{conn: conn, done: make(chan error, 1)}
+	go func() { // owned by h; wait collects it
+		err := conn.CloseWrite()
+		if err == nil {
+			// CRIU closes its end when it has ended the session.
+			_, err = io.Copy(io.Discard, conn)
+		}
+		h.done <- errors.Join(err, conn.Close())
+	}()
+	return h, nil
+}
+
+func (h *lazyHolder) wait() error {
+	if err := <-h.done; err != nil {
+		return fmt.Errorf("end the lazy dump: %w", err)
+	}
+	return nil
+}
+
+// freeLoopbackPort returns a loopback address with a port free a moment
+// ago, for CRIU's lazy listener.
+func freeLoopbackPort() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("lazy dump port: %w", err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr, nil
 }

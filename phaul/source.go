@@ -246,14 +246,38 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		prepared       *wire.Prepared
 		sent           []images.File
 	)
+	var (
+		pre        *precopy
+		filter     *finalFilter
+		lazy       = cfg.Mode == ModePrecopy && cfg.FinalDump == FinalDumpLazy
+		lazyListen string
+		holder     *lazyHolder
+	)
 	notify := criu.NotifyFunc(func(ctx context.Context, script string, _ int32) error {
 		switch script {
 		case "pre-dump":
 			frozen = time.Now()
 			s.phase(PhaseDump)
+		case "status-ready":
+			if lazy && acked {
+				// CRIU listens for its lazy client, the tree held:
+				// connect before answering, so that no one else does
+				// first, then close cleanly once CRIU accepts, which
+				// kills the tree (the destination holds it, PREPARED).
+				var err error
+				if holder, err = holdLazy(ctx, lazyListen); err != nil {
+					return err
+				}
+			}
 		case "post-dump":
 			dumped = time.Now()
 			s.stats.CRIUDumpMS = ms(dumped.Sub(frozen))
+			if lazy {
+				if err := pre.finalLazy(ctx, imagesDir); err != nil {
+					s.log.Warn("rolling back", "err", err)
+					return err
+				}
+			}
 			var err error
 			sent, prepared, err = s.transfer(ctx, imagesDir, ctlStream)
 			if err != nil {
@@ -267,10 +291,6 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	// One CRIU dump at a time on this host: concurrent dumps collide in
 	// CRIU's parasite ("Can't create a directory (-17)", seen with two
 	// migrations started together).
-	var (
-		pre    *precopy
-		filter *finalFilter
-	)
 	store := func(fw *pageserver.Forwarder) pageserver.Store {
 		if cfg.Mode != ModePrecopy {
 			return fw
@@ -307,9 +327,23 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		return fmt.Errorf("dump lock: %w", err)
 	}
 	defer unlock()
-	pages.start()
-	err = bin.Dump(ctx, criu.DumpRequest{Pid: cfg.PID, ImagesDir: imagesDir, Options: cfg.CRIU,
-		PageServer: pages.criuEnd}, notify)
+	req := criu.DumpRequest{Pid: cfg.PID, ImagesDir: imagesDir, Options: cfg.CRIU}
+	if lazy {
+		if lazyListen, err = freeLoopbackPort(); err != nil {
+			pages.finish()
+			return err
+		}
+		req.LazyListen = lazyListen
+	} else {
+		req.PageServer = pages.criuEnd
+		pages.start()
+	}
+	err = bin.Dump(ctx, req, notify)
+	if holder != nil {
+		if herr := holder.wait(); herr != nil && err == nil {
+			err = herr
+		}
+	}
 	pstats, perr := pages.finish()
 	if err != nil && filter != nil && filter.err != nil {
 		// The root cause: CRIU only saw its page server go away.

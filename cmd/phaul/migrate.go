@@ -32,6 +32,7 @@ func migrateCommand() *cli.Command {
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
 			&cli.StringFlag{Name: "mode", Value: string(def.Mode), Usage: "precopy (memory moves in rounds while the tree runs) or cold (freeze, then move everything)"},
 			&cli.StringFlag{Name: "tracker", Value: def.Tracker, Usage: "pre-copy dirty-page tracker: auto, uffd-wp, soft-dirty, hash (phaul check says which work here)"},
+			&cli.StringFlag{Name: "final-dump", Value: def.FinalDump, Usage: "pre-copy's freeze: lazy (CRIU dumps without copying memory; phaul reads the last dirty pages from the held tree) or full"},
 			&cli.DurationFlag{Name: "downtime-target", Value: def.DowntimeTarget, Usage: "pre-copy: freeze once the expected downtime fits this"},
 			&cli.DurationFlag{Name: "downtime-floor", Value: def.DowntimeFloor, Usage: "pre-copy: estimated freeze time of CRIU's dump and restore besides memory"},
 			&cli.IntFlag{Name: "max-rounds", Value: def.MaxRounds, Usage: "pre-copy: freeze after this many rounds at the latest"},
@@ -67,6 +68,7 @@ func migrateCommand() *cli.Command {
 			cfg.Compress = c.String("compress")
 			cfg.PageStreams = c.Int("page-streams")
 			cfg.Tracker = c.String("tracker")
+			cfg.FinalDump = c.String("final-dump")
 			cfg.DowntimeTarget = c.Duration("downtime-target")
 			cfg.DowntimeFloor = c.Duration("downtime-floor")
 			cfg.MaxRounds = c.Int("max-rounds")

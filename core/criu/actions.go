@@ -2,8 +2,11 @@ package criu
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/checkpoint-restore/go-criu/v8/rpc"
@@ -81,6 +84,16 @@ type DumpRequest struct {
 	// first. CRIU then writes no pagemap or pages images locally and ends
 	// the session with FORCE_CLOSE. The caller keeps ownership.
 	PageServer *os.File
+	// LazyListen, when set ("127.0.0.1:PORT"), makes a lazy dump (CRIU's
+	// --lazy-pages): lazy-capable memory is not copied (the pagemaps mark
+	// it PE_LAZY without data), other pages go to local images, and after
+	// the post-dump notification CRIU listens on LazyListen for one
+	// page-server client, holding the tree frozen until that client
+	// closes cleanly (the tree is killed) or sends a command CRIU rejects
+	// (the tree resumes). It announces the listener with status-ready.
+	// CRIU takes the address from a config file (over RPC it ignores
+	// ps.address and ps.fd in lazy mode); PageServer must be nil.
+	LazyListen string
 }
 
 // Dump checkpoints a tree. Notifications go to n (nil: all succeed). With the
@@ -94,6 +107,15 @@ func (b *Binary) Dump(ctx context.Context, r DumpRequest, n Notifier) error {
 		NetworkLock:  rpc.CriuNetworkLockMethod_NFTABLES.Enum(),
 	}
 	r.Options.apply(opts)
+	if r.LazyListen != "" {
+		conf, err := lazyConfig(r)
+		if err != nil {
+			return err
+		}
+		defer os.Remove(conf)
+		opts.LazyPages = boolp(true)
+		opts.ConfigFile = strp(conf)
+	}
 	var hooks Hooks
 	if r.PageServer != nil {
 		hooks.ExtraFiles = []*os.File{r.PageServer}
@@ -101,6 +123,24 @@ func (b *Binary) Dump(ctx context.Context, r DumpRequest, n Notifier) error {
 	}
 	_, err := b.action(ctx, "dump", rpc.CriuReqType_DUMP, r.ImagesDir, r.WorkDir, r.LogLevel, opts, n, hooks)
 	return err
+}
+
+// lazyConfig writes the CRIU config file that sets a lazy dump's listen
+// address into the work dir and returns its path.
+func lazyConfig(r DumpRequest) (string, error) {
+	if r.PageServer != nil {
+		return "", errors.New("dump: a lazy dump takes no page-server socket")
+	}
+	host, port, err := net.SplitHostPort(r.LazyListen)
+	if err != nil || net.ParseIP(host) == nil {
+		return "", fmt.Errorf("dump: lazy listen %q: want IP:PORT", r.LazyListen)
+	}
+	// Beside the images dir, not in it: it is no image.
+	path := filepath.Clean(r.ImagesDir) + ".criu-lazy.conf"
+	if err := os.WriteFile(path, []byte(fmt.Sprintf("address %s\nport %s\n", host, port)), 0o600); err != nil {
+		return "", fmt.Errorf("dump: lazy config: %w", err)
+	}
+	return path, nil
 }
 
 // RestoreRequest describes one restore.

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseMaps(t *testing.T) {
@@ -53,5 +55,25 @@ func TestReadProcessMemory(t *testing.T) {
 	ms, err := ReadMaps(os.Getpid())
 	if err != nil || len(ms) == 0 {
 		t.Fatalf("ReadMaps(self) = %d mappings, %v", len(ms), err)
+	}
+}
+
+// TestReadProcessMemoryProtNone: a page without read permission still
+// reads (as CRIU dumps it), through /proc/PID/mem.
+func TestReadProcessMemoryProtNone(t *testing.T) {
+	b, err := unix.Mmap(-1, 0, 2*os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(b)
+	copy(b, "readable")
+	copy(b[os.Getpagesize():], "hidden")
+	if err := unix.Mprotect(b[os.Getpagesize():], unix.PROT_NONE); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(b))
+	n, err := ReadProcessMemory(os.Getpid(), uint64(uintptr(unsafe.Pointer(&b[0]))), buf)
+	if err != nil || n != len(b) || string(buf[:8]) != "readable" || string(buf[os.Getpagesize():os.Getpagesize()+6]) != "hidden" {
+		t.Fatalf("ReadProcessMemory over a PROT_NONE page = %d, %v, %q / %q", n, err, buf[:8], buf[os.Getpagesize():os.Getpagesize()+6])
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strconv"
+	"strings"
 )
 
 // PageSize is the page size of CRIU images on amd64.
@@ -81,6 +83,24 @@ func (k Key) pagemapName() string {
 }
 
 func pagesName(pagesID uint32) string { return fmt.Sprintf("pages-%d.img", pagesID) }
+
+// PagesName is the name of the pages image a pagemap's PagesID names.
+func PagesName(pagesID uint32) string { return pagesName(pagesID) }
+
+// ParsePagemapName returns the key of a pagemap image's name
+// (pagemap-<vpid>.img or pagemap-shmem-<shmid>.img).
+func ParsePagemapName(name string) (Key, bool) {
+	kind, rest := KindTask, strings.TrimPrefix(name, "pagemap-")
+	if rest == name || !strings.HasSuffix(rest, ".img") {
+		return Key{}, false
+	}
+	if r, ok := strings.CutPrefix(rest, "shmem-"); ok {
+		kind, rest = KindShmem, r
+	}
+	id, err := strconv.ParseUint(strings.TrimSuffix(rest, ".img"), 10, 64)
+	k := Key{Kind: kind, ID: id}
+	return k, err == nil && k.validate() == nil
+}
 
 // CRIU pagemap entry flags (PE_*).
 const (
