@@ -63,6 +63,7 @@ type precopy struct {
 	remaining              uint64
 	expected               time.Duration
 	lastProgress           time.Time
+	zeroPFN                uint64 // the shared zero page's frame; 0: unknown
 }
 
 // progress reports the round in progress, at most every 100 ms.
@@ -76,7 +77,11 @@ func (p *precopy) progress() {
 }
 
 func newPrecopy(s *source, fw *pageserver.Forwarder, root int) *precopy {
-	return &precopy{s: s, fw: fw, root: root, procs: make(map[int]*precopyProc),
+	zero, err := linux.ZeroPagePFN()
+	if err != nil {
+		s.log.Debug("zero page frame unknown: zero-page pages are sent and dropped later", "err", err)
+	}
+	return &precopy{s: s, fw: fw, root: root, procs: make(map[int]*precopyProc), zeroPFN: zero,
 		sent: make(map[pagestore.Key]pageSet),
 		ents: make([]linux.PagemapEntry, readChunk), buf: make([]byte, readChunk*pagestore.PageSize)}
 }
@@ -261,12 +266,12 @@ func (p *precopy) sendRange(pr *precopyProc, r dirty.Range) error {
 			return nil // unmapped meanwhile; CRIU will not dump it either
 		}
 		for i := uint64(0); i < n; {
-			if !wanted(ents[i]) {
+			if !p.wanted(ents[i]) {
 				i++
 				continue
 			}
 			j := i + 1
-			for j < n && wanted(ents[j]) {
+			for j < n && p.wanted(ents[j]) {
 				j++
 			}
 			vaddr := at + i*pagestore.PageSize
@@ -291,8 +296,16 @@ func (p *precopy) sendRange(pr *precopyProc, r dirty.Range) error {
 	return nil
 }
 
-func wanted(e linux.PagemapEntry) bool {
-	return (e.Present() || e.Swapped()) && !e.FileOrShared()
+// wanted: a page CRIU dumps: present or swapped, anonymous (not page
+// cache), not the shared zero page.
+func (p *precopy) wanted(e linux.PagemapEntry) bool {
+	if e.FileOrShared() {
+		return false
+	}
+	if e.Swapped() {
+		return true
+	}
+	return e.Present() && (p.zeroPFN == 0 || e.PFN() != p.zeroPFN)
 }
 
 func (p *precopy) sentSet(k pagestore.Key) pageSet {

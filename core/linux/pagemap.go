@@ -212,3 +212,37 @@ func (p *Pagemap) Entries(vaddr uint64, out []PagemapEntry) error {
 	}
 	return nil
 }
+
+// PFN returns the page frame number of a present page (bits 0-54). Only
+// a process with CAP_SYS_ADMIN sees it; others read 0.
+func (e PagemapEntry) PFN() uint64 { return uint64(e) & (1<<55 - 1) }
+
+// ZeroPagePFN returns the frame number of the kernel's shared zero page,
+// which a read of never-written anonymous memory maps (CRIU dumps no such
+// page). It is 0 when this process cannot see frame numbers.
+var ZeroPagePFN = newValueProbe("zero page pfn", "2.6.25", probeZeroPagePFN)
+
+// zeroSink keeps the probe's read from being optimised away.
+var zeroSink byte
+
+func probeZeroPagePFN() (uint64, error) {
+	pg, err := mapAnon(1)
+	if err != nil {
+		return 0, err
+	}
+	defer pg.unmap()
+	zeroSink += pg.b[0] // a read fault maps the zero page
+	pm, err := OpenPagemap(0)
+	if err != nil {
+		return 0, err
+	}
+	defer pm.Close()
+	e, err := pm.Entry(pg.addr)
+	if err != nil {
+		return 0, err
+	}
+	if !e.Present() {
+		return 0, fmt.Errorf("zero page pfn: a read page is not present (entry %#x)", uint64(e))
+	}
+	return e.PFN(), nil
+}

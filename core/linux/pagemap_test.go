@@ -73,3 +73,32 @@ func TestPagemapEntryAndScan(t *testing.T) {
 		t.Errorf("scan after Close: %v, want os.ErrClosed", err)
 	}
 }
+
+func TestZeroPagePFN(t *testing.T) {
+	pfn, err := ZeroPagePFN()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pfn == 0 {
+		t.Skip("SKIP: frame numbers hidden from this process (no CAP_SYS_ADMIN)")
+	}
+	// A page written is not the zero page.
+	pg, err := mapAnon(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pg.unmap()
+	pg.b[0] = 1
+	pm, err := OpenPagemap(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pm.Close()
+	e, err := pm.Entry(pg.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.PFN() == pfn {
+		t.Fatalf("a written page has the zero page's frame %#x", pfn)
+	}
+}

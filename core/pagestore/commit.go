@@ -147,7 +147,9 @@ func (s *Store) stage() (names []string, err error) {
 // holds the pages in image order (pagemap.ordered), else a copy. Callers
 // hold p.mu.
 func (s *Store) stagePages(path string, p *pagemap, buf []byte) error {
-	if !p.ordered || !p.sp.linkable || (s.final && p.dropsContent()) {
+	if drops := s.final && p.dropsContent(); !p.ordered || !p.sp.linkable || drops {
+		s.log.Debug("pages image copied, not linked", "key", p.key, "in_order", p.ordered,
+			"tmpfile", p.sp.linkable, "drops_pages", drops)
 		return s.writePages(path, p, buf)
 	}
 	f := p.sp.f
