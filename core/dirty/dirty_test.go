@@ -312,11 +312,8 @@ func TestStopLeavesNoTrace(t *testing.T) {
 			if after := c.do("sum %x 32", base); after != before {
 				t.Fatalf("memory checksum %s after tracking, %s before", after, before)
 			}
-			fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", c.pid()))
-			for _, fd := range fds {
-				if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", c.pid(), fd.Name())); strings.Contains(l, "userfaultfd") {
-					t.Fatalf("child holds fd %s -> %s after stop", fd.Name(), l)
-				}
+			if fd := uffdFD(c.pid()); fd != "" {
+				t.Fatalf("child holds userfaultfd %s after stop", fd)
 			}
 			smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", c.pid()))
 			if err != nil {
@@ -344,12 +341,20 @@ func TestTrackedChildHoldsNoUffd(t *testing.T) {
 	c.mmap(4)
 	tr := start(t, KindUffdWP, c.pid())
 	collect(t, tr)
-	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", c.pid()))
+	if fd := uffdFD(c.pid()); fd != "" {
+		t.Fatalf("tracked child holds userfaultfd %s", fd)
+	}
+}
+
+// uffdFD returns a userfaultfd descriptor process pid holds, or "".
+func uffdFD(pid int) string {
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	for _, fd := range fds {
-		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", c.pid(), fd.Name())); strings.Contains(l, "userfaultfd") {
-			t.Fatalf("tracked child holds fd %s -> %s", fd.Name(), l)
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); strings.Contains(l, "userfaultfd") {
+			return fd.Name()
 		}
 	}
+	return ""
 }
 
 func slicesHas(s []string, v string) bool {

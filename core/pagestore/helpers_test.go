@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 )
@@ -93,17 +92,7 @@ func readImages(t testing.TB, dir string) map[Key]*imageSet {
 }
 
 // keyOf parses a pagemap image name.
-func keyOf(name string) (Key, bool) {
-	kind, rest := KindTask, strings.TrimPrefix(name, "pagemap-")
-	if rest == name || !strings.HasSuffix(rest, ".img") {
-		return Key{}, false
-	}
-	if r, ok := strings.CutPrefix(rest, "shmem-"); ok {
-		kind, rest = KindShmem, r
-	}
-	id, err := strconv.ParseUint(strings.TrimSuffix(rest, ".img"), 10, 64)
-	return Key{Kind: kind, ID: id}, err == nil
-}
+func keyOf(name string) (Key, bool) { return ParsePagemapName(name) }
 
 // page describes one page of an image set.
 type page struct {
