@@ -215,24 +215,30 @@ func (p *precopy) stop() {
 	}
 }
 
-// collect adds what each tracker collected to its pending ranges and
-// returns the pending bytes in all.
-func (p *precopy) collect() (uint64, error) {
-	var total uint64
+// collect adds what each tracker collected to its pending ranges.
+func (p *precopy) collect() error {
 	for pid, pr := range p.procs {
 		rs, err := pr.tr.Collect()
 		if err != nil {
 			if !processExists(pid) {
 				continue // exited: refresh drops it
 			}
-			return 0, fmt.Errorf("collect %d: %w", pid, err)
+			return fmt.Errorf("collect %d: %w", pid, err)
 		}
 		pr.pending = append(pr.pending, rs...)
+	}
+	return nil
+}
+
+// pendingBytes returns the bytes of every process's pending ranges.
+func (p *precopy) pendingBytes() uint64 {
+	var total uint64
+	for _, pr := range p.procs {
 		for _, r := range pr.pending {
 			total += r.End - r.Start
 		}
 	}
-	return total, nil
+	return total
 }
 
 func processExists(pid int) bool {
@@ -338,7 +344,7 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 			return "", err
 		}
 		if round > 1 {
-			if _, err := p.collect(); err != nil {
+			if err := p.collect(); err != nil {
 				return "", err
 			}
 			if round == faultDropCollect() {
@@ -348,12 +354,7 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 				}
 			}
 		}
-		var dirtyBytes uint64
-		for _, pr := range p.procs {
-			for _, r := range pr.pending {
-				dirtyBytes += r.End - r.Start
-			}
-		}
+		dirtyBytes := p.pendingBytes()
 		if round > 1 {
 			// Expected downtime if frozen now: the floor plus the dirty
 			// set at the last round's bandwidth.
@@ -423,7 +424,7 @@ func (p *precopy) final(ctx context.Context) error {
 	if err := p.fw.BeginFinal(); err != nil {
 		return err
 	}
-	if _, err := p.collect(); err != nil {
+	if err := p.collect(); err != nil {
 		return err
 	}
 	p.roundPages, p.roundBytes = 0, 0

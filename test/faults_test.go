@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -118,20 +119,8 @@ func TestFaultPrecopyConnectionCut(t *testing.T) {
 	r := m.wait(60 * time.Second)
 	assertRolledBack(t, r, id)
 	e.assertOnSource(w)
-	smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", w.PID()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(smaps), "\n") {
-		if strings.HasPrefix(line, "VmFlags:") && slices.Contains(strings.Fields(line), "uw") {
-			t.Fatalf("a mapping of the workload stays write-protected for tracking: %s", line)
-		}
-	}
-	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", w.PID()))
-	for _, fd := range fds {
-		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", w.PID(), fd.Name())); strings.Contains(l, "userfaultfd") {
-			t.Fatalf("the workload holds a userfaultfd after the rollback: fd %s", fd.Name())
-		}
+	if left, err := dirty.Leftovers(w.PID()); err != nil || len(left) > 0 {
+		t.Fatalf("the workload keeps tracking state after the rollback: %v (%v)", left, err)
 	}
 	waitDirEmpty(t, e.srcWork, 10*time.Second)
 }

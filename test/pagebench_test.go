@@ -768,23 +768,9 @@ func TestWorkloadFill(t *testing.T) {
 // its zstd -1 ratio.
 func regionRatio(t *testing.T, w *testenv.Workload) float64 {
 	t.Helper()
-	start, err := w.Lines("start ")
-	if err != nil || len(start) != 1 {
-		t.Fatalf("start line: %q, %v", start, err)
-	}
-	var addr uint64
-	var pages int
-	for _, f := range strings.Fields(start[0]) {
-		k, v, _ := strings.Cut(f, "=")
-		switch k {
-		case "region":
-			addr, err = strconv.ParseUint(strings.TrimPrefix(v, "0x"), 16, 64)
-		case "pages":
-			pages, err = strconv.Atoi(v)
-		}
-		if err != nil {
-			t.Fatalf("start line %q: %v", start[0], err)
-		}
+	addr, pages, err := w.Region()
+	if err != nil {
+		t.Fatal(err)
 	}
 	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", w.PID()))
 	if err != nil {

@@ -25,6 +25,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -141,11 +142,7 @@ func seccompAllows(pid int) error {
 // Mappings returns the ranges of pid a tracker follows, and pre-copy's
 // first round reads: private mappings, not the kernel's own ([vdso],
 // [vvar], ...).
-func Mappings(pid int) ([]Range, error) { return tracked(pid) }
-
-// tracked returns the mappings of pid a tracker follows: private ones, not
-// the kernel's own ([vdso], [vvar], ...).
-func tracked(pid int) ([]Range, error) {
+func Mappings(pid int) ([]Range, error) {
 	ms, err := linux.ReadMaps(pid)
 	if err != nil {
 		return nil, err
@@ -157,6 +154,34 @@ func tracked(pid int) ([]Range, error) {
 		}
 	}
 	return rs, nil
+}
+
+// entriesChunk pagemap entries are read at once.
+const entriesChunk = 256
+
+// walkEntries calls fn with the pagemap entries of every range of rs, in
+// chunks of at most len(buf) pages read into buf.
+func walkEntries(pm *linux.Pagemap, rs []Range, buf []linux.PagemapEntry, fn func(at uint64, ents []linux.PagemapEntry)) error {
+	for _, r := range rs {
+		for at := r.Start; at < r.End; at += uint64(len(buf)) * pageSize {
+			n := min(len(buf), int((r.End-at)/pageSize))
+			if err := pm.Entries(at, buf[:n]); err != nil {
+				return err
+			}
+			fn(at, buf[:n])
+		}
+	}
+	return nil
+}
+
+// addPage appends the page at addr to out, joined to the last range when
+// it follows it.
+func addPage(out []Range, addr uint64) []Range {
+	if n := len(out); n > 0 && out[n-1].End == addr {
+		out[n-1].End += pageSize
+		return out
+	}
+	return append(out, Range{addr, addr + pageSize})
 }
 
 // covered reports whether r lies inside the union of the sorted ranges.
@@ -200,4 +225,46 @@ func merge(rs []Range) []Range {
 		out = append(out, r)
 	}
 	return out
+}
+
+// Leftovers lists what uffd-wp tracking left in process pid: userfaultfd
+// descriptors it holds, and mappings still registered for write-protection
+// (smaps VmFlag "uw"). After Stop there are none; a tracker killed while
+// tracking leaves the registration (see ../shared/uffd-wp-tracking.md).
+func Leftovers(pid int) ([]string, error) {
+	out, err := uffdDescriptors(pid)
+	if err != nil {
+		return nil, err
+	}
+	smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		return nil, err
+	}
+	var mapping string
+	for _, line := range strings.Split(string(smaps), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) > 0 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":"):
+			mapping = f[0]
+		case len(f) > 0 && f[0] == "VmFlags:" && slices.Contains(f[1:], "uw"):
+			out = append(out, "mapping "+mapping+" registered for uffd-wp")
+		}
+	}
+	return out, nil
+}
+
+// uffdDescriptors lists the userfaultfd descriptors process pid holds.
+func uffdDescriptors(pid int) ([]string, error) {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, fd := range fds {
+		if l, _ := os.Readlink(filepath.Join(dir, fd.Name())); strings.Contains(l, "userfaultfd") {
+			out = append(out, "fd "+fd.Name()+" is a userfaultfd")
+		}
+	}
+	return out, nil
 }

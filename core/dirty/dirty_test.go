@@ -312,17 +312,8 @@ func TestStopLeavesNoTrace(t *testing.T) {
 			if after := c.do("sum %x 32", base); after != before {
 				t.Fatalf("memory checksum %s after tracking, %s before", after, before)
 			}
-			if fd := uffdFD(c.pid()); fd != "" {
-				t.Fatalf("child holds userfaultfd %s after stop", fd)
-			}
-			smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", c.pid()))
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, line := range strings.Split(string(smaps), "\n") {
-				if strings.HasPrefix(line, "VmFlags:") && slicesHas(strings.Fields(line), "uw") {
-					t.Fatalf("a mapping keeps the uffd-wp flag after stop: %s", line)
-				}
+			if left, err := Leftovers(c.pid()); err != nil || len(left) > 0 {
+				t.Fatalf("after stop the child keeps %v (%v)", left, err)
 			}
 			c.write(base, 1)
 			c.do("sum %x 32", base)
@@ -341,30 +332,12 @@ func TestTrackedChildHoldsNoUffd(t *testing.T) {
 	c.mmap(4)
 	tr := start(t, KindUffdWP, c.pid())
 	collect(t, tr)
-	if fd := uffdFD(c.pid()); fd != "" {
-		t.Fatalf("tracked child holds userfaultfd %s", fd)
+	if fds, err := uffdDescriptors(c.pid()); err != nil || len(fds) > 0 {
+		t.Fatalf("tracked child holds %v (%v)", fds, err)
 	}
 }
 
-// uffdFD returns a userfaultfd descriptor process pid holds, or "".
-func uffdFD(pid int) string {
-	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	for _, fd := range fds {
-		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); strings.Contains(l, "userfaultfd") {
-			return fd.Name()
-		}
-	}
-	return ""
-}
 
-func slicesHas(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
-}
 
 // TestCopyConverges is what pre-copy relies on: a copy of a region kept by
 // reading, each round, what Collect reported, equals the region at the

@@ -20,16 +20,13 @@ type hashTracker struct {
 	buf  []byte
 }
 
-// hashChunk pages are looked up and read at once.
-const hashChunk = 256
-
 func startHash(pid int) (*hashTracker, error) {
 	pm, err := linux.OpenPagemap(pid)
 	if err != nil {
 		return nil, fmt.Errorf("%s %d: %w", KindHash, pid, err)
 	}
 	t := &hashTracker{pid: pid, pm: pm, sums: make(map[uint64]uint64),
-		ents: make([]linux.PagemapEntry, hashChunk), buf: make([]byte, hashChunk*pageSize)}
+		ents: make([]linux.PagemapEntry, entriesChunk), buf: make([]byte, pageSize)}
 	if _, err := t.Collect(); err != nil {
 		pm.Close()
 		return nil, err
@@ -46,42 +43,32 @@ func (t *hashTracker) Collect() ([]Range, error) {
 	if t.pm == nil {
 		return nil, fmt.Errorf("%s %d: stopped", KindHash, t.pid)
 	}
-	rs, err := tracked(t.pid)
+	rs, err := Mappings(t.pid)
 	if err != nil {
 		return nil, err
 	}
 	var out []Range
 	seen := make(map[uint64]uint64, len(t.sums))
-	mark := func(addr uint64) {
-		if n := len(out); n > 0 && out[n-1].End == addr {
-			out[n-1].End += pageSize
-			return
-		}
-		out = append(out, Range{addr, addr + pageSize})
-	}
-	for _, r := range rs {
-		for at := r.Start; at < r.End; at += hashChunk * pageSize {
-			n := min(hashChunk, int((r.End-at)/pageSize))
-			if err := t.pm.Entries(at, t.ents[:n]); err != nil {
-				return nil, fmt.Errorf("%s %d: %w", KindHash, t.pid, err)
+	err = walkEntries(t.pm, rs, t.ents, func(at uint64, ents []linux.PagemapEntry) {
+		for i, e := range ents {
+			if !e.Present() && !e.Swapped() {
+				continue
 			}
-			for i, e := range t.ents[:n] {
-				if !e.Present() && !e.Swapped() {
-					continue
-				}
-				addr := at + uint64(i)*pageSize
-				page := t.buf[:pageSize]
-				got, err := linux.ReadProcessMemory(t.pid, addr, page)
-				if err != nil || got != pageSize {
-					continue // unmapped meanwhile: reported below if it was known
-				}
-				sum := xxh3.Hash(page)
-				seen[addr] = sum
-				if old, ok := t.sums[addr]; !ok || old != sum {
-					mark(addr)
-				}
+			addr := at + uint64(i)*pageSize
+			page := t.buf[:pageSize]
+			got, err := linux.ReadProcessMemory(t.pid, addr, page)
+			if err != nil || got != pageSize {
+				continue // unmapped meanwhile: reported below if it was known
+			}
+			sum := xxh3.Hash(page)
+			seen[addr] = sum
+			if old, ok := t.sums[addr]; !ok || old != sum {
+				out = addPage(out, addr)
 			}
 		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s %d: %w", KindHash, t.pid, err)
 	}
 	for addr := range t.sums {
 		if _, ok := seen[addr]; !ok {

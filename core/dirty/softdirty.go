@@ -25,7 +25,7 @@ func startSoftDirty(pid int) (*softDirty, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s %d: %w", KindSoftDirty, pid, err)
 	}
-	t := &softDirty{pid: pid, pm: pm, ents: make([]linux.PagemapEntry, hashChunk)}
+	t := &softDirty{pid: pid, pm: pm, ents: make([]linux.PagemapEntry, entriesChunk)}
 	if err := t.clear(); err != nil {
 		pm.Close()
 		return nil, err
@@ -53,19 +53,16 @@ func (t *softDirty) Collect() ([]Range, error) {
 		return nil, fmt.Errorf("%s %d: %w", KindSoftDirty, t.pid, err)
 	}
 	defer thaw()
-	rs, err := tracked(t.pid)
+	rs, err := Mappings(t.pid)
 	if err != nil {
 		return nil, err
 	}
 	var out []Range
-	for _, r := range rs {
-		for at := r.Start; at < r.End; at += hashChunk * pageSize {
-			n := min(hashChunk, int((r.End-at)/pageSize))
-			if err := t.pm.Entries(at, t.ents[:n]); err != nil {
-				return nil, fmt.Errorf("%s %d: %w", KindSoftDirty, t.pid, err)
-			}
-			out = appendSoftDirty(out, at, t.ents[:n])
-		}
+	err = walkEntries(t.pm, rs, t.ents, func(at uint64, ents []linux.PagemapEntry) {
+		out = appendSoftDirty(out, at, ents)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s %d: %w", KindSoftDirty, t.pid, err)
 	}
 	if err := t.clear(); err != nil {
 		return nil, err
@@ -77,15 +74,9 @@ func (t *softDirty) Collect() ([]Range, error) {
 // soft-dirty bit to out, joining neighbours.
 func appendSoftDirty(out []Range, addr uint64, ents []linux.PagemapEntry) []Range {
 	for i, e := range ents {
-		if !e.SoftDirty() {
-			continue
+		if e.SoftDirty() {
+			out = addPage(out, addr+uint64(i)*pageSize)
 		}
-		a := addr + uint64(i)*pageSize
-		if n := len(out); n > 0 && out[n-1].End == a {
-			out[n-1].End += pageSize
-			continue
-		}
-		out = append(out, Range{a, a + pageSize})
 	}
 	return out
 }

@@ -35,7 +35,7 @@ func startUffdWP(pid int) (_ *uffdWP, err error) {
 	if t.pm, err = linux.OpenPagemap(pid); err != nil {
 		return nil, fmt.Errorf("%s %d: %w", KindUffdWP, pid, err)
 	}
-	rs, err := tracked(pid)
+	rs, err := Mappings(pid)
 	if err != nil {
 		return nil, err
 	}
@@ -103,7 +103,7 @@ func (t *uffdWP) Collect() ([]Range, error) {
 	if t.uffd == nil {
 		return nil, fmt.Errorf("%s %d: stopped", KindUffdWP, t.pid)
 	}
-	rs, err := tracked(t.pid)
+	rs, err := Mappings(t.pid)
 	if err != nil {
 		return nil, err
 	}

@@ -98,16 +98,22 @@ func (w *Workload) WaitProgress(tb testing.TB, n int) {
 	}
 }
 
+// Region returns the address and page count of the workload's verified
+// memory, from the start line of its log.
+func (w *Workload) Region() (addr uint64, pages int, err error) {
+	st, err := w.state()
+	if err != nil {
+		return 0, 0, err
+	}
+	return st.region()
+}
+
 // CorruptPage flips bits in one word of page, through /proc/PID/mem of the
 // one running copy, without telling its ledger: the next verification must
 // log CORRUPT and exit 3. A writer that rewrites the page first hides it, so
 // use PagesPerSec < 0 for a certain result.
 func (w *Workload) CorruptPage(page int) (err error) {
-	st, err := w.state()
-	if err != nil {
-		return err
-	}
-	addr, pages, err := st.region()
+	addr, pages, err := w.Region()
 	if err != nil {
 		return err
 	}
