@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/phaul/phaul/core/criu"
@@ -48,6 +49,10 @@ type child struct {
 func startChild(t *testing.T) *child {
 	t.Helper()
 	cmd := exec.Command(childBin)
+	// Its own session: CRIU refuses a task whose session leader is outside
+	// its PID namespace, as the test's own leader is when the tests run in
+	// a PID namespace of their own (CI does).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -31,9 +31,11 @@ type WorkloadOpts struct {
 	// "random" ("": incompressible), "text" (compressible, zstd -1 about
 	// 6x) or "zero" (9 pages in 10 all zeros). See workload.c.
 	Fill string
-	// InSession keeps the workload in the test's session instead of making
-	// it a session leader: its session leader is outside the dumped tree,
-	// so CRIU needs --shell-job.
+	// InSession starts the workload as a job of a stand-in shell, which
+	// leads the session and stays outside the dumped tree, so CRIU needs
+	// --shell-job. The shell is in the test's PID namespace: CRIU refuses
+	// a session leader outside the tree's, and the test's own session
+	// leader may be (CI runs the tests in a PID namespace of their own).
 	InSession bool
 	// HostPIDNS runs the workload in the test's PID namespace instead of
 	// a new one. Only a destination with a PID namespace of its own can
@@ -95,10 +97,14 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 	if err != nil {
 		tb.Fatalf("workload output: %v", err)
 	}
+	if opts.InSession {
+		path = RequireCommand(tb, "sh")
+		argv = append([]string{"sh", "-c", `"$@" & wait`, "sh"}, argv...)
+	}
 	// No pipes: the process must outlive this side of a migration.
 	w.cmd = &exec.Cmd{
 		Path: path, Args: argv, Stdout: out, Stderr: out,
-		SysProcAttr: &syscall.SysProcAttr{Cloneflags: pidnsFlag(opts), Setsid: !opts.InSession},
+		SysProcAttr: &syscall.SysProcAttr{Cloneflags: pidnsFlag(opts), Setsid: true},
 	}
 	err = w.cmd.Start()
 	out.Close() // the child has its own copy
@@ -111,6 +117,9 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 		close(w.done)
 	}()
 	tb.Cleanup(func() { w.cleanup(tb) })
+	if opts.InSession {
+		w.pid = w.job(tb)
+	}
 
 	ok, err := poll(startTimeout, func() (bool, error) {
 		select {
@@ -133,6 +142,21 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 		}
 	}
 	return w
+}
+
+// job returns the pid of the stand-in shell's one job.
+func (w *Workload) job(tb testing.TB) int {
+	tb.Helper()
+	var pids []int
+	ok, err := poll(startTimeout, func() (bool, error) {
+		var err error
+		pids, err = running(w.Log)
+		return len(pids) == 1, err
+	})
+	if err != nil || !ok {
+		tb.Fatalf("stand-in shell %d: job not found: %v (%v)", w.cmd.Process.Pid, err, pids)
+	}
+	return pids[0]
 }
 
 func (w *Workload) args(o WorkloadOpts) []string {
