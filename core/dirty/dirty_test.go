@@ -342,8 +342,6 @@ func TestTrackedChildHoldsNoUffd(t *testing.T) {
 	}
 }
 
-
-
 // TestCopyConverges is what pre-copy relies on: a copy of a region kept by
 // reading, each round, what Collect reported, equals the region at the
 // end. The negative control drops one round's report and must differ.
