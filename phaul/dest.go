@@ -525,6 +525,9 @@ func (s *Server) receivePages(ctx context.Context, in *incoming, lanes []*transp
 	// The restore reads these images at once; a crash aborts the migration
 	// whatever was synced.
 	cfg.NoSync = true
+	// Pre-copy's later rounds break the spool's image order; two levels
+	// link the spool instead of copying it inside the freeze.
+	cfg.Levels = true
 	store, err := pagestore.New(cfg)
 	if err != nil {
 		return fmt.Errorf("page store: %w", err)

@@ -142,6 +142,13 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 		s.dataPages.Add(-(freed - newData))
 	}
 
+	if p.ordered && !ordered {
+		s.log.Debug("spool out of image order", "key", k, "vaddr", fmt.Sprintf("%#x", vaddr), "pages", nrPages,
+			"image_bytes", p.end, "next", fmt.Sprintf("%#x", p.next<<pageShift))
+		if s.cfg.Levels && p.parent == nil {
+			p.parent = p.snapshotLevel()
+		}
+	}
 	var offs []int64
 	if !ordered {
 		offs = p.sp.alloc(int(newData), make([]int64, 0, newData))

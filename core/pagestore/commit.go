@@ -3,6 +3,7 @@ package pagestore
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -79,13 +80,28 @@ func (s *Store) stage() (names []string, err error) {
 		return nil, fmt.Errorf("a cut-short commit left %s in %s: %w", strings.Join(left, ", "), staging, fs.ErrExist)
 	}
 	keys := s.Keys()
-	var pagemaps []string
+	plans := make([]keyPlan, len(keys))
 	for i, k := range keys {
-		names = append(names, pagesName(uint32(i+1)))
-		pagemaps = append(pagemaps, k.pagemapName())
+		plans[i] = s.plan(k, uint32(i+1))
+	}
+	// Parent level first, then pages before pagemaps: a pagemap in Dir
+	// always finds what it names.
+	var pagemaps []string
+	for _, pl := range plans {
+		if pl.parent != nil {
+			names = append(names, filepath.Join(parentDir, pagesName(pl.pagesID)), filepath.Join(parentDir, pl.p.key.pagemapName()))
+		}
+	}
+	for _, pl := range plans {
+		names = append(names, pagesName(pl.pagesID))
+		pagemaps = append(pagemaps, pl.p.key.pagemapName())
 	}
 	names = append(names, pagemaps...)
-	for _, name := range names {
+	check := names
+	if slices.ContainsFunc(plans, func(pl keyPlan) bool { return pl.parent != nil }) {
+		check = append([]string{parentDir}, names...)
+	}
+	for _, name := range check {
 		_, err := os.Lstat(filepath.Join(dir, name))
 		if err == nil {
 			return nil, fmt.Errorf("%s: %w", name, fs.ErrExist)
@@ -103,34 +119,24 @@ func (s *Store) stage() (names []string, err error) {
 			for _, name := range created {
 				os.Remove(filepath.Join(staging, name)) // ours; the error is already reported
 			}
+			os.Remove(filepath.Join(staging, parentDir))
 			os.Remove(staging) // only if empty: it may also hold the spool
 		}
 	}()
+	// create runs write for a new staged file and records it for cleanup.
+	create := func(name string, write func(path string) error) error {
+		err := write(filepath.Join(staging, name))
+		if err == nil || !errors.Is(err, fs.ErrExist) {
+			created = append(created, name)
+		}
+		return err
+	}
 	buf := make([]byte, commitBufPages*PageSize)
-	for i, k := range keys {
-		pagesID := uint32(i + 1)
-		p := s.pagemap(k)
+	for _, pl := range plans {
+		p := pl.p
 		p.mu.RLock()
-		m := &Pagemap{PagesID: pagesID}
-		for _, r := range p.runs(s.final) {
-			m.Entries = append(m.Entries, Entry{Vaddr: r.first << pageShift, NrPages: r.n, Flags: r.flags})
-		}
-		err = s.stagePages(filepath.Join(staging, pagesName(pagesID)), p, buf)
+		err = s.stageKey(pl, buf, create)
 		p.mu.RUnlock()
-		if err == nil || !errors.Is(err, fs.ErrExist) {
-			created = append(created, pagesName(pagesID))
-		}
-		if err != nil {
-			return nil, err
-		}
-		img, err := appendPagemap(nil, m)
-		if err != nil {
-			return nil, err
-		}
-		err = writeFile(filepath.Join(staging, k.pagemapName()), img, !s.cfg.NoSync)
-		if err == nil || !errors.Is(err, fs.ErrExist) {
-			created = append(created, k.pagemapName())
-		}
 		if err != nil {
 			return nil, err
 		}
@@ -143,36 +149,152 @@ func (s *Store) stage() (names []string, err error) {
 	return names, nil
 }
 
-// stagePages puts the pages image of p at path: its spool itself when that
-// holds the pages in image order (pagemap.ordered), else a copy. Callers
-// hold p.mu.
-func (s *Store) stagePages(path string, p *pagemap, buf []byte) error {
-	if drops := s.final && p.dropsContent(); !p.ordered || !p.sp.linkable || drops {
-		s.log.Debug("pages image copied, not linked", "key", p.key, "in_order", p.ordered,
-			"tmpfile", p.sp.linkable, "drops_pages", drops)
-		return s.writePages(path, p, buf)
+// parentDir is the parent level's directory inside Dir: CRIU's restore
+// reads PE_PARENT pages from Dir/parent/.
+const parentDir = "parent"
+
+// keyPlan is how Commit writes one key's images.
+type keyPlan struct {
+	p       *pagemap
+	pagesID uint32
+	link    bool   // the spool is the pages image: link it
+	parent  *level // two levels: the spool as parent/, the rest on top
+	why     string // why the pages are copied, for the debug log
+}
+
+// plan decides how to write the images of k. It takes p.mu itself.
+func (s *Store) plan(k Key, pagesID uint32) keyPlan {
+	p := s.pagemap(k)
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	pl := keyPlan{p: p, pagesID: pagesID}
+	drops := s.final && p.dropsContent()
+	switch {
+	case !p.sp.linkable:
+		pl.why = "spool is not a tmpfile"
+	case p.ordered && !drops:
+		pl.link = true
+	case !s.cfg.Levels || k.Kind != KindTask || p.counts.ParentPages > 0:
+		pl.why = fmt.Sprintf("in_order=%v drops_pages=%v", p.ordered, drops)
+	case p.ordered:
+		pl.parent = p.snapshotLevel() // pages left the final set
+	case p.parent != nil:
+		pl.parent = p.parent
+	default:
+		pl.why = "shared spool"
 	}
-	f := p.sp.f
-	// Trailing zero pages: extend the file over them as a hole.
-	if err := f.Truncate(p.end); err != nil {
+	return pl
+}
+
+// stageKey stages the images of one key through create. Callers hold
+// pl.p.mu.
+func (s *Store) stageKey(pl keyPlan, buf []byte, create func(string, func(string) error) error) error {
+	p := pl.p
+	durable := !s.cfg.NoSync
+	if pl.parent != nil {
+		err := create(filepath.Join(parentDir, pagesName(pl.pagesID)), func(path string) error {
+			if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+				return err
+			}
+			return s.linkSpool(p, path, pl.parent.end, false)
+		})
+		if err != nil {
+			return err
+		}
+		img, err := appendPagemap(nil, &Pagemap{PagesID: pl.pagesID, Entries: pl.parent.entries()})
+		if err != nil {
+			return err
+		}
+		err = create(filepath.Join(parentDir, p.key.pagemapName()), func(path string) error {
+			return writeFile(path, img, durable)
+		})
+		if err != nil {
+			return err
+		}
+	}
+	err := create(pagesName(pl.pagesID), func(path string) error {
+		if pl.link {
+			return s.linkSpool(p, path, p.end, true)
+		}
+		if pl.why != "" {
+			s.log.Debug("pages image copied, not linked", "key", p.key, "why", pl.why)
+		}
+		return s.writePages(path, p, pl.parent, buf)
+	})
+	if err != nil {
 		return err
+	}
+	m := &Pagemap{PagesID: pl.pagesID}
+	for _, r := range p.runs(s.final, pl.parent) {
+		m.Entries = append(m.Entries, Entry{Vaddr: r.first << pageShift, NrPages: r.n, Flags: r.flags})
+	}
+	img, err := appendPagemap(nil, m)
+	if err != nil {
+		return err
+	}
+	return create(p.key.pagemapName(), func(path string) error {
+		return writeFile(path, img, durable)
+	})
+}
+
+// linkSpool names p's spool at path, at least size bytes long (trailing
+// zero pages are a hole). exact cuts it to size: the whole spool is the
+// image. The spool of a parent level may hold more than the level (pages
+// placed since, read by the top level's copy). If the spool is on another
+// filesystem than path, it copies the image instead. Callers hold p.mu.
+func (s *Store) linkSpool(p *pagemap, path string, size int64, exact bool) error {
+	f := p.sp.f
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if exact || fi.Size() < size {
+		if err := f.Truncate(size); err != nil {
+			return err
+		}
 	}
 	if !s.cfg.NoSync {
 		if err := f.Sync(); err != nil {
 			return err
 		}
 	}
-	err := linux.LinkTmpfile(f, path)
-	if errors.Is(err, syscall.EXDEV) {
-		// The spool dir is on another filesystem.
-		return s.writePages(path, p, buf)
+	err = linux.LinkTmpfile(f, path)
+	if !errors.Is(err, syscall.EXDEV) {
+		return err
 	}
-	return err
+	if exact {
+		return s.writePages(path, p, nil, make([]byte, commitBufPages*PageSize))
+	}
+	return copySpool(path, f, size, !s.cfg.NoSync)
+}
+
+// copySpool writes the first size bytes of spool file f into a new file.
+func copySpool(path string, f *os.File, size int64, durable bool) (err error) {
+	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+	}()
+	if _, err := io.Copy(out, io.NewSectionReader(f, 0, size)); err != nil {
+		return err
+	}
+	if err := out.Truncate(size); err != nil {
+		return err
+	}
+	if !durable {
+		return nil
+	}
+	return out.Sync()
 }
 
 // writePages writes the pages image of p into a new file: its present
-// pages in address order, zero pages as holes. Callers hold p.mu.
-func (s *Store) writePages(path string, p *pagemap, buf []byte) (err error) {
+// pages in address order, zero pages as holes, but for those whose newest
+// copy parent holds (nil: none). Callers hold p.mu.
+func (s *Store) writePages(path string, p *pagemap, parent *level, buf []byte) (err error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
@@ -201,6 +323,8 @@ func (s *Store) writePages(path string, p *pagemap, buf []byte) (err error) {
 	}
 	p.scanImage(s.final, func(pn uint64, sl slot) bool {
 		switch {
+		case parent.holds(pn, sl):
+			return true // in the parent level
 		case sl.hasData():
 			if len(reads) == 0 {
 				bufStart = pos
@@ -263,12 +387,14 @@ func install(dir string, names []string, durable bool) (err error) {
 			for _, name := range linked {
 				os.Remove(filepath.Join(dir, name)) // ours; the error is already reported
 			}
+			os.Remove(filepath.Join(dir, parentDir)) // only if empty: ours, made below
 			syncDir(dir)
 		}
 		if err != nil || len(linked) == len(names) {
 			for _, name := range names {
 				os.Remove(filepath.Join(staging, name))
 			}
+			os.Remove(filepath.Join(staging, parentDir))
 			os.Remove(staging) // only if empty: it may also hold the spool
 		}
 	}()
@@ -280,7 +406,15 @@ func install(dir string, names []string, durable bool) (err error) {
 			return err
 		}
 	}
+	subdir := false
 	for _, name := range names {
+		if sub := filepath.Dir(name); sub != "." && !subdir {
+			// The parent level's directory; stage checked it was absent.
+			if err := os.Mkdir(filepath.Join(dir, sub), 0o700); err != nil {
+				return err
+			}
+			subdir = true
+		}
 		if err := os.Link(filepath.Join(staging, name), filepath.Join(dir, name)); err != nil {
 			return err
 		}
@@ -288,6 +422,11 @@ func install(dir string, names []string, durable bool) (err error) {
 	}
 	if !durable {
 		return nil
+	}
+	if subdir {
+		if err := syncDir(filepath.Join(dir, parentDir)); err != nil {
+			return err
+		}
 	}
 	return syncDir(dir)
 }
@@ -319,10 +458,21 @@ func Partial(dir string) ([]string, error) {
 	var names []string
 	for _, e := range ents {
 		n := e.Name()
-		if strings.HasSuffix(n, ".img") && (strings.HasPrefix(n, "pagemap-") || strings.HasPrefix(n, "pages-")) {
+		if isPagesImage(n) {
 			names = append(names, n)
+		}
+	}
+	if ents, err := os.ReadDir(filepath.Join(stagingDir(dir), parentDir)); err == nil {
+		for _, e := range ents {
+			if isPagesImage(e.Name()) {
+				names = append(names, filepath.Join(parentDir, e.Name()))
+			}
 		}
 	}
 	slices.Sort(names)
 	return names, nil
+}
+
+func isPagesImage(n string) bool {
+	return strings.HasSuffix(n, ".img") && (strings.HasPrefix(n, "pagemap-") || strings.HasPrefix(n, "pages-"))
 }

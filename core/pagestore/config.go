@@ -35,6 +35,13 @@ type Config struct {
 	// restore whose failure aborts anyway (a migration's destination),
 	// where durability buys nothing and fsync of the pages costs seconds.
 	NoSync bool
+	// Levels lets Commit write a task's pages as two levels when its
+	// spool lost image order (pre-copy: a page first sent after round 1
+	// lies below pages sent before it, or a page left the final set):
+	// the spool as it was when the order broke becomes the parent level
+	// (Dir/parent/, linked, not copied) and the top level holds only the
+	// pages that moved since, with PE_PARENT entries for the rest.
+	Levels bool
 }
 
 // DefaultConfig returns a Config for images dir with the default limits.

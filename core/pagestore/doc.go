@@ -29,6 +29,16 @@
 // copying it, so Commit costs an fsync of what writeback has not written
 // yet. Any other order makes it a plain spool, copied by Commit.
 //
+// With Config.Levels a task's spool that lost its order is not copied
+// either: the layout it had when the order broke (pre-copy's round 1,
+// typically) becomes a parent level, Dir/parent/pagemap-<vpid>.img and
+// pages-<n>.img linked from the spool, and the top level's pages image
+// holds only the pages placed elsewhere since; the top pagemap marks the
+// rest PE_PARENT. CRIU restores such a chain itself, but without a parent
+// its restorer reads pages straight into their final mappings, with one
+// it premaps them first: measured here at 512 MiB, the restore costs
+// what the copy saves but for about 200 ms.
+//
 // # Images
 //
 // For each key Commit writes, in key order (tasks, then shared memory, by

@@ -66,6 +66,9 @@ type pagemap struct {
 	ordered      bool
 	end, flushed int64
 	next         uint64
+	// parent is the layout the spool had when the order broke, with
+	// Config.Levels (guarded by mu); nil before.
+	parent *level
 	// cached chunk of the last lookup; guarded by mu (write side only).
 	lastIdx   uint64
 	lastChunk *chunk
@@ -165,15 +168,20 @@ type run struct {
 	flags    uint32
 }
 
-// runs returns the pagemap entries of p in address order (see scanImage).
-// Callers hold mu.
-func (p *pagemap) runs(final bool) []run {
+// runs returns the pagemap entries of p in address order (see scanImage);
+// pages whose newest copy parent holds (nil: none) are PE_PARENT. Callers
+// hold mu.
+func (p *pagemap) runs(final bool, parent *level) []run {
 	var out []run
 	p.scanImage(final, func(pn uint64, s slot) bool {
-		if n := len(out); n > 0 && out[n-1].first+out[n-1].n == pn && out[n-1].flags == s.flags() {
+		flags := s.flags()
+		if parent.holds(pn, s) {
+			flags = FlagParent
+		}
+		if n := len(out); n > 0 && out[n-1].first+out[n-1].n == pn && out[n-1].flags == flags {
 			out[n-1].n++
 		} else {
-			out = append(out, run{first: pn, n: 1, flags: s.flags()})
+			out = append(out, run{first: pn, n: 1, flags: flags})
 		}
 		return true
 	})
