@@ -32,9 +32,11 @@ type MigrateConfig struct {
 	// pageserver.MaxLanes.
 	PageStreams int
 	// Pre-copy: the dirty-page tracker (dirty.Kind*, "auto"), the downtime
-	// to aim for, the estimated time the frozen tree spends in CRIU's dump
-	// and restore besides memory (the floor of the downtime), and the
-	// most rounds before freezing anyway.
+	// to aim for, the fixed part of the downtime floor (what the frozen
+	// tree spends in CRIU's dump and restore and the commit whatever its
+	// memory; the part that grows with the memory is measured on the
+	// destination before round 1), and the most rounds before freezing
+	// anyway.
 	Tracker        string
 	FinalDump      string // "lazy" (default) or "full"; see FinalDump*
 	DowntimeTarget time.Duration
@@ -82,7 +84,7 @@ func DefaultMigrateConfig() MigrateConfig {
 		Tracker:        dirty.KindAuto,
 		FinalDump:      FinalDumpLazy,
 		DowntimeTarget: 300 * time.Millisecond,
-		DowntimeFloor:  250 * time.Millisecond,
+		DowntimeFloor:  150 * time.Millisecond,
 		MaxRounds:      30,
 		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
 		DumpLock:       filepath.Join(os.TempDir(), "phaul-dump.lock"),

@@ -16,6 +16,7 @@ import (
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/images"
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/core/pagestore"
 	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/core/wire"
@@ -324,7 +325,11 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 		}
 		switch b := m.GetBody().(type) {
 		case *wire.Message_Ping:
-			if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: &wire.Pong{Seq: b.Ping.GetSeq()}}}); err != nil {
+			pong := &wire.Pong{Seq: b.Ping.GetSeq()}
+			if b.Ping.GetProbePopulate() {
+				pong.PopulateNsPerMib = probePopulate(in.log)
+			}
+			if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: pong}}); err != nil {
 				return nil, err
 			}
 			// A ping proves the source alive: pre-copy sends one per
@@ -514,6 +519,24 @@ func (s *Server) acceptLanes(ctx context.Context, in *incoming, first *transport
 		lanes[i] = st
 	}
 	return lanes, nil
+}
+
+// populateProbeBytes is the fresh memory a populate probe fills: 64 MiB,
+// about 45 ms here with reused memory, 160 ms with memory the VM never
+// touched.
+const populateProbeBytes = 64 << 20
+
+// probePopulate measures what filling fresh anonymous memory costs here,
+// per MiB (0 if the probe failed: the source then predicts without it).
+func probePopulate(log *slog.Logger) uint64 {
+	d, err := linux.PopulateCost(populateProbeBytes)
+	if err != nil {
+		log.Warn("populate probe", "err", err)
+		return 0
+	}
+	perMiB := uint64(d.Nanoseconds()) / (populateProbeBytes >> 20)
+	log.Info("populate probe", "mib", populateProbeBytes>>20, "dur", d, "per_mib", time.Duration(perMiB))
+	return max(perMiB, 1)
 }
 
 // receivePages stores the forwarded pages and writes them as CRIU images

@@ -200,10 +200,30 @@ func (p *precopy) refresh() error {
 }
 
 func (p *precopy) stopProc(pr *precopyProc) {
+	p.release(pr)
+	pr.pm.Close()
+}
+
+// release ends pr's dirty tracking (its tracker's undo: for uffd-wp,
+// closing phaul's userfaultfd unprotects the whole mm).
+func (p *precopy) release(pr *precopyProc) {
+	if pr.tr == nil {
+		return
+	}
 	if err := pr.tr.Stop(); err != nil {
 		p.s.log.Warn("stop tracker", "pid", pr.pid, "err", err)
 	}
-	pr.pm.Close()
+	pr.tr = nil
+}
+
+// releaseTracking ends every tracker once the last collect is done, inside
+// the freeze, and returns what that cost there.
+func (p *precopy) releaseTracking() time.Duration {
+	t0 := time.Now()
+	for _, pr := range p.procs {
+		p.release(pr)
+	}
+	return time.Since(t0)
 }
 
 // stop ends every tracker: after the migration, whatever its outcome (a
@@ -218,6 +238,9 @@ func (p *precopy) stop() {
 // collect adds what each tracker collected to its pending ranges.
 func (p *precopy) collect() error {
 	for pid, pr := range p.procs {
+		if pr.tr == nil {
+			continue // released
+		}
 		rs, err := pr.tr.Collect()
 		if err != nil {
 			if !processExists(pid) {
@@ -328,21 +351,20 @@ func (p *precopy) sentSet(k pagestore.Key) pageSet {
 // found stays pending for the final phase.
 func (p *precopy) rounds(ctx context.Context) (string, error) {
 	cfg := p.s.cfg
-	floor := cfg.DowntimeFloor
-	if floor > cfg.DowntimeTarget {
-		p.s.log.Warn("the downtime floor alone exceeds the target: freezing once the dirty set stops shrinking",
-			"floor", floor, "target", cfg.DowntimeTarget)
-	}
 	var (
-		bandwidth float64 // bytes per second, last round
-		best      = ^uint64(0)
-		noGain    int
+		floor       time.Duration
+		bandwidth   float64 // bytes per second, last round
+		best        = ^uint64(0)
+		last        uint64 // the dirty set of the round before
+		noGain      int
+		lastCollect time.Time
 	)
 	for round := 1; ; round++ {
 		t0 := time.Now()
 		if err := p.refresh(); err != nil {
 			return "", err
 		}
+		var dirtyRate float64 // bytes per second since the last collect
 		if round > 1 {
 			if err := p.collect(); err != nil {
 				return "", err
@@ -356,6 +378,16 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 		}
 		dirtyBytes := p.pendingBytes()
 		if round > 1 {
+			dirtyRate = float64(dirtyBytes) / max(time.Since(lastCollect).Seconds(), 1e-3)
+		}
+		lastCollect = time.Now()
+		if round == 1 {
+			var err error
+			if floor, err = p.floor(ctx, dirtyBytes); err != nil {
+				return "", err
+			}
+		}
+		if round > 1 {
 			// Expected downtime if frozen now: the floor plus the dirty
 			// set at the last round's bandwidth.
 			expected := floor + time.Duration(float64(dirtyBytes)/max(bandwidth, 1)*float64(time.Second))
@@ -365,18 +397,23 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 				reason = fmt.Sprintf("expected downtime %v fits the target %v", expected.Round(time.Millisecond), cfg.DowntimeTarget)
 			case round > cfg.MaxRounds:
 				reason = fmt.Sprintf("max rounds (%d) reached; expected downtime %v", cfg.MaxRounds, expected.Round(time.Millisecond))
+			case floor > cfg.DowntimeTarget && dirtyBytes >= last:
+				reason = fmt.Sprintf("the floor %v alone exceeds the target %v and the dirty set stopped shrinking (%d KiB); expected downtime %v",
+					floor.Round(time.Millisecond), cfg.DowntimeTarget, dirtyBytes>>10, expected.Round(time.Millisecond))
 			}
 			if dirtyBytes < best {
 				best, noGain = dirtyBytes, 0
 			} else if noGain++; noGain >= 3 && reason == "" {
 				reason = fmt.Sprintf("no gain in 3 rounds (dirty set %d KiB); expected downtime %v", dirtyBytes>>10, expected.Round(time.Millisecond))
 			}
-			p.s.log.Info("pre-copy", "round", round, "dirty_kib", dirtyBytes>>10, "expected_downtime", expected.Round(time.Millisecond))
+			p.s.log.Info("pre-copy", "round", round, "dirty_kib", dirtyBytes>>10, "dirty_rate_mbps", dirtyRate/1e6,
+				"expected_downtime", expected.Round(time.Millisecond))
 			p.expected = expected
 			if reason != "" {
 				return reason, nil
 			}
 		}
+		last = dirtyBytes
 		p.roundPages, p.roundBytes = 0, 0
 		p.round, p.remaining = round, dirtyBytes
 		wire0 := p.fw.Stats().WireBytes
@@ -391,8 +428,30 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 		p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: round, Kind: "precopy",
 			DirtyPages: dirtyBytes / pagestore.PageSize, PagesSent: p.roundPages,
 			BytesWire: p.fw.Stats().WireBytes - wire0, DurationMS: ms(d),
-			BandwidthMBps: bandwidth / 1e6})
+			BandwidthMBps: bandwidth / 1e6, DirtyRateMBps: dirtyRate / 1e6})
 	}
+}
+
+// floor predicts the downtime no pre-copy round can shorten: the fixed
+// part of CRIU's dump and restore (--downtime-floor) plus filling the
+// tree's memory on the destination, at the cost per MiB it measures now.
+// It says so when that alone exceeds the target.
+func (p *precopy) floor(ctx context.Context, treeBytes uint64) (time.Duration, error) {
+	cfg := p.s.cfg
+	perMiB, err := p.s.probePopulate(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("populate probe: %w", err)
+	}
+	floor := cfg.DowntimeFloor + time.Duration(float64(perMiB)*float64(treeBytes)/(1<<20))
+	p.s.stats.FloorMS = ms(floor)
+	p.s.stats.PopulateMSPerGiB = ms(perMiB * 1024)
+	p.s.log.Info("downtime floor", "floor", floor.Round(time.Millisecond), "fixed", cfg.DowntimeFloor,
+		"tree_mib", treeBytes>>20, "populate_per_mib", perMiB)
+	if floor > cfg.DowntimeTarget {
+		p.s.log.Warn("the downtime floor alone exceeds the target: freezing once the dirty set stops shrinking",
+			"floor", floor.Round(time.Millisecond), "target", cfg.DowntimeTarget)
+	}
+	return floor, nil
 }
 
 // finalFilter is the Store of the page server CRIU's final dump writes
@@ -427,6 +486,8 @@ func (p *precopy) final(ctx context.Context) error {
 	if err := p.collect(); err != nil {
 		return err
 	}
+	// Nothing is written until the tree is gone or resumes untracked.
+	p.s.stats.TrackerReleaseMS = ms(p.releaseTracking())
 	p.roundPages, p.roundBytes = 0, 0
 	wire0 := p.fw.Stats().WireBytes
 	if err := p.sendPending(ctx); err != nil {

@@ -206,24 +206,40 @@ func modeToWire(m Mode) wire.Mode {
 // pre-copy rounds it proves both ends alive (the destination's wait for
 // the next step starts again) and notices an ABORT early.
 func (s *source) keepalive(ctx context.Context) error {
+	_, err := s.ping(ctx, false)
+	return err
+}
+
+// probePopulate asks the destination what filling fresh memory costs
+// there, per MiB (0: it could not tell).
+func (s *source) probePopulate(ctx context.Context) (time.Duration, error) {
+	ns, err := s.ping(ctx, true)
+	return time.Duration(ns), err
+}
+
+// ping sends a ping, asking for a populate probe if probe, and returns
+// the pong's probe result.
+func (s *source) ping(ctx context.Context, probe bool) (uint64, error) {
 	s.pings++
 	seq := 100 + s.pings // the hello's pings are 1 to 3
-	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Ping{Ping: &wire.Ping{Seq: seq}}}); err != nil {
-		return fmt.Errorf("keepalive: %w", err)
+	ping := &wire.Ping{Seq: seq, ProbePopulate: probe}
+	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Ping{Ping: ping}}); err != nil {
+		return 0, fmt.Errorf("keepalive: %w", err)
 	}
 	stop := deadline(ctx, s.ctlStream, s.cfg.HelloTimeout)
 	defer stop()
 	m, err := s.ctl.Recv()
 	if err != nil {
-		return fmt.Errorf("keepalive: %w", err)
+		return 0, fmt.Errorf("keepalive: %w", err)
 	}
 	if a := m.GetAbort(); a != nil {
-		return fmt.Errorf("%w: %s", ErrAborted, a.GetReason())
+		return 0, fmt.Errorf("%w: %s", ErrAborted, a.GetReason())
 	}
 	if m.GetPong().GetSeq() != seq {
-		return fmt.Errorf("keepalive: %w: got %s", wire.ErrFrame, wire.Name(m))
+		return 0, fmt.Errorf("keepalive: %w: got %s", wire.ErrFrame, wire.Name(m))
 	}
-	return nil
+	// Bounded: a probe that claims more than a second per MiB is noise.
+	return min(m.GetPong().GetPopulateNsPerMib(), uint64(time.Second)), nil
 }
 
 // abort tells the destination to drop the migration; best effort.
@@ -394,6 +410,12 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	running := time.Now()
 	rtt := time.Duration(s.stats.RTTMS * float64(time.Millisecond))
 	s.stats.DowntimeMS = ms(running.Sub(frozen) - rtt/2)
+	for _, r := range s.stats.Rounds {
+		if r.Kind == "frozen" {
+			s.stats.DowntimeDirtyMS = r.DurationMS
+			s.stats.DowntimeCRIUMS = s.stats.DowntimeMS - r.DurationMS
+		}
+	}
 	s.stats.DestPID = int(c.GetPid())
 	s.phase(PhaseDone)
 	s.log.Info("migrated", "dest_pid", c.GetPid(), "downtime_ms", s.stats.DowntimeMS,

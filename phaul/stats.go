@@ -40,6 +40,18 @@ type Stats struct {
 	// Pre-copy: why the rounds stopped, and the tracker that ran.
 	StopReason string `json:"stop_reason,omitempty"`
 	Tracker    string `json:"tracker,omitempty"`
+	// Pre-copy's downtime model, set before round 1: the floor it
+	// predicts (the fixed part, --downtime-floor, plus the tree's memory
+	// at the populate cost the destination measured per MiB).
+	FloorMS          float64 `json:"floor_ms,omitempty"`
+	PopulateMSPerGiB float64 `json:"populate_ms_per_gib,omitempty"`
+	// Pre-copy's downtime, measured: the last dirty set read from the
+	// frozen tree and sent (DowntimeDirtyMS), and the rest: CRIU's dump
+	// and restore, the images, the commit (DowntimeCRIUMS). Releasing the
+	// dirty tracking inside the freeze costs TrackerReleaseMS of it.
+	DowntimeDirtyMS  float64 `json:"downtime_dirty_ms,omitempty"`
+	DowntimeCRIUMS   float64 `json:"downtime_criu_ms,omitempty"`
+	TrackerReleaseMS float64 `json:"tracker_release_ms,omitempty"`
 
 	start time.Time // monotonic reference
 }
@@ -67,6 +79,9 @@ type Round struct {
 	PagesSent     uint64  `json:"pages_sent,omitempty"`
 	BytesWire     uint64  `json:"bytes_wire,omitempty"`
 	BandwidthMBps float64 `json:"bandwidth_mbps,omitempty"`
+	// DirtyRateMBps: DirtyPages' bytes over the time since the collect
+	// before (pre-copy rounds after the first).
+	DirtyRateMBps float64 `json:"dirty_rate_mbps,omitempty"`
 	// Pages describes the page stream: pages, zero and duplicate pages
 	// (sent without their bytes), bytes before and after compression.
 	Pages *pageserver.ForwardStats `json:"pages,omitempty"`

@@ -54,8 +54,52 @@ func TestPrecopyMigration(t *testing.T) {
 			if !tc.shm && sent < float64(tc.mib<<20/4096) {
 				t.Fatalf("pre-copy rounds sent %v pages, fewer than the workload's %d MiB", sent, tc.mib)
 			}
-			t.Logf("stop: %s; rounds %v; downtime %.0f ms", r.str("stop_reason"), kinds, r.num("downtime_ms"))
+			// The downtime model and its measured parts.
+			if r.num("floor_ms") < 150 || r.num("populate_ms_per_gib") <= 0 {
+				t.Fatalf("floor %v ms, populate %v ms/GiB: want the fixed 150 ms plus a measured populate cost",
+					r.num("floor_ms"), r.num("populate_ms_per_gib"))
+			}
+			dirty, criuPart := r.num("downtime_dirty_ms"), r.num("downtime_criu_ms")
+			if dirty <= 0 || criuPart <= 0 || dirty+criuPart > r.num("downtime_ms")+0.01 {
+				t.Fatalf("downtime %v ms split as dirty set %v + CRIU %v", r.num("downtime_ms"), dirty, criuPart)
+			}
+			if tc.tracker == "uffd-wp" && r.num("tracker_release_ms") <= 0 {
+				t.Fatalf("tracker_release_ms %v: the release inside the freeze was not measured", r.num("tracker_release_ms"))
+			}
+			for _, x := range rounds {
+				rd, _ := x.(map[string]any)
+				if n, _ := rd["round"].(float64); rd["kind"] == "precopy" && n > 1 {
+					if v, _ := rd["dirty_rate_mbps"].(float64); v <= 0 && rd["dirty_pages"] != nil {
+						t.Fatalf("round %v: dirty %v pages but no dirty rate", n, rd["dirty_pages"])
+					}
+				}
+			}
+			t.Logf("stop: %s; rounds %v; downtime %.0f ms (dirty set %.0f, CRIU %.0f; tracker release %.1f); floor predicted %.0f ms",
+				r.str("stop_reason"), kinds, r.num("downtime_ms"), dirty, criuPart, r.num("tracker_release_ms"), r.num("floor_ms"))
 		})
+	}
+}
+
+// TestPrecopyFloorAboveTarget: when the floor alone exceeds the target,
+// pre-copy says so before round 1 and freezes once the dirty set stops
+// shrinking instead of iterating for a target it cannot meet.
+func TestPrecopyFloorAboveTarget(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 1e9})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: 1000})
+	w.WaitProgress(t, 3)
+	r := e.migrate(w.PID(), "--mode", "precopy", "--downtime-floor", "2s", "--max-rounds", "30")
+	e.assertMigrated(w, r)
+	warn := strings.Index(r.out, "the downtime floor alone exceeds the target")
+	round2 := strings.Index(r.out, "round=2")
+	if warn < 0 || (round2 >= 0 && round2 < warn) {
+		t.Fatalf("no warning before the rounds that the floor exceeds the target:\n%s", r.out)
+	}
+	if reason := r.str("stop_reason"); !strings.Contains(reason, "stopped shrinking") {
+		t.Fatalf("stop_reason %q: want the dirty set to have stopped shrinking", reason)
+	}
+	if n := len(r.stats["rounds"].([]any)); n > 30 {
+		t.Fatalf("%d rounds", n)
 	}
 }
 

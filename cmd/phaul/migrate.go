@@ -34,7 +34,7 @@ func migrateCommand() *cli.Command {
 			&cli.StringFlag{Name: "tracker", Value: def.Tracker, Usage: "pre-copy dirty-page tracker: auto, uffd-wp, soft-dirty, hash (phaul check says which work here)"},
 			&cli.StringFlag{Name: "final-dump", Value: def.FinalDump, Usage: "pre-copy's freeze: lazy (CRIU dumps without copying memory; phaul reads the last dirty pages from the held tree) or full"},
 			&cli.DurationFlag{Name: "downtime-target", Value: def.DowntimeTarget, Usage: "pre-copy: freeze once the expected downtime fits this"},
-			&cli.DurationFlag{Name: "downtime-floor", Value: def.DowntimeFloor, Usage: "pre-copy: estimated freeze time of CRIU's dump and restore besides memory"},
+			&cli.DurationFlag{Name: "downtime-floor", Value: def.DowntimeFloor, Usage: "pre-copy: fixed part of the downtime floor (CRIU's dump and restore and the commit, whatever the memory; the memory part is measured on the destination)"},
 			&cli.IntFlag{Name: "max-rounds", Value: def.MaxRounds, Usage: "pre-copy: freeze after this many rounds at the latest"},
 			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "where the source writes images (removed afterwards)"},
 			&cli.StringFlag{Name: "stats-json", Usage: "append one JSON object describing the migration to FILE"},

@@ -973,10 +973,15 @@ func (x *Abort) GetReason() string {
 	return ""
 }
 
-// Ping and Pong measure the control round trip.
+// Ping and Pong measure the control round trip and keep a migration's
+// step deadline alive between pre-copy rounds.
 type Ping struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Seq           uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Seq   uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	// probe_populate asks the destination to measure what filling fresh
+	// anonymous memory costs there: the part of CRIU's restore that grows
+	// with the tree's memory.
+	ProbePopulate bool `protobuf:"varint,2,opt,name=probe_populate,json=probePopulate,proto3" json:"probe_populate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1018,11 +1023,20 @@ func (x *Ping) GetSeq() uint64 {
 	return 0
 }
 
+func (x *Ping) GetProbePopulate() bool {
+	if x != nil {
+		return x.ProbePopulate
+	}
+	return false
+}
+
 type Pong struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Seq           uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Seq   uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	// populate_ns_per_mib answers probe_populate (0: not measured).
+	PopulateNsPerMib uint64 `protobuf:"varint,2,opt,name=populate_ns_per_mib,json=populateNsPerMib,proto3" json:"populate_ns_per_mib,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Pong) Reset() {
@@ -1058,6 +1072,13 @@ func (*Pong) Descriptor() ([]byte, []int) {
 func (x *Pong) GetSeq() uint64 {
 	if x != nil {
 		return x.Seq
+	}
+	return 0
+}
+
+func (x *Pong) GetPopulateNsPerMib() uint64 {
+	if x != nil {
+		return x.PopulateNsPerMib
 	}
 	return 0
 }
@@ -1135,11 +1156,13 @@ const file_control_proto_rawDesc = "" +
 	"\tCommitted\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\"\x1f\n" +
 	"\x05Abort\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x18\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"?\n" +
 	"\x04Ping\x12\x10\n" +
-	"\x03seq\x18\x01 \x01(\x04R\x03seq\"\x18\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12%\n" +
+	"\x0eprobe_populate\x18\x02 \x01(\bR\rprobePopulate\"G\n" +
 	"\x04Pong\x12\x10\n" +
-	"\x03seq\x18\x01 \x01(\x04R\x03seq*=\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12-\n" +
+	"\x13populate_ns_per_mib\x18\x02 \x01(\x04R\x10populateNsPerMib*=\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tMODE_COLD\x10\x01\x12\x10\n" +
