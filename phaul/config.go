@@ -42,6 +42,10 @@ type MigrateConfig struct {
 	DowntimeTarget time.Duration
 	DowntimeFloor  time.Duration
 	MaxRounds      int
+	// AutoConverge throttles a tree that dirties memory faster than the
+	// link carries it (cgroup v1 cpu controller, a group phaul creates):
+	// 20% of its CPU first, 10% more each time it stays too fast.
+	AutoConverge bool
 	DumpLock       string // host-wide lock file serialising CRIU dumps
 
 	Transport transport.Config // Identity is loaded from TLSDir

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/core/pagestore"
@@ -64,6 +65,14 @@ type precopy struct {
 	expected               time.Duration
 	lastProgress           time.Time
 	zeroPFN                uint64 // the shared zero page's frame; 0: unknown
+	// Auto-converge: the throttle (nil until the first step), rounds in
+	// a row that dirtied more than half of what they sent, and the CPU
+	// the tree used before any throttle (cores), with where it was read.
+	throttle  *cgroup.Throttle
+	tooFast   int
+	cores     float64
+	cpuAt     time.Time
+	cpuBefore time.Duration
 }
 
 // progress reports the round in progress, at most every 100 ms.
@@ -229,6 +238,9 @@ func (p *precopy) releaseTracking() time.Duration {
 // stop ends every tracker: after the migration, whatever its outcome (a
 // resumed source runs untracked again).
 func (p *precopy) stop() {
+	if err := p.releaseThrottle(); err != nil {
+		p.s.log.Error("auto-converge: release the throttle", "err", err)
+	}
 	for pid, pr := range p.procs {
 		p.stopProc(pr)
 		delete(p.procs, pid)
@@ -410,10 +422,18 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 				"expected_downtime", expected.Round(time.Millisecond))
 			p.expected = expected
 			if reason != "" {
+				if pct := p.throttlePct(); pct > 0 {
+					reason += fmt.Sprintf("; auto-converge throttled the tree by %d%%", pct)
+				}
 				return reason, nil
 			}
 		}
 		last = dirtyBytes
+		if cfg.AutoConverge {
+			if err := p.autoConverge(round, dirtyRate, bandwidth); err != nil {
+				return "", err
+			}
+		}
 		p.roundPages, p.roundBytes = 0, 0
 		p.round, p.remaining = round, dirtyBytes
 		wire0 := p.fw.Stats().WireBytes
@@ -428,8 +448,91 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 		p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: round, Kind: "precopy",
 			DirtyPages: dirtyBytes / pagestore.PageSize, PagesSent: p.roundPages,
 			BytesWire: p.fw.Stats().WireBytes - wire0, DurationMS: ms(d),
-			BandwidthMBps: bandwidth / 1e6, DirtyRateMBps: dirtyRate / 1e6})
+			BandwidthMBps: bandwidth / 1e6, DirtyRateMBps: dirtyRate / 1e6, ThrottlePct: p.throttlePct()})
 	}
+}
+
+func (p *precopy) throttlePct() int {
+	if p.throttle == nil {
+		return 0
+	}
+	return p.throttle.Percent()
+}
+
+// autoConverge runs before each round's send, as QEMU's does after each
+// pass: a round that found more dirtied than half of what the round before
+// sent counts as too fast, and two in a row raise the throttle, 20% of the
+// tree's unthrottled CPU first, then 10% more, up to 99%.
+func (p *precopy) autoConverge(round int, dirtyRate, bandwidth float64) error {
+	pids := p.pids()
+	if p.throttle == nil {
+		// The tree's CPU use so far, unthrottled.
+		now, cpu := time.Now(), cgroup.TreeCPU(pids)
+		if !p.cpuAt.IsZero() {
+			p.cores = max(float64(cpu-p.cpuBefore)/float64(now.Sub(p.cpuAt)), 0.01)
+		}
+		p.cpuAt, p.cpuBefore = now, cpu
+	}
+	if round < 2 {
+		return nil
+	}
+	if dirtyRate <= bandwidth/2 {
+		p.tooFast = 0
+		return nil
+	}
+	if p.tooFast++; p.tooFast < 2 {
+		return nil
+	}
+	p.tooFast = 0
+	pct := 20
+	if p.throttle != nil {
+		pct = min(p.throttle.Percent()+10, 99)
+		if pct == p.throttle.Percent() {
+			return nil
+		}
+	} else {
+		t, err := cgroup.NewThrottle(p.s.stats.MigrationID+"-throttle", pids)
+		if err != nil {
+			return fmt.Errorf("auto-converge: %w", err)
+		}
+		p.throttle = t
+	}
+	if err := p.throttle.Set(pids, pct, p.cores); err != nil {
+		return fmt.Errorf("auto-converge: %w", err)
+	}
+	p.s.stats.AutoConvergePct = pct
+	p.s.log.Info("auto-converge: throttling the tree", "percent", pct, "cores_unthrottled", p.cores,
+		"dirty_rate_mbps", dirtyRate/1e6, "bandwidth_mbps", bandwidth/1e6)
+	return nil
+}
+
+// pids lists the tracked processes.
+func (p *precopy) pids() []int {
+	pids := make([]int, 0, len(p.procs))
+	if p.procs[p.root] != nil {
+		pids = append(pids, p.root)
+	}
+	for pid := range p.procs {
+		if pid != p.root {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// releaseThrottle gives the tree its CPU and cgroups back: before the
+// freeze, so that CRIU dumps the tree in the cgroups it came from, and
+// whatever the outcome. A no-op without a throttle.
+func (p *precopy) releaseThrottle() error {
+	if p.throttle == nil {
+		return nil
+	}
+	if err := p.throttle.Release(); err != nil {
+		return err
+	}
+	p.throttle = nil
+	p.s.log.Info("auto-converge: throttle released, the tree is back in its cpu cgroups")
+	return nil
 }
 
 // floor predicts the downtime no pre-copy round can shorten: the fixed

@@ -272,6 +272,12 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	notify := criu.NotifyFunc(func(ctx context.Context, script string, _ int32) error {
 		switch script {
 		case "pre-dump":
+			if pre != nil {
+				// CRIU must find the tree in the cgroups it came from.
+				if err := pre.releaseThrottle(); err != nil {
+					return fmt.Errorf("auto-converge: %w", err)
+				}
+			}
 			frozen = time.Now()
 			s.phase(PhaseDump)
 		case "status-ready":

@@ -52,6 +52,8 @@ type Stats struct {
 	DowntimeDirtyMS  float64 `json:"downtime_dirty_ms,omitempty"`
 	DowntimeCRIUMS   float64 `json:"downtime_criu_ms,omitempty"`
 	TrackerReleaseMS float64 `json:"tracker_release_ms,omitempty"`
+	// AutoConvergePct: the highest throttle --auto-converge applied.
+	AutoConvergePct int `json:"auto_converge_pct,omitempty"`
 
 	start time.Time // monotonic reference
 }
@@ -82,6 +84,8 @@ type Round struct {
 	// DirtyRateMBps: DirtyPages' bytes over the time since the collect
 	// before (pre-copy rounds after the first).
 	DirtyRateMBps float64 `json:"dirty_rate_mbps,omitempty"`
+	// ThrottlePct: the auto-converge throttle the round ran under.
+	ThrottlePct int `json:"throttle_pct,omitempty"`
 	// Pages describes the page stream: pages, zero and duplicate pages
 	// (sent without their bytes), bytes before and after compression.
 	Pages *pageserver.ForwardStats `json:"pages,omitempty"`

@@ -2,10 +2,13 @@ package test
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -156,4 +159,51 @@ func TestPrecopyNoConvergence(t *testing.T) {
 		t.Fatalf("stop_reason %q: want no gain or max rounds", reason)
 	}
 	t.Logf("stopped: %s; downtime %.0f ms", reason, r.num("downtime_ms"))
+}
+
+// TestPrecopyAutoConverge: the workload of TestPrecopyNoConvergence, which
+// dirties faster than the link carries, with --auto-converge: phaul
+// throttles its CPU in a cpu cgroup it creates, step by step, until it
+// converges or max rounds stops it; the stats report the throttle, phaul
+// gives the tree back its cpu cgroups before CRIU freezes it, and phaul's
+// group is gone.
+func TestPrecopyAutoConverge(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 200e6})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: 8000, CPUCgroup: true})
+	w.WaitProgress(t, 3)
+	r := e.migrate(w.PID(), "--mode", "precopy", "--auto-converge", "--max-rounds", "30")
+	pid := e.assertMigrated(w, r)
+	reason := r.str("stop_reason")
+	if r.num("auto_converge_pct") < 20 || !strings.Contains(reason, "auto-converge throttled") {
+		t.Fatalf("auto_converge_pct %v, stop_reason %q: want a throttle applied and reported", r.num("auto_converge_pct"), reason)
+	}
+	var throttled []float64
+	for _, x := range r.stats["rounds"].([]any) {
+		rd, _ := x.(map[string]any)
+		if v, _ := rd["throttle_pct"].(float64); v > 0 {
+			throttled = append(throttled, v)
+		}
+	}
+	if len(throttled) == 0 {
+		t.Fatal("no round ran throttled")
+	}
+	// Released before CRIU froze the tree: CRIU dumps it in the cgroups
+	// it came from.
+	released := strings.Index(r.out, "throttle released")
+	dump := strings.Index(r.out, "phase=dump")
+	if released < 0 || dump < 0 || released > dump {
+		t.Fatalf("throttle released at %d, dump phase at %d of the output: want the release first\n%s", released, dump, r.out)
+	}
+	if cg, err := linux.ProcessCgroupV1(pid, "cpu"); err != nil || strings.Contains(cg, "throttle") {
+		t.Fatalf("restored copy %d in cpu cgroup %q (%v)", pid, cg, err)
+	}
+	root, err := linux.CPUV1Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "phaul", r.str("migration_id")+"-throttle")); !os.IsNotExist(err) {
+		t.Fatalf("phaul's throttle group left behind: %v", err)
+	}
+	t.Logf("stopped: %s; throttle by round %v; downtime %.0f ms", reason, throttled, r.num("downtime_ms"))
 }

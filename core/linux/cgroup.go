@@ -92,6 +92,46 @@ func isFreezerV1(m mount) bool {
 
 func isCgroup2(m mount) bool { return m.fstype == "cgroup2" }
 
+func isCPUV1(m mount) bool {
+	return m.fstype == "cgroup" && slices.Contains(m.superOpts, "cpu")
+}
+
+// CPUV1Root returns where the cgroup v1 cpu controller's hierarchy is
+// mounted (/sys/fs/cgroup/cpu, or cpu,cpuacct). The error wraps
+// ErrNotSupported when none is.
+func CPUV1Root() (string, error) {
+	ms, err := readMounts()
+	if err != nil {
+		return "", err
+	}
+	if p, ok := findMount(ms, isCPUV1); ok {
+		return p, nil
+	}
+	return "", fmt.Errorf("cgroup v1 cpu: %w: not mounted", ErrNotSupported)
+}
+
+// ProcessCgroupV1 returns the path of pid's cgroup in the v1 hierarchy of
+// controller, relative to the hierarchy's root, from /proc/PID/cgroup.
+func ProcessCgroupV1(pid int, controller string) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "", fmt.Errorf("cgroups of %d: %w", pid, err)
+	}
+	return parseProcCgroup(string(b), controller)
+}
+
+// parseProcCgroup finds "id:controllers:path" with controller among the
+// comma-separated controllers.
+func parseProcCgroup(s, controller string) (string, error) {
+	for _, line := range strings.Split(s, "\n") {
+		f := strings.SplitN(line, ":", 3)
+		if len(f) == 3 && slices.Contains(strings.Split(f[1], ","), controller) {
+			return f[2], nil
+		}
+	}
+	return "", fmt.Errorf("no v1 %s cgroup: %w", controller, ErrNotSupported)
+}
+
 // FreezerV1Root returns where the cgroup v1 freezer hierarchy is mounted
 // (/sys/fs/cgroup/freezer on most hosts). The error wraps ErrNotSupported
 // when none is mounted, and says whether the kernel has the controller.

@@ -39,16 +39,17 @@ func TestProcessExists(t *testing.T) {
 }
 
 func TestParseProcessStat(t *testing.T) {
-	// Fields 5 to 21 are zero, starttime (22) is 12345.
-	tail := strings.Repeat(" 0", 17) + " 12345 0 0"
+	// Fields 5 to 21 are zero but utime (14) 30 and stime (15) 12,
+	// starttime (22) is 12345.
+	tail := strings.Repeat(" 0", 9) + " 30 12" + strings.Repeat(" 0", 6) + " 12345 0 0"
 	tests := []struct {
 		name    string
 		in      string
 		want    ProcessStat
 		wantErr bool
 	}{
-		{"plain", "42 (sleep) S 7" + tail, ProcessStat{"sleep", 'S', 7, 12345}, false},
-		{"comm with ') ('", "42 (a) (b c) R 1" + tail, ProcessStat{"a) (b c", 'R', 1, 12345}, false},
+		{"plain", "42 (sleep) S 7" + tail, ProcessStat{"sleep", 'S', 7, 12345, 42}, false},
+		{"comm with ') ('", "42 (a) (b c) R 1" + tail, ProcessStat{"a) (b c", 'R', 1, 12345, 42}, false},
 		{"short", "42 (x) S 1 2 3", ProcessStat{}, true},
 		{"no comm", "42 x S", ProcessStat{}, true},
 	}
@@ -59,6 +60,27 @@ func TestParseProcessStat(t *testing.T) {
 				t.Errorf("parseProcessStat = %+v, %v; want %+v", got, err, tt.want)
 			}
 		})
+	}
+}
+
+func TestParseProcCgroup(t *testing.T) {
+	in := "9:name=systemd:/\n4:memory:/a/b\n2:cpu,cpuacct:/x y\n1:cpuset:/\n0::/\n"
+	tests := []struct {
+		ctrl, want string
+		ok         bool
+	}{
+		{"cpu", "/x y", true},
+		{"cpuacct", "/x y", true},
+		{"memory", "/a/b", true},
+		{"cpuset", "/", true},
+		{"freezer", "", false},
+		{"cp", "", false},
+	}
+	for _, tt := range tests {
+		got, err := parseProcCgroup(in, tt.ctrl)
+		if got != tt.want || (err == nil) != tt.ok {
+			t.Errorf("parseProcCgroup(%q) = %q, %v; want %q", tt.ctrl, got, err, tt.want)
+		}
 	}
 }
 

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
 // WorkloadOpts configures StartWorkload. Zero fields take the defaults shown.
@@ -37,6 +39,10 @@ type WorkloadOpts struct {
 	// a session leader outside the tree's, and the test's own session
 	// leader may be (CI runs the tests in a PID namespace of their own).
 	InSession bool
+	// CPUCgroup starts the workload in a cgroup v1 cpu group the test
+	// creates (Workload.CPUCgroup), so that a migration that moves it
+	// between cpu groups (auto-converge) only touches groups of its own.
+	CPUCgroup bool
 	// HostPIDNS runs the workload in the test's PID namespace instead of
 	// a new one. Only a destination with a PID namespace of its own can
 	// then restore it on this kernel (the frozen source holds its pids).
@@ -58,6 +64,10 @@ type Workload struct {
 	Dir       string // per-workload directory: log, output, lock and ghost files
 	Log       string // the --log file
 	Out       string // the original process's stdout and stderr
+	// CPUCgroup is the workload's cpu cgroup with WorkloadOpts.CPUCgroup,
+	// relative to the hierarchy's root; cpuDir is where it is.
+	CPUCgroup string
+	cpuDir    string
 	FlockPath string // the file locked with WorkloadOpts.Flock
 	pid       int
 	cmd       *exec.Cmd
@@ -120,6 +130,9 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 	if opts.InSession {
 		w.pid = w.job(tb)
 	}
+	if opts.CPUCgroup {
+		w.joinCPUCgroup(tb)
+	}
 
 	ok, err := poll(startTimeout, func() (bool, error) {
 		select {
@@ -142,6 +155,24 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 		}
 	}
 	return w
+}
+
+// joinCPUCgroup moves the workload into a cpu cgroup of the test's own;
+// cleanup removes it once every copy is gone.
+func (w *Workload) joinCPUCgroup(tb testing.TB) {
+	tb.Helper()
+	root, err := linux.CPUV1Root()
+	if err != nil {
+		tb.Skipf("SKIP: no cgroup v1 cpu hierarchy: %v", err)
+	}
+	w.CPUCgroup = fmt.Sprintf("/phaul-test-%d-%d", os.Getpid(), w.pid)
+	w.cpuDir = filepath.Join(root, w.CPUCgroup)
+	if err := os.Mkdir(w.cpuDir, 0o755); err != nil {
+		tb.Fatalf("workload cpu cgroup: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(w.cpuDir, "cgroup.procs"), []byte(strconv.Itoa(w.pid)), 0); err != nil {
+		tb.Fatalf("workload cpu cgroup: %v", err)
+	}
 }
 
 // job returns the pid of the stand-in shell's one job.
@@ -326,9 +357,20 @@ func (w *Workload) cleanup(tb testing.TB) {
 	case <-time.After(10 * time.Second):
 		tb.Errorf("workload %d not reaped", w.pid)
 	}
+	if w.cpuDir != "" {
+		// Emptied by the kills above; exits are asynchronous.
+		if _, err := poll(10*time.Second, func() (bool, error) { return os.Remove(w.cpuDir) == nil, nil }); err != nil || exists(w.cpuDir) {
+			tb.Errorf("remove workload cpu cgroup %s: %v", w.cpuDir, err)
+		}
+	}
 	if tb.Failed() {
 		tb.Logf("%s", w.tail())
 	}
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }
 
 func pidnsFlag(o WorkloadOpts) uintptr {
