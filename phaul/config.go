@@ -46,7 +46,7 @@ type MigrateConfig struct {
 	// link carries it (cgroup v1 cpu controller, a group phaul creates):
 	// 20% of its CPU first, 10% more each time it stays too fast.
 	AutoConverge bool
-	DumpLock       string // host-wide lock file serialising CRIU dumps
+	DumpLock     string // host-wide lock file serialising CRIU dumps
 
 	Transport transport.Config // Identity is loaded from TLSDir
 	Logger    *slog.Logger

@@ -15,8 +15,9 @@ import (
 // (without -short) 4 GiB workloads dirtying 8 and 64 MiB/s. Per case:
 // downtime, total time, wire bytes and rounds of each, the ratios
 // precopy/cold (lower is better), and the floor: the time pre-copy's
-// frozen tree spent in CRIU's dump and restore. A table is printed at the
-// end.
+// frozen tree spent in CRIU's dump and restore, beside the floor predicted
+// before round 1 and the downtime besides the last dirty set. A table is
+// printed at the end.
 func BenchmarkPrecopy(b *testing.B) {
 	var rows []precopyRow
 	for _, mib := range []int{256, 1024, 4096} {
@@ -44,7 +45,8 @@ type precopyRow struct {
 	coldTotal, preTotal time.Duration
 	coldWire, preWire   float64
 	preRounds           float64
-	floor               time.Duration
+	floor               time.Duration // measured: CRIU's dump + restore
+	predicted, criuPart time.Duration // floor predicted before round 1; downtime besides the last dirty set
 	stop                string
 }
 
@@ -78,6 +80,8 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 				rounds, _ := r.stats["rounds"].([]any)
 				row.preRounds += float64(len(rounds))
 				row.floor += time.Duration((r.num("criu_dump_ms") + r.num("criu_restore_ms")) * float64(time.Millisecond))
+				row.predicted += time.Duration(r.num("floor_ms") * float64(time.Millisecond))
+				row.criuPart += time.Duration(r.num("downtime_criu_ms") * float64(time.Millisecond))
 				row.stop = r.str("stop_reason")
 			}
 			w.Kill(b)
@@ -85,6 +89,7 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 	}
 	d := time.Duration(n)
 	row.coldDown, row.preDown, row.coldTotal, row.preTotal, row.floor = row.coldDown/d, row.preDown/d, row.coldTotal/d, row.preTotal/d, row.floor/d
+	row.predicted, row.criuPart = row.predicted/d, row.criuPart/d
 	row.coldWire /= float64(n)
 	row.preWire /= float64(n)
 	row.preRounds /= float64(n)
@@ -94,20 +99,21 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 	b.ReportMetric(msOf(row.coldDown), "cold-downtime-ms")
 	b.ReportMetric(msOf(row.preDown), "precopy-downtime-ms")
 	b.ReportMetric(msOf(row.floor), "precopy-floor-ms")
+	b.ReportMetric(msOf(row.predicted), "precopy-predicted-floor-ms")
 	b.ReportMetric(row.preRounds, "precopy-rounds")
 	return row
 }
 
 func precopyTable(rows []precopyRow) string {
 	var w strings.Builder
-	fmt.Fprintf(&w, "%-16s | %9s %9s %7s | %9s %9s %7s | %8s %8s %7s | %6s %7s | %s\n",
+	fmt.Fprintf(&w, "%-16s | %9s %9s %7s | %9s %9s %7s | %8s %8s %7s | %6s %7s %7s %7s | %s\n",
 		"case", "cold-down", "pre-down", "x-down", "cold-tot", "pre-tot", "x-tot",
-		"cold-MiB", "pre-MiB", "x-wire", "rounds", "floor", "stop")
+		"cold-MiB", "pre-MiB", "x-wire", "rounds", "floor", "predict", "criu", "stop")
 	for _, r := range rows {
-		fmt.Fprintf(&w, "%-16s | %9.0f %9.0f %7.3f | %9.0f %9.0f %7.2f | %8.1f %8.1f %7.2f | %6.1f %7.0f | %s\n",
+		fmt.Fprintf(&w, "%-16s | %9.0f %9.0f %7.3f | %9.0f %9.0f %7.2f | %8.1f %8.1f %7.2f | %6.1f %7.0f %7.0f %7.0f | %s\n",
 			r.name, msOf(r.coldDown), msOf(r.preDown), float64(r.preDown)/float64(r.coldDown),
 			msOf(r.coldTotal), msOf(r.preTotal), float64(r.preTotal)/float64(r.coldTotal),
-			r.coldWire/(1<<20), r.preWire/(1<<20), r.preWire/r.coldWire, r.preRounds, msOf(r.floor), r.stop)
+			r.coldWire/(1<<20), r.preWire/(1<<20), r.preWire/r.coldWire, r.preRounds, msOf(r.floor), msOf(r.predicted), msOf(r.criuPart), r.stop)
 	}
 	return w.String()
 }

@@ -61,9 +61,9 @@ const startTimeout = time.Minute
 // read the log and /proc; they are safe to call from several goroutines
 // except those taking a testing.TB.
 type Workload struct {
-	Dir       string // per-workload directory: log, output, lock and ghost files
-	Log       string // the --log file
-	Out       string // the original process's stdout and stderr
+	Dir string // per-workload directory: log, output, lock and ghost files
+	Log string // the --log file
+	Out string // the original process's stdout and stderr
 	// CPUCgroup is the workload's cpu cgroup with WorkloadOpts.CPUCgroup,
 	// relative to the hierarchy's root; cpuDir is where it is.
 	CPUCgroup string
