@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -39,6 +40,10 @@ type WorkloadOpts struct {
 	// a session leader outside the tree's, and the test's own session
 	// leader may be (CI runs the tests in a PID namespace of their own).
 	InSession bool
+	// Children makes the workload a tree: it forks this many children
+	// after filling its memory (copy-on-write shared, no exec), each
+	// verifying its own copy and logging to Log.child<i> (Workload.Child).
+	Children int
 	// CPUCgroup starts the workload in a cgroup v1 cpu group the test
 	// creates (Workload.CPUCgroup), so that a migration that moves it
 	// between cpu groups (auto-converge) only touches groups of its own.
@@ -149,6 +154,19 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 	if err != nil || !ok {
 		tb.Fatalf("workload %d: no verified step after %v: %v\n%s", w.pid, startTimeout, err, w.tail())
 	}
+	for i := 1; i <= opts.Children; i++ {
+		c := w.Child(i)
+		ok, err := poll(startTimeout, func() (bool, error) {
+			st, err := c.state()
+			if err == nil {
+				err = st.health()
+			}
+			return len(st.steps) > 0 && st.steps[len(st.steps)-1].Verified > 0, err
+		})
+		if err != nil || !ok {
+			tb.Fatalf("workload %d child %d: no verified step after %v: %v\n%s", w.pid, i, startTimeout, err, c.tail())
+		}
+	}
 	if ns != nil {
 		if in, err := ns.Contains(w.pid); err != nil || !in {
 			tb.Fatalf("workload %d not in netns %s: %v", w.pid, ns.Name, err)
@@ -230,6 +248,9 @@ func (w *Workload) args(o WorkloadOpts) []string {
 	if o.Fill != "" {
 		a = append(a, "--fill", o.Fill)
 	}
+	if o.Children > 0 {
+		a = append(a, "--children", strconv.Itoa(o.Children))
+	}
 	return a
 }
 
@@ -244,7 +265,8 @@ func (w *Workload) Running(tb testing.TB) []int {
 }
 
 // Running returns the host PIDs of live workload processes whose --log
-// argument is logPath, found through /proc/*/cmdline (zombies have none).
+// argument is logPath and whose parent is not one (the roots of their
+// trees: one per copy), found through /proc/*/cmdline (zombies have none).
 func Running(tb testing.TB, logPath string) []int {
 	tb.Helper()
 	pids, err := running(logPath)
@@ -254,7 +276,52 @@ func Running(tb testing.TB, logPath string) []int {
 	return pids
 }
 
+// Children returns the host PIDs of the live workload processes whose
+// parent is root (WorkloadOpts.Children of the copy rooted at root).
+func (w *Workload) Children(tb testing.TB, root int) []int {
+	tb.Helper()
+	all, err := matching(w.Log)
+	if err != nil {
+		tb.Fatalf("find workloads: %v", err)
+	}
+	var kids []int
+	for _, pid := range all {
+		if st, err := linux.ReadProcessStat(pid); err == nil && st.PPID == root {
+			kids = append(kids, pid)
+		}
+	}
+	return kids
+}
+
+// Child returns a view of child i (1-based) of WorkloadOpts.Children: its
+// own log, read by the log methods (LastStep, Health, WaitProgress, ...).
+// Process methods (PID, Running, Kill) belong to the root's Workload.
+func (w *Workload) Child(i int) *Workload {
+	return &Workload{Dir: w.Dir, Log: fmt.Sprintf("%s.child%d", w.Log, i), Out: w.Out,
+		FlockPath: w.FlockPath, pid: w.pid, cmd: w.cmd, done: w.done}
+}
+
 func running(logPath string) ([]int, error) {
+	all, err := matching(logPath)
+	if err != nil {
+		return nil, err
+	}
+	var roots []int
+	for _, pid := range all {
+		st, err := linux.ReadProcessStat(pid)
+		if err != nil {
+			continue // gone
+		}
+		if !slices.Contains(all, st.PPID) {
+			roots = append(roots, pid)
+		}
+	}
+	return roots, nil
+}
+
+// matching returns every live workload process with --log logPath: the
+// roots and their children.
+func matching(logPath string) ([]int, error) {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil, err
@@ -299,7 +366,7 @@ func (w *Workload) Kill(tb testing.TB) {
 func (w *Workload) signalAll(tb testing.TB, sig syscall.Signal) {
 	tb.Helper()
 	WaitFor(tb, 10*time.Second, func() (bool, error) {
-		pids, err := running(w.Log)
+		pids, err := matching(w.Log)
 		for _, pid := range pids {
 			// ESRCH: it just exited; a repeat of sig is harmless.
 			if err := syscall.Kill(pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
@@ -340,7 +407,7 @@ func (w *Workload) tail() string {
 func (w *Workload) cleanup(tb testing.TB) {
 	tb.Helper()
 	ok, err := poll(10*time.Second, func() (bool, error) {
-		pids, err := running(w.Log)
+		pids, err := matching(w.Log)
 		for _, pid := range pids {
 			syscall.Kill(pid, syscall.SIGKILL) // ESRCH: already gone
 		}

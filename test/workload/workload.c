@@ -36,6 +36,12 @@
 //                    tree; sends "tick seq=N" each step, MSG_DONTWAIT, a full
 //                    queue counts a drop (--ext-unix-sk)
 //   --shm            the region is MAP_SHARED (CRIU's shmem path)
+//   --children N     after filling the region, forks N children (a process
+//                    tree; no exec, so the region is copy-on-write shared
+//                    until written): child i logs to FILE.child<i> (a start
+//                    line with child=i, then steps from the parent's count)
+//                    and runs its own writers and verifier on its copy;
+//                    modes stay with the parent, which ignores SIGCHLD
 // workload --sink PATH --log FILE is that outside peer instead: it binds a
 // SOCK_DGRAM socket at PATH and logs "sink tick seq=N" per tick received.
 // CRIU finds the peer with sock_diag, so run it in the workload's netns.
@@ -72,7 +78,7 @@
 #define TCP_STALL_STEPS 200 // no TCP round trip in 200 running steps: FAIL
 
 static struct {
-	long mib, threads, rate, verify_ms, ghost_kib;
+	long mib, threads, rate, verify_ms, ghost_kib, children;
 	const char *log, *flock, *ghost, *ext_unix, *sink, *fill;
 	int tcp, shm, ghost_link;
 } o = {.mib = 64, .threads = 2, .rate = 1000, .verify_ms = 250, .ghost_kib = 64, .fill = "random"};
@@ -402,9 +408,9 @@ static void parse(int argc, char **argv) {
 		{"verify-ms", 1, 0, 'v'}, {"ghost-kib", 1, 0, 'K'}, {"log", 1, 0, 'l'},
 		{"flock", 1, 0, 'F'}, {"ghost", 1, 0, 'G'}, {"ext-unix", 1, 0, 'U'},
 		{"sink", 1, 0, 'k'}, {"tcp-pair", 0, 0, 'T'}, {"shm", 0, 0, 'S'},
-		{"ghost-link", 0, 0, 'L'}, {"fill", 1, 0, 'f'}, {0}};
+		{"ghost-link", 0, 0, 'L'}, {"fill", 1, 0, 'f'}, {"children", 1, 0, 'c'}, {0}};
 	long *num[128] = {['m'] = &o.mib, ['t'] = &o.threads, ['r'] = &o.rate,
-			  ['v'] = &o.verify_ms, ['K'] = &o.ghost_kib};
+			  ['v'] = &o.verify_ms, ['K'] = &o.ghost_kib, ['c'] = &o.children};
 	const char **str[128] = {['l'] = &o.log, ['F'] = &o.flock, ['G'] = &o.ghost,
 				 ['U'] = &o.ext_unix, ['k'] = &o.sink, ['f'] = &o.fill};
 	int c, bad = 0;
@@ -428,10 +434,10 @@ static void parse(int argc, char **argv) {
 	else
 		bad = 1;
 	if (bad || optind != argc || !o.log || o.mib < 1 || o.threads < 1 ||
-	    o.rate < 0 || o.verify_ms < 0 || o.ghost_kib < 1) {
+	    o.rate < 0 || o.verify_ms < 0 || o.ghost_kib < 1 || o.children < 0 || o.children > 64) {
 		fprintf(stderr, "usage: workload --log FILE [--mib N] [--threads T] "
 				"[--rate PAGES_PER_SEC] [--verify-ms MS] [--fill random|text|zero] [--tcp-pair] [--flock FILE] "
-				"[--ghost FILE [--ghost-kib K] [--ghost-link]] [--ext-unix PATH] [--shm] | --sink PATH --log FILE\n");
+				"[--ghost FILE [--ghost-kib K] [--ghost-link]] [--ext-unix PATH] [--shm] [--children N] | --sink PATH --log FILE\n");
 		exit(2);
 	}
 }
@@ -475,26 +481,49 @@ int main(int argc, char **argv) {
 	logline("start pid=%d pages=%zu region=%p threads=%ld rate=%ld shm=%d fill=%s", getpid(),
 		npages, (void *)region, o.threads, o.rate, o.shm, o.fill);
 
-	if (o.tcp)
-		setup_tcp();
-	if (o.flock)
-		setup_flock();
-	if (o.ghost)
-		setup_ghost();
-	if (o.ext_unix)
-		setup_ext_unix();
+	long child = 0;
+	if (o.children > 0)
+		signal(SIGCHLD, SIG_IGN); // no zombies: a dead child shows in its log
+	for (long i = 1; i <= o.children && !child; i++) {
+		pid_t pid = fork();
+		if (pid < 0) {
+			logline("FAIL setup fork: %s", strerror(errno));
+			return 2;
+		}
+		if (pid == 0) {
+			char path[4096];
+			snprintf(path, sizeof(path), "%s.child%ld", o.log, i);
+			int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+			if (fd < 0)
+				_exit(2);
+			close(logfd);
+			logfd = fd, child = i;
+			logline("start pid=%d pages=%zu region=%p threads=%ld rate=%ld shm=%d fill=%s child=%ld",
+				getpid(), npages, (void *)region, o.threads, o.rate, o.shm, o.fill, i);
+		}
+	}
+	if (!child) {
+		if (o.tcp)
+			setup_tcp();
+		if (o.flock)
+			setup_flock();
+		if (o.ghost)
+			setup_ghost();
+		if (o.ext_unix)
+			setup_ext_unix();
+	}
 	for (long i = 0; i < o.threads; i++)
 		start(writer, i);
 	start(verifier, 0);
-	if (o.tcp)
+	if (o.tcp && !child)
 		start(tcp_ping, 0), start(tcp_pong, 0);
 
 	for (int64_t next = now_ns(CLOCK_MONOTONIC);;) {
 		logline("step=%lu t=%ld pid=%d verified=%lu", ++step, now_ns(CLOCK_REALTIME),
 			getpid(), atomic_load(&verified));
-		if (o.ext_unix)
+		if (o.ext_unix && !child)
 			tick_ext_unix();
-		if (step % CHECK_STEPS == 1)
+		if (step % CHECK_STEPS == 1 && !child)
 			check_modes();
 		int64_t now = now_ns(CLOCK_MONOTONIC);
 		next += STEP_NS;
