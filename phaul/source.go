@@ -268,6 +268,10 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		lazy       = cfg.Mode == ModePrecopy && cfg.FinalDump == FinalDumpLazy
 		lazyListen string
 		holder     *lazyHolder
+		// gone reports that every process of the lazily dumped tree has
+		// exited after phaul ended CRIU's session: the commit need not
+		// wait for CRIU's own cleanup.
+		gone = make(chan error, 1)
 	)
 	notify := criu.NotifyFunc(func(ctx context.Context, script string, _ int32) error {
 		switch script {
@@ -286,10 +290,20 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 				// connect before answering, so that no one else does
 				// first, then close cleanly once CRIU accepts, which
 				// kills the tree (the destination holds it, PREPARED).
-				var err error
-				if holder, err = holdLazy(ctx, lazyListen); err != nil {
+				// The tree is frozen: its pids are stable and cannot be
+				// reused before the pidfds below hold them.
+				pfds, err := openTree(cfg.PID)
+				if err != nil {
 					return err
 				}
+				if holder, err = holdLazy(ctx, lazyListen); err != nil {
+					closeAll(pfds)
+					return err
+				}
+				go func() { // owned by dumpAndCommit, which drains gone
+					defer closeAll(pfds)
+					gone <- linux.WaitExited(pfds, cfg.CommitTimeout)
+				}()
 			}
 		case "post-dump":
 			dumped = time.Now()
@@ -360,10 +374,35 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		req.PageServer = pages.criuEnd
 		pages.start()
 	}
-	err = bin.Dump(ctx, req, notify)
-	if holder != nil {
-		if herr := holder.wait(); herr != nil && err == nil {
-			err = herr
+	dumpDone := make(chan error, 1)
+	go func() { dumpDone <- bin.Dump(ctx, req, notify) }() // owned here: drained below or by finishDump
+	// finishDump waits for CRIU and phaul's end of its lazy session.
+	finishDump := func() error {
+		err := <-dumpDone
+		if holder != nil {
+			if herr := holder.wait(); herr != nil && err == nil {
+				err = herr
+			}
+		}
+		return err
+	}
+	select {
+	case err = <-dumpDone:
+		dumpDone <- err // for finishDump
+		err = finishDump()
+	case gerr := <-gone:
+		if gerr == nil {
+			// The tree is dead: commit now, CRIU finishes meanwhile.
+			s.log.Debug("source tree exited; committing before CRIU's cleanup ends")
+			defer func() {
+				if err := finishDump(); err != nil {
+					s.log.Warn("criu failed after the tree exited", "err", err)
+				}
+			}()
+			err = nil
+		} else {
+			s.log.Warn("source tree after the lazy session", "err", gerr)
+			err = finishDump()
 		}
 	}
 	pstats, perr := pages.finish()
@@ -427,6 +466,30 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	s.log.Info("migrated", "dest_pid", c.GetPid(), "downtime_ms", s.stats.DowntimeMS,
 		"bytes", s.stats.BytesImages)
 	return nil
+}
+
+// openTree opens pidfds for the processes of the tree rooted at root.
+func openTree(root int) ([]*linux.Pidfd, error) {
+	pids, err := treePids(root)
+	if err != nil {
+		return nil, fmt.Errorf("source tree: %w", err)
+	}
+	var pfds []*linux.Pidfd
+	for _, pid := range pids {
+		p, err := linux.PidfdOpen(pid)
+		if err != nil {
+			closeAll(pfds)
+			return nil, fmt.Errorf("source tree: %w", err)
+		}
+		pfds = append(pfds, p)
+	}
+	return pfds, nil
+}
+
+func closeAll(pfds []*linux.Pidfd) {
+	for _, p := range pfds {
+		p.Close()
+	}
 }
 
 // rolledBack confirms the source tree still runs and says so in err.

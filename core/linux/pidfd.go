@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -105,4 +106,40 @@ func classifyPidfdErr(err error) error {
 		return fmt.Errorf("%w: blocked for this process (seccomp?): %w", ErrNotSupported, err)
 	}
 	return err
+}
+
+// WaitExited waits until every process of pfds has exited (all its
+// threads: a pidfd turns readable only then), or timeout. A process that
+// is a zombie has exited.
+func WaitExited(pfds []*Pidfd, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	fds := make([]unix.PollFd, 0, len(pfds))
+	for _, p := range pfds {
+		fd, err := p.rawFD()
+		if err != nil {
+			return fmt.Errorf("wait for %d: %w", p.pid, err)
+		}
+		fds = append(fds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
+	}
+	for len(fds) > 0 {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return fmt.Errorf("wait for exit: %d of %d processes still run after %v", len(fds), len(pfds), timeout)
+		}
+		n, err := unix.Poll(fds, int(min(left, time.Second).Milliseconds())+1)
+		if err != nil && err != unix.EINTR {
+			return fmt.Errorf("wait for exit: poll: %w", err)
+		}
+		if n <= 0 {
+			continue
+		}
+		keep := fds[:0]
+		for _, f := range fds {
+			if f.Revents&(unix.POLLIN|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) == 0 {
+				keep = append(keep, f)
+			}
+		}
+		fds = keep
+	}
+	return nil
 }

@@ -5,7 +5,9 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -73,5 +75,40 @@ func TestPidfdOpenGone(t *testing.T) {
 	}
 	if _, err := PidfdOpen(cmd.Process.Pid); !errors.Is(err, unix.ESRCH) {
 		t.Errorf("PidfdOpen(reaped child) = %v, want ESRCH", err)
+	}
+}
+
+func TestWaitExited(t *testing.T) {
+	start := func(arg string) (*exec.Cmd, *Pidfd) {
+		t.Helper()
+		cmd := exec.Command("sleep", arg)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		p, err := PidfdOpen(cmd.Process.Pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		return cmd, p
+	}
+	_, short := start("0.1") // exits, stays a zombie: nobody waits for it
+	_, long := start("30")
+	if err := WaitExited([]*Pidfd{short}, 5*time.Second); err != nil {
+		t.Fatalf("a process that exited: %v", err)
+	}
+	t0 := time.Now()
+	if err := WaitExited([]*Pidfd{short, long}, 200*time.Millisecond); err == nil {
+		t.Fatal("a running process counted as exited")
+	}
+	if d := time.Since(t0); d < 200*time.Millisecond {
+		t.Fatalf("gave up after %v, before the timeout", d)
+	}
+	if err := syscall.Kill(long.PID(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := WaitExited([]*Pidfd{short, long}, 5*time.Second); err != nil {
+		t.Fatalf("after SIGKILL: %v", err)
 	}
 }
