@@ -46,7 +46,10 @@ type MigrateConfig struct {
 	// link carries it (cgroup v1 cpu controller, a group phaul creates):
 	// 20% of its CPU first, 10% more each time it stays too fast.
 	AutoConverge bool
-	DumpLock     string // host-wide lock file serialising CRIU dumps
+	// Prefault has the destination fill and free the tree's memory once
+	// the rounds are done, before the freeze, followed by one more round.
+	Prefault bool
+	DumpLock string // host-wide lock file serialising CRIU dumps
 
 	Transport transport.Config // Identity is loaded from TLSDir
 	Logger    *slog.Logger
@@ -90,6 +93,7 @@ func DefaultMigrateConfig() MigrateConfig {
 		DowntimeTarget: 300 * time.Millisecond,
 		DowntimeFloor:  150 * time.Millisecond,
 		MaxRounds:      30,
+		Prefault:       true,
 		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
 		DumpLock:       filepath.Join(os.TempDir(), "phaul-dump.lock"),
 		Transport:      defaultTransport(),

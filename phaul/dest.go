@@ -329,6 +329,9 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 			if b.Ping.GetProbePopulate() {
 				pong.PopulateNsPerMib = probePopulate(in.log)
 			}
+			if n := b.Ping.GetPrefaultBytes(); n > 0 {
+				prefault(in.log, n)
+			}
 			if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: pong}}); err != nil {
 				return nil, err
 			}
@@ -537,6 +540,29 @@ func probePopulate(log *slog.Logger) uint64 {
 	perMiB := uint64(d.Nanoseconds()) / (populateProbeBytes >> 20)
 	log.Info("populate probe", "mib", populateProbeBytes>>20, "dur", d, "per_mib", time.Duration(perMiB))
 	return max(perMiB, 1)
+}
+
+// prefault fills and frees n bytes of fresh anonymous memory, at most half
+// of what the host has available: memory the kernel just freed is what it
+// hands out next, so the restore then reuses it instead of touching memory
+// for the first time (on a VM that costs 2-3 times more: 1.5-2.5 ms/MiB
+// against 0.7 here).
+func prefault(log *slog.Logger, n uint64) {
+	avail, err := linux.MemAvailable()
+	if err != nil {
+		log.Warn("prefault", "err", err)
+		return
+	}
+	n = min(n, avail/2) &^ (1<<20 - 1)
+	if n == 0 {
+		return
+	}
+	d, err := linux.PopulateCost(int(n))
+	if err != nil {
+		log.Warn("prefault", "err", err)
+		return
+	}
+	log.Info("prefaulted memory for the restore", "mib", n>>20, "dur", d)
 }
 
 // receivePages stores the forwarded pages and writes them as CRIU images

@@ -73,6 +73,7 @@ type precopy struct {
 	cores     float64
 	cpuAt     time.Time
 	cpuBefore time.Duration
+	treeBytes uint64 // what round 1 found to send: the tree's memory
 }
 
 // progress reports the round in progress, at most every 100 ms.
@@ -535,6 +536,40 @@ func (p *precopy) releaseThrottle() error {
 	return nil
 }
 
+// prefault has the destination fill and free as much memory as the tree
+// holds, so that the restore inside the freeze reuses memory instead of
+// touching it first, then runs one more round for what the tree wrote
+// meanwhile.
+func (p *precopy) prefault(ctx context.Context) error {
+	t0 := time.Now()
+	if err := p.s.prefault(ctx, p.treeBytes); err != nil {
+		return fmt.Errorf("prefault: %w", err)
+	}
+	p.s.stats.PrefaultMS = ms(time.Since(t0))
+	p.s.log.Info("destination prefaulted the tree's memory", "mib", p.treeBytes>>20, "dur", time.Since(t0))
+	t1 := time.Now()
+	if err := p.refresh(); err != nil {
+		return err
+	}
+	if err := p.collect(); err != nil {
+		return err
+	}
+	dirtyBytes := p.pendingBytes()
+	p.roundPages, p.roundBytes = 0, 0
+	p.round, p.remaining = p.round+1, dirtyBytes
+	wire0 := p.fw.Stats().WireBytes
+	if err := p.sendPending(ctx); err != nil {
+		return err
+	}
+	d := time.Since(t1)
+	p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: len(p.s.stats.Rounds) + 1, Kind: "precopy",
+		DirtyPages: dirtyBytes / pagestore.PageSize, PagesSent: p.roundPages,
+		BytesWire: p.fw.Stats().WireBytes - wire0, DurationMS: ms(d),
+		BandwidthMBps: float64(p.roundBytes) / max(d.Seconds(), 1e-3) / 1e6,
+		DirtyRateMBps: float64(dirtyBytes) / max(time.Since(t0).Seconds(), 1e-3) / 1e6, ThrottlePct: p.throttlePct()})
+	return nil
+}
+
 // floor predicts the downtime no pre-copy round can shorten: the fixed
 // part of CRIU's dump and restore (--downtime-floor) plus filling the
 // tree's memory on the destination, at the cost per MiB it measures now.
@@ -545,6 +580,7 @@ func (p *precopy) floor(ctx context.Context, treeBytes uint64) (time.Duration, e
 	if err != nil {
 		return 0, fmt.Errorf("populate probe: %w", err)
 	}
+	p.treeBytes = treeBytes
 	floor := cfg.DowntimeFloor + time.Duration(float64(perMiB)*float64(treeBytes)/(1<<20))
 	p.s.stats.FloorMS = ms(floor)
 	p.s.stats.PopulateMSPerGiB = ms(perMiB * 1024)

@@ -206,27 +206,34 @@ func modeToWire(m Mode) wire.Mode {
 // pre-copy rounds it proves both ends alive (the destination's wait for
 // the next step starts again) and notices an ABORT early.
 func (s *source) keepalive(ctx context.Context) error {
-	_, err := s.ping(ctx, false)
+	_, err := s.ping(ctx, &wire.Ping{})
 	return err
 }
 
 // probePopulate asks the destination what filling fresh memory costs
 // there, per MiB (0: it could not tell).
 func (s *source) probePopulate(ctx context.Context) (time.Duration, error) {
-	ns, err := s.ping(ctx, true)
+	ns, err := s.ping(ctx, &wire.Ping{ProbePopulate: true})
 	return time.Duration(ns), err
 }
 
-// ping sends a ping, asking for a populate probe if probe, and returns
-// the pong's probe result.
-func (s *source) ping(ctx context.Context, probe bool) (uint64, error) {
+// prefault asks the destination to fill and free n bytes of memory and
+// waits until it has.
+func (s *source) prefault(ctx context.Context, n uint64) error {
+	_, err := s.ping(ctx, &wire.Ping{PrefaultBytes: n})
+	return err
+}
+
+// ping sends a ping (its Seq set here) and returns the pong's probe
+// result. A prefault gets 10 ms per MiB beyond the hello timeout.
+func (s *source) ping(ctx context.Context, ping *wire.Ping) (uint64, error) {
 	s.pings++
 	seq := 100 + s.pings // the hello's pings are 1 to 3
-	ping := &wire.Ping{Seq: seq, ProbePopulate: probe}
+	ping.Seq = seq
 	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Ping{Ping: ping}}); err != nil {
 		return 0, fmt.Errorf("keepalive: %w", err)
 	}
-	stop := deadline(ctx, s.ctlStream, s.cfg.HelloTimeout)
+	stop := deadline(ctx, s.ctlStream, s.cfg.HelloTimeout+time.Duration(ping.GetPrefaultBytes()>>20)*10*time.Millisecond)
 	defer stop()
 	m, err := s.ctl.Recv()
 	if err != nil {
@@ -356,6 +363,14 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 			s.stats.Tracker = pr.tr.Kind()
 		}
 		s.log.Info("pre-copy rounds done", "rounds", len(s.stats.Rounds), "why", reason)
+		if cfg.Prefault {
+			if err := pre.prefault(ctx); err != nil {
+				pages.finish()
+				s.phase(PhaseRollback)
+				s.abort(fmt.Sprintf("pre-copy failed: %v", err))
+				return s.rolledBack(fmt.Errorf("pre-copy: %w", err))
+			}
+		}
 	}
 	unlock, err := linux.LockFile(cfg.DumpLock)
 	if err != nil {

@@ -52,6 +52,9 @@ type Stats struct {
 	DowntimeDirtyMS  float64 `json:"downtime_dirty_ms,omitempty"`
 	DowntimeCRIUMS   float64 `json:"downtime_criu_ms,omitempty"`
 	TrackerReleaseMS float64 `json:"tracker_release_ms,omitempty"`
+	// PrefaultMS: how long the destination took to fill and free the
+	// tree's memory before the freeze (--prefault).
+	PrefaultMS float64 `json:"prefault_ms,omitempty"`
 	// AutoConvergePct: the highest throttle --auto-converge applied.
 	AutoConvergePct int `json:"auto_converge_pct,omitempty"`
 

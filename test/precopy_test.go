@@ -66,6 +66,9 @@ func TestPrecopyMigration(t *testing.T) {
 			if dirty <= 0 || criuPart <= 0 || dirty+criuPart > r.num("downtime_ms")+0.01 {
 				t.Fatalf("downtime %v ms split as dirty set %v + CRIU %v", r.num("downtime_ms"), dirty, criuPart)
 			}
+			if r.num("prefault_ms") <= 0 || !strings.Contains(e.readServeLog(), "prefaulted memory for the restore") {
+				t.Fatalf("prefault_ms %v: the destination did not prefault before the freeze", r.num("prefault_ms"))
+			}
 			if tc.tracker == "uffd-wp" && r.num("tracker_release_ms") <= 0 {
 				t.Fatalf("tracker_release_ms %v: the release inside the freeze was not measured", r.num("tracker_release_ms"))
 			}

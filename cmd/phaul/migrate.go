@@ -36,6 +36,7 @@ func migrateCommand() *cli.Command {
 			&cli.DurationFlag{Name: "downtime-target", Value: def.DowntimeTarget, Usage: "pre-copy: freeze once the expected downtime fits this"},
 			&cli.DurationFlag{Name: "downtime-floor", Value: def.DowntimeFloor, Usage: "pre-copy: fixed part of the downtime floor (CRIU's dump and restore and the commit, whatever the memory; the memory part is measured on the destination)"},
 			&cli.IntFlag{Name: "max-rounds", Value: def.MaxRounds, Usage: "pre-copy: freeze after this many rounds at the latest"},
+			&cli.BoolFlag{Name: "prefault", Value: def.Prefault, Usage: "pre-copy: before the freeze, have the destination fill and free as much memory as the tree holds, so that the restore reuses memory instead of touching it first (--prefault=false to skip)"},
 			&cli.BoolFlag{Name: "auto-converge", Usage: "pre-copy: throttle the tree's CPU (a cgroup v1 cpu group phaul creates) while it dirties memory faster than half the link carries, 20% first, then 10% more each time"},
 			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "where the source writes images (removed afterwards)"},
 			&cli.StringFlag{Name: "stats-json", Usage: "append one JSON object describing the migration to FILE"},
@@ -74,6 +75,7 @@ func migrateCommand() *cli.Command {
 			cfg.DowntimeFloor = c.Duration("downtime-floor")
 			cfg.MaxRounds = c.Int("max-rounds")
 			cfg.AutoConverge = c.Bool("auto-converge")
+			cfg.Prefault = c.Bool("prefault")
 			cfg.CRIU = criu.Options{
 				TCPEstablished: c.Bool("tcp-established"),
 				FileLocks:      c.Bool("file-locks"),

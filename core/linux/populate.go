@@ -2,6 +2,9 @@ package linux
 
 import (
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -30,4 +33,28 @@ func PopulateCost(size int) (time.Duration, error) {
 		copy(mem[off:], src)
 	}
 	return time.Since(start), nil
+}
+
+// MemAvailable returns the kernel's estimate of memory available for new
+// allocations without swapping (MemAvailable in /proc/meminfo), in bytes.
+func MemAvailable() (uint64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, fmt.Errorf("meminfo: %w", err)
+	}
+	return parseMemAvailable(string(b))
+}
+
+func parseMemAvailable(s string) (uint64, error) {
+	for _, line := range strings.Split(s, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 3 && f[0] == "MemAvailable:" && f[2] == "kB" {
+			kb, err := strconv.ParseUint(f[1], 10, 64)
+			if err != nil || kb > 1<<44 {
+				return 0, fmt.Errorf("meminfo: bad MemAvailable %q", f[1])
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, fmt.Errorf("meminfo: no MemAvailable line")
 }

@@ -21,3 +21,25 @@ func TestPopulateCost(t *testing.T) {
 		}
 	}
 }
+
+func TestParseMemAvailable(t *testing.T) {
+	tests := []struct {
+		in   string
+		want uint64
+		ok   bool
+	}{
+		{"MemTotal:       24591664 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n", 20000000 << 10, true},
+		{"MemTotal:       24591664 kB\n", 0, false},
+		{"MemAvailable:   x kB\n", 0, false},
+		{"MemAvailable:   99999999999999999 kB\n", 0, false},
+	}
+	for _, tt := range tests {
+		got, err := parseMemAvailable(tt.in)
+		if got != tt.want || (err == nil) != tt.ok {
+			t.Errorf("parseMemAvailable(%q) = %d, %v; want %d", tt.in, got, err, tt.want)
+		}
+	}
+	if n, err := MemAvailable(); err != nil || n == 0 {
+		t.Fatalf("MemAvailable() = %d, %v", n, err)
+	}
+}

@@ -982,6 +982,10 @@ type Ping struct {
 	// anonymous memory costs there: the part of CRIU's restore that grows
 	// with the tree's memory.
 	ProbePopulate bool `protobuf:"varint,2,opt,name=probe_populate,json=probePopulate,proto3" json:"probe_populate,omitempty"`
+	// prefault_bytes asks the destination to fill and free this much fresh
+	// anonymous memory before answering (bounded by what it has available),
+	// so that the restore's memory costs a reuse, not a first touch.
+	PrefaultBytes uint64 `protobuf:"varint,3,opt,name=prefault_bytes,json=prefaultBytes,proto3" json:"prefault_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1028,6 +1032,13 @@ func (x *Ping) GetProbePopulate() bool {
 		return x.ProbePopulate
 	}
 	return false
+}
+
+func (x *Ping) GetPrefaultBytes() uint64 {
+	if x != nil {
+		return x.PrefaultBytes
+	}
+	return 0
 }
 
 type Pong struct {
@@ -1156,10 +1167,11 @@ const file_control_proto_rawDesc = "" +
 	"\tCommitted\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\"\x1f\n" +
 	"\x05Abort\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"?\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"f\n" +
 	"\x04Ping\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12%\n" +
-	"\x0eprobe_populate\x18\x02 \x01(\bR\rprobePopulate\"G\n" +
+	"\x0eprobe_populate\x18\x02 \x01(\bR\rprobePopulate\x12%\n" +
+	"\x0eprefault_bytes\x18\x03 \x01(\x04R\rprefaultBytes\"G\n" +
 	"\x04Pong\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12-\n" +
 	"\x13populate_ns_per_mib\x18\x02 \x01(\x04R\x10populateNsPerMib*=\n" +
