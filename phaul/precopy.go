@@ -74,6 +74,11 @@ type precopy struct {
 	cpuAt     time.Time
 	cpuBefore time.Duration
 	treeBytes uint64 // what round 1 found to send: the tree's memory
+	// Across calls of rounds: the predicted floor, the last round's
+	// bandwidth (bytes per second), when the last collect ran.
+	floorD      time.Duration
+	bandwidth   float64
+	lastCollect time.Time
 }
 
 // progress reports the round in progress, at most every 100 ms.
@@ -365,14 +370,11 @@ func (p *precopy) sentSet(k pagestore.Key) pageSet {
 func (p *precopy) rounds(ctx context.Context) (string, error) {
 	cfg := p.s.cfg
 	var (
-		floor       time.Duration
-		bandwidth   float64 // bytes per second, last round
-		best        = ^uint64(0)
-		last        uint64 // the dirty set of the round before
-		noGain      int
-		lastCollect time.Time
+		best   = ^uint64(0)
+		last   = ^uint64(0) // the dirty set of the round before
+		noGain int
 	)
-	for round := 1; ; round++ {
+	for round := p.round + 1; ; round++ {
 		t0 := time.Now()
 		if err := p.refresh(); err != nil {
 			return "", err
@@ -391,15 +393,16 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 		}
 		dirtyBytes := p.pendingBytes()
 		if round > 1 {
-			dirtyRate = float64(dirtyBytes) / max(time.Since(lastCollect).Seconds(), 1e-3)
+			dirtyRate = float64(dirtyBytes) / max(time.Since(p.lastCollect).Seconds(), 1e-3)
 		}
-		lastCollect = time.Now()
+		p.lastCollect = time.Now()
 		if round == 1 {
 			var err error
-			if floor, err = p.floor(ctx, dirtyBytes); err != nil {
+			if p.floorD, err = p.floor(ctx, dirtyBytes); err != nil {
 				return "", err
 			}
 		}
+		floor, bandwidth := p.floorD, p.bandwidth
 		if round > 1 {
 			// Expected downtime if frozen now: the floor plus the dirty
 			// set at the last round's bandwidth.
@@ -443,6 +446,7 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 		}
 		d := time.Since(t0)
 		bandwidth = float64(p.roundBytes) / max(d.Seconds(), 1e-3)
+		p.bandwidth = bandwidth
 		if err := p.s.keepalive(ctx); err != nil {
 			return "", err
 		}
@@ -538,8 +542,7 @@ func (p *precopy) releaseThrottle() error {
 
 // prefault has the destination fill and free as much memory as the tree
 // holds, so that the restore inside the freeze reuses memory instead of
-// touching it first, then runs one more round for what the tree wrote
-// meanwhile.
+// touching it first. The tree runs on meanwhile: rounds follow.
 func (p *precopy) prefault(ctx context.Context) error {
 	t0 := time.Now()
 	if err := p.s.prefault(ctx, p.treeBytes); err != nil {
@@ -547,26 +550,6 @@ func (p *precopy) prefault(ctx context.Context) error {
 	}
 	p.s.stats.PrefaultMS = ms(time.Since(t0))
 	p.s.log.Info("destination prefaulted the tree's memory", "mib", p.treeBytes>>20, "dur", time.Since(t0))
-	t1 := time.Now()
-	if err := p.refresh(); err != nil {
-		return err
-	}
-	if err := p.collect(); err != nil {
-		return err
-	}
-	dirtyBytes := p.pendingBytes()
-	p.roundPages, p.roundBytes = 0, 0
-	p.round, p.remaining = p.round+1, dirtyBytes
-	wire0 := p.fw.Stats().WireBytes
-	if err := p.sendPending(ctx); err != nil {
-		return err
-	}
-	d := time.Since(t1)
-	p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: len(p.s.stats.Rounds) + 1, Kind: "precopy",
-		DirtyPages: dirtyBytes / pagestore.PageSize, PagesSent: p.roundPages,
-		BytesWire: p.fw.Stats().WireBytes - wire0, DurationMS: ms(d),
-		BandwidthMBps: float64(p.roundBytes) / max(d.Seconds(), 1e-3) / 1e6,
-		DirtyRateMBps: float64(dirtyBytes) / max(time.Since(t0).Seconds(), 1e-3) / 1e6, ThrottlePct: p.throttlePct()})
 	return nil
 }
 

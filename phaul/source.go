@@ -364,12 +364,20 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		}
 		s.log.Info("pre-copy rounds done", "rounds", len(s.stats.Rounds), "why", reason)
 		if cfg.Prefault {
-			if err := pre.prefault(ctx); err != nil {
+			// Then rounds again, until they stop as before: the tree
+			// dirtied memory while the destination prefaulted.
+			err := pre.prefault(ctx)
+			if err == nil {
+				reason, err = pre.rounds(ctx)
+			}
+			if err != nil {
 				pages.finish()
 				s.phase(PhaseRollback)
 				s.abort(fmt.Sprintf("pre-copy failed: %v", err))
 				return s.rolledBack(fmt.Errorf("pre-copy: %w", err))
 			}
+			s.stats.StopReason = "after the prefault: " + reason
+			s.log.Info("pre-copy rounds after the prefault done", "rounds", len(s.stats.Rounds), "why", reason)
 		}
 	}
 	unlock, err := linux.LockFile(cfg.DumpLock)
