@@ -136,15 +136,24 @@ func (g *Group) Procs() ([]int, error) {
 	if len(g.Paths) == 0 {
 		return nil, nil
 	}
-	b, err := os.ReadFile(filepath.Join(g.Paths[0], "cgroup.procs"))
+	pids, err := readProcs(g.Paths[0])
 	if err != nil {
-		return nil, fmt.Errorf("list cgroup %s: %w", g.Paths[0], err)
+		return nil, fmt.Errorf("list cgroup: %w", err)
+	}
+	return pids, nil
+}
+
+// readProcs lists the processes of the cgroup at dir.
+func readProcs(dir string) ([]int, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return nil, err
 	}
 	var pids []int
 	for _, f := range strings.Fields(string(b)) {
 		pid, err := strconv.Atoi(f)
 		if err != nil {
-			return nil, fmt.Errorf("list cgroup %s: bad pid %q", g.Paths[0], f)
+			return nil, fmt.Errorf("%s/cgroup.procs: bad pid %q", dir, f)
 		}
 		pids = append(pids, pid)
 	}

@@ -162,22 +162,6 @@ func write(dir, file string, v int64) error {
 	return nil
 }
 
-func readProcs(dir string) ([]int, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-	if err != nil {
-		return nil, err
-	}
-	var pids []int
-	for _, f := range strings.Fields(string(b)) {
-		pid, err := strconv.Atoi(f)
-		if err != nil {
-			return nil, fmt.Errorf("%s/cgroup.procs: bad pid %q", dir, f)
-		}
-		pids = append(pids, pid)
-	}
-	return pids, nil
-}
-
 func processGone(pid int) bool {
 	return errors.Is(syscall.Kill(pid, 0), syscall.ESRCH)
 }
