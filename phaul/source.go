@@ -275,9 +275,10 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		lazy       = cfg.Mode == ModePrecopy && cfg.FinalDump == FinalDumpLazy
 		lazyListen string
 		holder     *lazyHolder
-		// gone reports that every process of the lazily dumped tree has
-		// exited after phaul ended CRIU's session: the commit need not
-		// wait for CRIU's own cleanup.
+		// gone reports that no process of the lazily dumped tree can run
+		// again after phaul ended CRIU's session (each has exited or is
+		// being killed): the commit need not wait for CRIU's cleanup nor
+		// for the kernel to free the tree's memory.
 		gone = make(chan error, 1)
 	)
 	notify := criu.NotifyFunc(func(ctx context.Context, script string, _ int32) error {
@@ -309,7 +310,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 				}
 				go func() { // owned by dumpAndCommit, which drains gone
 					defer closeAll(pfds)
-					gone <- linux.WaitExited(pfds, cfg.CommitTimeout)
+					gone <- linux.WaitDoomed(pfds, cfg.CommitTimeout)
 				}()
 			}
 		case "post-dump":
@@ -416,7 +417,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	case gerr := <-gone:
 		if gerr == nil {
 			// The tree is dead: commit now, CRIU finishes meanwhile.
-			s.log.Debug("source tree exited; committing before CRIU's cleanup ends")
+			s.log.Debug("source tree killed; committing before CRIU's cleanup ends")
 			defer func() {
 				if err := finishDump(); err != nil {
 					s.log.Warn("criu failed after the tree exited", "err", err)

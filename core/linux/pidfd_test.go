@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -78,37 +79,64 @@ func TestPidfdOpenGone(t *testing.T) {
 	}
 }
 
-func TestWaitExited(t *testing.T) {
-	start := func(arg string) (*exec.Cmd, *Pidfd) {
-		t.Helper()
-		cmd := exec.Command("sleep", arg)
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
+func TestParseDoomed(t *testing.T) {
+	stat := func(state string, flags int) string {
+		return "42 (a) b) " + state + " 1 2 3 4 5 " + strconv.Itoa(flags) + " 0 0 0"
+	}
+	for _, tt := range []struct {
+		in    string
+		state byte
+		flags uint64
+		ok    bool
+	}{
+		{stat("S", 4194560), 'S', 4194560, true},
+		{stat("R", 0x4|0x400000), 'R', 0x400004, true},
+		{"42 (x) S 1", 0, 0, false},
+		{"no comm", 0, 0, false},
+	} {
+		st, fl, err := parseStateFlags(tt.in)
+		if st != tt.state || fl != tt.flags || (err == nil) != tt.ok {
+			t.Errorf("parseStateFlags(%q) = %c %#x %v", tt.in, st, fl, err)
 		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		p, err := PidfdOpen(cmd.Process.Pid)
-		if err != nil {
-			t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		in   string
+		want bool
+	}{
+		{"Name:\tx\nSigPnd:\t0000000000000100\nShdPnd:\t0000000000000000\n", true},
+		{"SigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\n", true},
+		{"SigPnd:\t0000000000000000\nShdPnd:\t0000000000004002\n", false},
+		{"SigBlk:\t0000000000000100\n", false},
+	} {
+		if got := sigkillPending(tt.in); got != tt.want {
+			t.Errorf("sigkillPending(%q) = %v", tt.in, got)
 		}
-		t.Cleanup(func() { p.Close() })
-		return cmd, p
 	}
-	_, short := start("0.1") // exits, stays a zombie: nobody waits for it
-	_, long := start("30")
-	if err := WaitExited([]*Pidfd{short}, 5*time.Second); err != nil {
-		t.Fatalf("a process that exited: %v", err)
-	}
-	t0 := time.Now()
-	if err := WaitExited([]*Pidfd{short, long}, 200*time.Millisecond); err == nil {
-		t.Fatal("a running process counted as exited")
-	}
-	if d := time.Since(t0); d < 200*time.Millisecond {
-		t.Fatalf("gave up after %v, before the timeout", d)
-	}
-	if err := syscall.Kill(long.PID(), syscall.SIGKILL); err != nil {
+}
+
+// TestWaitDoomed: a stopped process (as a frozen tree is) is not doomed;
+// once SIGKILL is sent it is, before or as it exits.
+func TestWaitDoomed(t *testing.T) {
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if err := WaitExited([]*Pidfd{short, long}, 5*time.Second); err != nil {
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	p, err := PidfdOpen(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := syscall.Kill(p.PID(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	if err := WaitDoomed([]*Pidfd{p}, 100*time.Millisecond); err == nil {
+		t.Fatal("a stopped, live process counted as doomed")
+	}
+	if err := syscall.Kill(p.PID(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := WaitDoomed([]*Pidfd{p}, 5*time.Second); err != nil {
 		t.Fatalf("after SIGKILL: %v", err)
 	}
 }
