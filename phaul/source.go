@@ -379,6 +379,14 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 			}
 			s.stats.StopReason = "after the prefault: " + reason
 			s.log.Info("pre-copy rounds after the prefault done", "rounds", len(s.stats.Rounds), "why", reason)
+			// Freed now, the memory is still free and not yet handed
+			// back to a hypervisor when the restore starts.
+			if _, err := s.ping(ctx, &wire.Ping{ReleasePrefault: true}); err != nil {
+				pages.finish()
+				s.phase(PhaseRollback)
+				s.abort(fmt.Sprintf("pre-copy failed: %v", err))
+				return s.rolledBack(fmt.Errorf("pre-copy: release the prefault: %w", err))
+			}
 		}
 	}
 	unlock, err := linux.LockFile(cfg.DumpLock)

@@ -16,14 +16,30 @@ import (
 // part of a restore that grows with the tree's memory, on this host as it
 // is now (a VM pays for guest memory it never touched before).
 func PopulateCost(size int) (time.Duration, error) {
+	r, d, err := Prefault(size)
+	if err != nil {
+		return 0, err
+	}
+	r.Release()
+	return d, nil
+}
+
+// Reserve is anonymous memory Prefault filled, held until Release.
+type Reserve struct{ mem []byte }
+
+// Prefault maps size bytes of fresh private anonymous memory and fills
+// every page, as PopulateCost does, but keeps it until Release: memory
+// freed just before an allocation is what the kernel hands out, while
+// memory freed long before may have gone back to the hypervisor (free page
+// reporting) and costs a first touch again.
+func Prefault(size int) (*Reserve, time.Duration, error) {
 	if size <= 0 || size%unix.Getpagesize() != 0 {
-		return 0, fmt.Errorf("populate probe: size %d is not a positive multiple of the page size", size)
+		return nil, 0, fmt.Errorf("prefault: size %d is not a positive multiple of the page size", size)
 	}
 	mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
-		return 0, fmt.Errorf("populate probe: mmap %d bytes: %w", size, err)
+		return nil, 0, fmt.Errorf("prefault: mmap %d bytes: %w", size, err)
 	}
-	defer unix.Munmap(mem) // the probe's own mapping; nothing to report
 	src := make([]byte, 1<<20)
 	for i := range src {
 		src[i] = byte(i*7 + i>>12)
@@ -32,7 +48,25 @@ func PopulateCost(size int) (time.Duration, error) {
 	for off := 0; off < size; off += len(src) {
 		copy(mem[off:], src)
 	}
-	return time.Since(start), nil
+	return &Reserve{mem: mem}, time.Since(start), nil
+}
+
+// Size is the reserve's size in bytes, 0 once released.
+func (r *Reserve) Size() int {
+	if r == nil {
+		return 0
+	}
+	return len(r.mem)
+}
+
+// Release unmaps the reserve; later calls do nothing. A nil reserve is
+// released.
+func (r *Reserve) Release() {
+	if r == nil || r.mem == nil {
+		return
+	}
+	unix.Munmap(r.mem) // our own mapping of a size we chose: cannot fail
+	r.mem = nil
 }
 
 // MemAvailable returns the kernel's estimate of memory available for new

@@ -43,3 +43,20 @@ func TestParseMemAvailable(t *testing.T) {
 		t.Fatalf("MemAvailable() = %d, %v", n, err)
 	}
 }
+
+func TestPrefaultReserve(t *testing.T) {
+	r, d, err := Prefault(4 << 20)
+	if err != nil || d <= 0 || r.Size() != 4<<20 {
+		t.Fatalf("Prefault = %v, %v, %v", r.Size(), d, err)
+	}
+	r.Release()
+	r.Release()
+	if r.Size() != 0 {
+		t.Fatalf("released reserve of %d bytes", r.Size())
+	}
+	var none *Reserve
+	none.Release()
+	if _, _, err := Prefault(100); err == nil {
+		t.Fatal("Prefault of 100 bytes succeeded")
+	}
+}

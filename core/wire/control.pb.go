@@ -986,8 +986,12 @@ type Ping struct {
 	// anonymous memory before answering (bounded by what it has available),
 	// so that the restore's memory costs a reuse, not a first touch.
 	PrefaultBytes uint64 `protobuf:"varint,3,opt,name=prefault_bytes,json=prefaultBytes,proto3" json:"prefault_bytes,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// release_prefault: the freeze is about to start; the destination frees
+	// the prefaulted memory now (in the background, unmapping 1 GiB takes
+	// about 90 ms) so that the restore finds it free.
+	ReleasePrefault bool `protobuf:"varint,4,opt,name=release_prefault,json=releasePrefault,proto3" json:"release_prefault,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Ping) Reset() {
@@ -1039,6 +1043,13 @@ func (x *Ping) GetPrefaultBytes() uint64 {
 		return x.PrefaultBytes
 	}
 	return 0
+}
+
+func (x *Ping) GetReleasePrefault() bool {
+	if x != nil {
+		return x.ReleasePrefault
+	}
+	return false
 }
 
 type Pong struct {
@@ -1167,11 +1178,12 @@ const file_control_proto_rawDesc = "" +
 	"\tCommitted\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\"\x1f\n" +
 	"\x05Abort\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"f\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x91\x01\n" +
 	"\x04Ping\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12%\n" +
 	"\x0eprobe_populate\x18\x02 \x01(\bR\rprobePopulate\x12%\n" +
-	"\x0eprefault_bytes\x18\x03 \x01(\x04R\rprefaultBytes\"G\n" +
+	"\x0eprefault_bytes\x18\x03 \x01(\x04R\rprefaultBytes\x12)\n" +
+	"\x10release_prefault\x18\x04 \x01(\bR\x0freleasePrefault\"G\n" +
 	"\x04Pong\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12-\n" +
 	"\x13populate_ns_per_mib\x18\x02 \x01(\x04R\x10populateNsPerMib*=\n" +
