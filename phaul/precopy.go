@@ -73,7 +73,7 @@ type precopy struct {
 	cores     float64
 	cpuAt     time.Time
 	cpuBefore time.Duration
-	treeBytes uint64 // what round 1 found to send: the tree's memory
+	treeBytes uint64             // what round 1 found to send: the tree's memory
 	released  chan time.Duration // releaseTracking's result; nil if none runs
 	// Across calls of rounds: the predicted floor, the last round's
 	// bandwidth (bytes per second), when the last collect ran.
