@@ -2,6 +2,8 @@ package pagestore
 
 import (
 	"bytes"
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"testing"
@@ -130,5 +132,63 @@ func TestLevelsRefuseExistingParent(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(elsewhere); len(ents) != 0 {
 		t.Fatalf("commit wrote %d files through the parent link", len(ents))
+	}
+}
+
+// TestLevelsPartialAndFailure: a cut-short commit's staged parent level is
+// reported by Partial, and a commit refused because a top-level name is
+// taken leaves neither the parent level nor staged files, and the store
+// commits both levels once the name is free.
+func TestLevelsPartialAndFailure(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "images")
+	staged := filepath.Join(stagingDir(dir), parentDir)
+	if err := os.MkdirAll(staged, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(staged, "pages-1.img"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if left, err := Partial(dir); err != nil || len(left) != 1 || left[0] != filepath.Join(parentDir, "pages-1.img") {
+		t.Fatalf("partial: %v, %v", left, err)
+	}
+	if err := os.RemoveAll(stagingDir(dir)); err != nil {
+		t.Fatal(err)
+	}
+
+	k := Key{Kind: KindTask, ID: 1}
+	s := newTestStore(t, Config{Dir: dir, Levels: true})
+	if _, err := s.Open(k); err != nil {
+		t.Fatal(err)
+	}
+	for _, va := range []uint64{0x20000, 0x10000} { // out of order: two levels
+		if err := s.Add(k, va, 1, FlagPresent, pattern(1, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The top pagemap's name is taken.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, k.pagemapName()), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("commit over an existing pagemap: %v, want fs.ErrExist", err)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, parentDir)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("failed commit left the parent level: %v", err)
+	}
+	if left, err := Partial(dir); err != nil || len(left) != 0 {
+		t.Fatalf("failed commit left staged files: %v, %v", left, err)
+	}
+	// Once the name is free the same store commits both levels.
+	if err := os.Remove(filepath.Join(dir, k.pagemapName())); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, parentDir, k.pagemapName())); err != nil {
+		t.Fatalf("parent level after the commit: %v", err)
 	}
 }
