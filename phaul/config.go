@@ -46,8 +46,9 @@ type MigrateConfig struct {
 	// link carries it (cgroup v1 cpu controller, a group phaul creates):
 	// 20% of its CPU first, 10% more each time it stays too fast.
 	AutoConverge bool
-	// Prefault has the destination fill and free the tree's memory once
-	// the rounds are done, before the freeze, followed by one more round.
+	// Prefault has the destination fill and hold the tree's memory once
+	// the rounds are done, rounds again, and free it just before the
+	// freeze, so that the restore reuses it.
 	Prefault bool
 	DumpLock string // host-wide lock file serialising CRIU dumps
 

@@ -640,7 +640,6 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 // cleanup kills whatever was restored and removes the migration's files
 // and cgroup.
 func (s *Server) cleanup(in *incoming) {
-	in.reserve.Release()
 	if in.group != nil {
 		if err := in.group.Kill(5 * time.Second); err != nil {
 			in.log.Error("kill restored tree", "err", err)

@@ -430,11 +430,11 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 				return "", err
 			}
 		}
-		floor, bandwidth := p.floorD, p.bandwidth
+		floor := p.floorD
 		if round > 1 {
 			// Expected downtime if frozen now: the floor plus the dirty
 			// set at the last round's bandwidth.
-			expected := floor + time.Duration(float64(dirtyBytes)/max(bandwidth, 1)*float64(time.Second))
+			expected := floor + time.Duration(float64(dirtyBytes)/max(p.bandwidth, 1)*float64(time.Second))
 			reason := ""
 			switch {
 			case expected <= cfg.DowntimeTarget:
@@ -462,7 +462,7 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 		}
 		last = dirtyBytes
 		if cfg.AutoConverge {
-			if err := p.autoConverge(round, dirtyRate, bandwidth); err != nil {
+			if err := p.autoConverge(round, dirtyRate, p.bandwidth); err != nil {
 				return "", err
 			}
 		}
@@ -473,15 +473,14 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 			return "", err
 		}
 		d := time.Since(t0)
-		bandwidth = float64(p.roundBytes) / max(d.Seconds(), 1e-3)
-		p.bandwidth = bandwidth
+		p.bandwidth = float64(p.roundBytes) / max(d.Seconds(), 1e-3)
 		if err := p.s.keepalive(ctx); err != nil {
 			return "", err
 		}
 		p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: round, Kind: "precopy",
 			DirtyPages: dirtyBytes / pagestore.PageSize, PagesSent: p.roundPages,
 			BytesWire: p.fw.Stats().WireBytes - wire0, DurationMS: ms(d),
-			BandwidthMBps: bandwidth / 1e6, DirtyRateMBps: dirtyRate / 1e6, ThrottlePct: p.throttlePct()})
+			BandwidthMBps: p.bandwidth / 1e6, DirtyRateMBps: dirtyRate / 1e6, ThrottlePct: p.throttlePct()})
 	}
 }
 
@@ -568,9 +567,9 @@ func (p *precopy) releaseThrottle() error {
 	return nil
 }
 
-// prefault has the destination fill and free as much memory as the tree
-// holds, so that the restore inside the freeze reuses memory instead of
-// touching it first. The tree runs on meanwhile: rounds follow.
+// prefault has the destination fill and hold as much memory as the tree
+// holds, freed just before the freeze so that the restore reuses memory
+// instead of touching it first. The tree runs on meanwhile: rounds follow.
 func (p *precopy) prefault(ctx context.Context) error {
 	t0 := time.Now()
 	if err := p.s.prefault(ctx, p.treeBytes); err != nil {

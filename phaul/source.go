@@ -217,8 +217,8 @@ func (s *source) probePopulate(ctx context.Context) (time.Duration, error) {
 	return time.Duration(ns), err
 }
 
-// prefault asks the destination to fill and free n bytes of memory and
-// waits until it has.
+// prefault asks the destination to fill and hold n bytes of memory (until
+// a release_prefault ping or the restore) and waits until it has.
 func (s *source) prefault(ctx context.Context, n uint64) error {
 	_, err := s.ping(ctx, &wire.Ping{PrefaultBytes: n})
 	return err
@@ -351,42 +351,11 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		// Whatever the outcome: a killed source needs nothing undone, a
 		// resumed one runs untracked again.
 		defer pre.stop()
-		s.phase(PhaseRounds)
-		reason, err := pre.rounds(ctx)
-		if err != nil {
+		if err := s.precopyRounds(ctx, pre); err != nil {
 			pages.finish()
 			s.phase(PhaseRollback)
 			s.abort(fmt.Sprintf("pre-copy failed: %v", err))
 			return s.rolledBack(fmt.Errorf("pre-copy: %w", err))
-		}
-		s.stats.StopReason = reason
-		for _, pr := range pre.procs {
-			s.stats.Tracker = pr.tr.Kind()
-		}
-		s.log.Info("pre-copy rounds done", "rounds", len(s.stats.Rounds), "why", reason)
-		if cfg.Prefault {
-			// Then rounds again, until they stop as before: the tree
-			// dirtied memory while the destination prefaulted.
-			err := pre.prefault(ctx)
-			if err == nil {
-				reason, err = pre.rounds(ctx)
-			}
-			if err != nil {
-				pages.finish()
-				s.phase(PhaseRollback)
-				s.abort(fmt.Sprintf("pre-copy failed: %v", err))
-				return s.rolledBack(fmt.Errorf("pre-copy: %w", err))
-			}
-			s.stats.StopReason = "after the prefault: " + reason
-			s.log.Info("pre-copy rounds after the prefault done", "rounds", len(s.stats.Rounds), "why", reason)
-			// Freed now, the memory is still free and not yet handed
-			// back to a hypervisor when the restore starts.
-			if _, err := s.ping(ctx, &wire.Ping{ReleasePrefault: true}); err != nil {
-				pages.finish()
-				s.phase(PhaseRollback)
-				s.abort(fmt.Sprintf("pre-copy failed: %v", err))
-				return s.rolledBack(fmt.Errorf("pre-copy: release the prefault: %w", err))
-			}
 		}
 	}
 	unlock, err := linux.LockFile(cfg.DumpLock)
@@ -407,10 +376,9 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		pages.start()
 	}
 	dumpDone := make(chan error, 1)
-	go func() { dumpDone <- bin.Dump(ctx, req, notify) }() // owned here: drained below or by finishDump
-	// finishDump waits for CRIU and phaul's end of its lazy session.
-	finishDump := func() error {
-		err := <-dumpDone
+	go func() { dumpDone <- bin.Dump(ctx, req, notify) }() // owned here: drained below
+	// endDump adds phaul's end of CRIU's lazy session to CRIU's result.
+	endDump := func(err error) error {
 		if holder != nil {
 			if herr := holder.wait(); herr != nil && err == nil {
 				err = herr
@@ -420,21 +388,20 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	}
 	select {
 	case err = <-dumpDone:
-		dumpDone <- err // for finishDump
-		err = finishDump()
+		err = endDump(err)
 	case gerr := <-gone:
 		if gerr == nil {
 			// The tree is dead: commit now, CRIU finishes meanwhile.
 			s.log.Debug("source tree killed; committing before CRIU's cleanup ends")
 			defer func() {
-				if err := finishDump(); err != nil {
+				if err := endDump(<-dumpDone); err != nil {
 					s.log.Warn("criu failed after the tree exited", "err", err)
 				}
 			}()
 			err = nil
 		} else {
 			s.log.Warn("source tree after the lazy session", "err", gerr)
-			err = finishDump()
+			err = endDump(<-dumpDone)
 		}
 	}
 	pstats, perr := pages.finish()
@@ -497,6 +464,40 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	s.phase(PhaseDone)
 	s.log.Info("migrated", "dest_pid", c.GetPid(), "downtime_ms", s.stats.DowntimeMS,
 		"bytes", s.stats.BytesImages)
+	return nil
+}
+
+// precopyRounds runs pre-copy's rounds; with --prefault then the
+// destination's prefault, rounds again until they stop as before (the
+// tree dirtied memory meanwhile), and the prefault's release right before
+// the freeze.
+func (s *source) precopyRounds(ctx context.Context, pre *precopy) error {
+	s.phase(PhaseRounds)
+	reason, err := pre.rounds(ctx)
+	if err != nil {
+		return err
+	}
+	s.stats.StopReason = reason
+	for _, pr := range pre.procs {
+		s.stats.Tracker = pr.tr.Kind()
+	}
+	s.log.Info("pre-copy rounds done", "rounds", len(s.stats.Rounds), "why", reason)
+	if !s.cfg.Prefault {
+		return nil
+	}
+	if err := pre.prefault(ctx); err != nil {
+		return err
+	}
+	if reason, err = pre.rounds(ctx); err != nil {
+		return err
+	}
+	s.stats.StopReason = "after the prefault: " + reason
+	s.log.Info("pre-copy rounds after the prefault done", "rounds", len(s.stats.Rounds), "why", reason)
+	// Freed now, the memory is still free and not yet handed back to a
+	// hypervisor when the restore starts.
+	if _, err := s.ping(ctx, &wire.Ping{ReleasePrefault: true}); err != nil {
+		return fmt.Errorf("release the prefault: %w", err)
+	}
 	return nil
 }
 

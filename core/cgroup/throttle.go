@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/phaul/phaul/core/linux"
@@ -162,8 +161,10 @@ func write(dir, file string, v int64) error {
 	return nil
 }
 
+// processGone reports whether pid is known to have exited.
 func processGone(pid int) bool {
-	return errors.Is(syscall.Kill(pid, 0), syscall.ESRCH)
+	alive, err := linux.ProcessExists(pid)
+	return err == nil && !alive
 }
 
 // TreeCPU returns the CPU time the processes used so far, all threads.

@@ -180,11 +180,11 @@ func doomed(pid int) (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		st, flags, err := parseStateFlags(string(stat))
+		st, err := parseProcessStat(string(stat))
 		if err != nil {
 			return false, err
 		}
-		if st == 'Z' || st == 'X' || flags&pfExiting != 0 {
+		if st.State == 'Z' || st.State == 'X' || st.Flags&pfExiting != 0 {
 			continue
 		}
 		status, err := os.ReadFile(dir + "/" + e.Name() + "/status")
@@ -199,24 +199,6 @@ func doomed(pid int) (bool, error) {
 		}
 	}
 	return true, nil
-}
-
-// parseStateFlags returns the state (field 3) and flags (field 9) of a
-// /proc/PID/stat line.
-func parseStateFlags(s string) (byte, uint64, error) {
-	end := strings.LastIndexByte(s, ')')
-	if end < 0 {
-		return 0, 0, fmt.Errorf("parse stat %.40q: no (comm)", s)
-	}
-	f := strings.Fields(s[end+1:])
-	if len(f) < 7 || len(f[0]) != 1 {
-		return 0, 0, fmt.Errorf("parse stat %.40q: %d fields", s, len(f))
-	}
-	flags, err := strconv.ParseUint(f[6], 10, 64)
-	if err != nil {
-		return 0, 0, fmt.Errorf("parse stat flags: %w", err)
-	}
-	return f[0][0], flags, nil
 }
 
 // sigkillPending reports whether a /proc/PID/status text shows SIGKILL

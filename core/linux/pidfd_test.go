@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -80,8 +81,9 @@ func TestPidfdOpenGone(t *testing.T) {
 }
 
 func TestParseDoomed(t *testing.T) {
+	// The state and flags doomed reads, through parseProcessStat.
 	stat := func(state string, flags int) string {
-		return "42 (a) b) " + state + " 1 2 3 4 5 " + strconv.Itoa(flags) + " 0 0 0"
+		return "42 (a) b) " + state + " 1 2 3 4 5 " + strconv.Itoa(flags) + strings.Repeat(" 0", 12) + " 7 0 0"
 	}
 	for _, tt := range []struct {
 		in    string
@@ -94,9 +96,9 @@ func TestParseDoomed(t *testing.T) {
 		{"42 (x) S 1", 0, 0, false},
 		{"no comm", 0, 0, false},
 	} {
-		st, fl, err := parseStateFlags(tt.in)
-		if st != tt.state || fl != tt.flags || (err == nil) != tt.ok {
-			t.Errorf("parseStateFlags(%q) = %c %#x %v", tt.in, st, fl, err)
+		st, err := parseProcessStat(tt.in)
+		if st.State != tt.state || st.Flags != tt.flags || (err == nil) != tt.ok {
+			t.Errorf("parseProcessStat(%q) = %c %#x %v", tt.in, st.State, st.Flags, err)
 		}
 	}
 	for _, tt := range []struct {

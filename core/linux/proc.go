@@ -39,6 +39,8 @@ type ProcessStat struct {
 	// CPUTicks is the CPU time the process (all its threads) used, user
 	// and system, in clock ticks (USER_HZ).
 	CPUTicks uint64
+	// Flags is the kernel's task flags (PF_*).
+	Flags uint64
 }
 
 // UserHZ is the clock tick of /proc/PID/stat's times: 100 on every Linux
@@ -83,7 +85,12 @@ func parseProcessStat(s string) (ProcessStat, error) {
 	if err != nil {
 		return ProcessStat{}, fmt.Errorf("parse stat stime: %w", err)
 	}
-	return ProcessStat{Comm: s[open+1 : end], State: f[0][0], PPID: ppid, StartTicks: start, CPUTicks: utime + stime}, nil
+	flags, err := strconv.ParseUint(f[6], 10, 64)
+	if err != nil {
+		return ProcessStat{}, fmt.Errorf("parse stat flags: %w", err)
+	}
+	return ProcessStat{Comm: s[open+1 : end], State: f[0][0], PPID: ppid, StartTicks: start, CPUTicks: utime + stime,
+		Flags: flags}, nil
 }
 
 // LockFile takes an exclusive flock on path (created 0600 if missing),

@@ -39,17 +39,17 @@ func TestProcessExists(t *testing.T) {
 }
 
 func TestParseProcessStat(t *testing.T) {
-	// Fields 5 to 21 are zero but utime (14) 30 and stime (15) 12,
-	// starttime (22) is 12345.
-	tail := strings.Repeat(" 0", 9) + " 30 12" + strings.Repeat(" 0", 6) + " 12345 0 0"
+	// Fields 5 to 21 are zero but flags (9) 4194560, utime (14) 30 and
+	// stime (15) 12, starttime (22) is 12345.
+	tail := " 0 0 0 0 4194560 0 0 0 0 30 12" + strings.Repeat(" 0", 6) + " 12345 0 0"
 	tests := []struct {
 		name    string
 		in      string
 		want    ProcessStat
 		wantErr bool
 	}{
-		{"plain", "42 (sleep) S 7" + tail, ProcessStat{"sleep", 'S', 7, 12345, 42}, false},
-		{"comm with ') ('", "42 (a) (b c) R 1" + tail, ProcessStat{"a) (b c", 'R', 1, 12345, 42}, false},
+		{"plain", "42 (sleep) S 7" + tail, ProcessStat{"sleep", 'S', 7, 12345, 42, 4194560}, false},
+		{"comm with ') ('", "42 (a) (b c) R 1" + tail, ProcessStat{"a) (b c", 'R', 1, 12345, 42, 4194560}, false},
 		{"short", "42 (x) S 1 2 3", ProcessStat{}, true},
 		{"no comm", "42 x S", ProcessStat{}, true},
 	}

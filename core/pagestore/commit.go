@@ -190,7 +190,15 @@ func (s *Store) plan(k Key, pagesID uint32) keyPlan {
 // pl.p.mu.
 func (s *Store) stageKey(pl keyPlan, buf []byte, create func(string, func(string) error) error) error {
 	p := pl.p
-	durable := !s.cfg.NoSync
+	stagePagemap := func(name string, m *Pagemap) error {
+		img, err := appendPagemap(nil, m)
+		if err != nil {
+			return err
+		}
+		return create(name, func(path string) error {
+			return writeFile(path, img, !s.cfg.NoSync)
+		})
+	}
 	if pl.parent != nil {
 		err := create(filepath.Join(parentDir, pagesName(pl.pagesID)), func(path string) error {
 			if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
@@ -201,13 +209,7 @@ func (s *Store) stageKey(pl keyPlan, buf []byte, create func(string, func(string
 		if err != nil {
 			return err
 		}
-		img, err := appendPagemap(nil, &Pagemap{PagesID: pl.pagesID, Entries: pl.parent.entries()})
-		if err != nil {
-			return err
-		}
-		err = create(filepath.Join(parentDir, p.key.pagemapName()), func(path string) error {
-			return writeFile(path, img, durable)
-		})
+		err = stagePagemap(filepath.Join(parentDir, p.key.pagemapName()), &Pagemap{PagesID: pl.pagesID, Entries: entries(pl.parent.runs)})
 		if err != nil {
 			return err
 		}
@@ -224,17 +226,7 @@ func (s *Store) stageKey(pl keyPlan, buf []byte, create func(string, func(string
 	if err != nil {
 		return err
 	}
-	m := &Pagemap{PagesID: pl.pagesID}
-	for _, r := range p.runs(s.final, pl.parent) {
-		m.Entries = append(m.Entries, Entry{Vaddr: r.first << pageShift, NrPages: r.n, Flags: r.flags})
-	}
-	img, err := appendPagemap(nil, m)
-	if err != nil {
-		return err
-	}
-	return create(p.key.pagemapName(), func(path string) error {
-		return writeFile(path, img, durable)
-	})
+	return stagePagemap(p.key.pagemapName(), &Pagemap{PagesID: pl.pagesID, Entries: entries(p.runs(s.final, pl.parent))})
 }
 
 // linkSpool names p's spool at path, at least size bytes long (trailing

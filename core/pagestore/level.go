@@ -14,25 +14,19 @@ type level struct {
 	end   int64 // image size: the spool bytes the level covers
 }
 
-// snapshotLevel returns p's current image layout. Callers hold p.mu for
-// writing, with p.ordered still true.
+// snapshotLevel returns p's current image layout: its runs of pages with
+// content (the PE_PRESENT ones) placed one after the other. Callers hold
+// p.mu for writing, with p.ordered still true.
 func (p *pagemap) snapshotLevel() *level {
 	lv := &level{}
-	var pos int64
-	p.scan(func(pn uint64, s slot) bool {
-		if !s.content() {
-			return true
+	for _, r := range p.runs(false, nil) {
+		if r.flags&FlagPresent == 0 {
+			continue // no content, no place in the image
 		}
-		if n := len(lv.runs); n > 0 && lv.runs[n-1].first+lv.runs[n-1].n == pn && lv.runs[n-1].flags == s.flags() {
-			lv.runs[n-1].n++
-		} else {
-			lv.runs = append(lv.runs, run{first: pn, n: 1, flags: s.flags()})
-			lv.start = append(lv.start, pos)
-		}
-		pos += PageSize
-		return true
-	})
-	lv.end = pos
+		lv.runs = append(lv.runs, r)
+		lv.start = append(lv.start, lv.end)
+		lv.end += int64(r.n) * PageSize
+	}
 	return lv
 }
 
@@ -64,10 +58,10 @@ func (lv *level) holds(pn uint64, s slot) bool {
 	return ok && off == s.offset()
 }
 
-// entries returns the level's pagemap entries.
-func (lv *level) entries() []Entry {
-	out := make([]Entry, 0, len(lv.runs))
-	for _, r := range lv.runs {
+// entries returns the pagemap entries of runs.
+func entries(runs []run) []Entry {
+	out := make([]Entry, 0, len(runs))
+	for _, r := range runs {
 		out = append(out, Entry{Vaddr: r.first << pageShift, NrPages: r.n, Flags: r.flags})
 	}
 	return out

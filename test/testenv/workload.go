@@ -145,24 +145,14 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 			return false, fmt.Errorf("exited: %v", w.cmd.ProcessState)
 		default:
 		}
-		st, err := w.state()
-		if err == nil {
-			err = st.health()
-		}
-		return len(st.steps) > 0 && st.steps[len(st.steps)-1].Verified > 0, err
+		return w.verifiedOnce()
 	})
 	if err != nil || !ok {
 		tb.Fatalf("workload %d: no verified step after %v: %v\n%s", w.pid, startTimeout, err, w.tail())
 	}
 	for i := 1; i <= opts.Children; i++ {
 		c := w.Child(i)
-		ok, err := poll(startTimeout, func() (bool, error) {
-			st, err := c.state()
-			if err == nil {
-				err = st.health()
-			}
-			return len(st.steps) > 0 && st.steps[len(st.steps)-1].Verified > 0, err
-		})
+		ok, err := poll(startTimeout, c.verifiedOnce)
 		if err != nil || !ok {
 			tb.Fatalf("workload %d child %d: no verified step after %v: %v\n%s", w.pid, i, startTimeout, err, c.tail())
 		}
@@ -173,6 +163,16 @@ func StartWorkload(tb testing.TB, ns *Netns, opts WorkloadOpts) *Workload {
 		}
 	}
 	return w
+}
+
+// verifiedOnce reports whether w's log shows a full verification; an
+// unhealthy log is an error.
+func (w *Workload) verifiedOnce() (bool, error) {
+	st, err := w.state()
+	if err == nil {
+		err = st.health()
+	}
+	return len(st.steps) > 0 && st.steps[len(st.steps)-1].Verified > 0, err
 }
 
 // joinCPUCgroup moves the workload into a cpu cgroup of the test's own;
