@@ -145,6 +145,10 @@ func waitUnhealthy(w *testenv.Workload, timeout time.Duration) error {
 	return nil
 }
 
+// noConvergePPS is the dirty rate of the workloads that must not converge
+// over the 200 Mbit/s link, in pages per second (2.6 times the link).
+const noConvergePPS = 16000
+
 // TestPrecopyNoConvergence: a workload that dirties memory faster than the
 // link carries it never fits the downtime target; pre-copy must still
 // finish, freezing after rounds without gain or at --max-rounds, and say
@@ -152,14 +156,16 @@ func waitUnhealthy(w *testenv.Workload, timeout time.Duration) error {
 func TestPrecopyNoConvergence(t *testing.T) {
 	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 200e6})
 	e.startServe()
-	// 8000 pages/s = 31 MiB/s of dirt against 24 MiB/s of link.
-	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: 8000})
+	// 16000 pages/s = 62 MiB/s of dirt against 24 MiB/s of link: a
+	// loaded machine that gives the writers half their CPU still leaves
+	// them faster than the link.
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: noConvergePPS})
 	w.WaitProgress(t, 3)
 	r := e.migrate(w.PID(), "--mode", "precopy", "--max-rounds", "6")
 	e.assertMigrated(w, r)
 	reason := r.str("stop_reason")
 	if !strings.Contains(reason, "no gain") && !strings.Contains(reason, "max rounds") {
-		t.Fatalf("stop_reason %q: want no gain or max rounds", reason)
+		t.Fatalf("stop_reason %q: want no gain or max rounds (dirty rates by round, Mbit/s: %v; link 200)", reason, roundValues(r, "dirty_rate_mbps"))
 	}
 	t.Logf("stopped: %s; downtime %.0f ms", reason, r.num("downtime_ms"))
 }
@@ -173,13 +179,13 @@ func TestPrecopyNoConvergence(t *testing.T) {
 func TestPrecopyAutoConverge(t *testing.T) {
 	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 200e6})
 	e.startServe()
-	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: 8000, CPUCgroup: true})
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: noConvergePPS, CPUCgroup: true})
 	w.WaitProgress(t, 3)
 	r := e.migrate(w.PID(), "--mode", "precopy", "--auto-converge", "--max-rounds", "30")
 	pid := e.assertMigrated(w, r)
 	reason := r.str("stop_reason")
 	if r.num("auto_converge_pct") < 20 || !strings.Contains(reason, "auto-converge throttled") {
-		t.Fatalf("auto_converge_pct %v, stop_reason %q: want a throttle applied and reported", r.num("auto_converge_pct"), reason)
+		t.Fatalf("auto_converge_pct %v, stop_reason %q: want a throttle applied and reported (dirty rates by round, Mbit/s: %v; link 200)", r.num("auto_converge_pct"), reason, roundValues(r, "dirty_rate_mbps"))
 	}
 	var throttled []float64
 	for _, x := range r.stats["rounds"].([]any) {
@@ -209,4 +215,15 @@ func TestPrecopyAutoConverge(t *testing.T) {
 		t.Fatalf("phaul's throttle group left behind: %v", err)
 	}
 	t.Logf("stopped: %s; throttle by round %v; downtime %.0f ms", reason, throttled, r.num("downtime_ms"))
+}
+
+// roundValues returns one numeric field of every round in the stats.
+func roundValues(r result, key string) []float64 {
+	var out []float64
+	for _, x := range r.stats["rounds"].([]any) {
+		rd, _ := x.(map[string]any)
+		v, _ := rd[key].(float64)
+		out = append(out, v)
+	}
+	return out
 }

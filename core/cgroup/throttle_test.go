@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -61,6 +63,11 @@ func TestThrottle(t *testing.T) {
 	}
 	usage() // the throttle takes a period to bite
 	during := usage()
+	stat, err := os.ReadFile(filepath.Join(root, Parent, fmt.Sprintf("test-%d", os.Getpid()), "cpu.stat"))
+	if err != nil {
+		th.Release()
+		t.Fatal(err)
+	}
 	if err := th.Release(); err != nil {
 		t.Fatal(err)
 	}
@@ -71,8 +78,30 @@ func TestThrottle(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(root, Parent, fmt.Sprintf("test-%d", os.Getpid()))); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("phaul's throttle group left behind: %v", err)
 	}
-	t.Logf("CPU: %.2f cores before, %.2f throttled to 10%% of one", before, during)
-	if before < 0.5 || during > 0.2 {
-		t.Fatalf("CPU %.2f cores before, %.2f throttled: want a busy child held near 0.1", before, during)
+	// The quota caps the child whatever else runs; load can only lower
+	// what it gets. The kernel's own count of throttled periods shows the
+	// cap was what held it, not a busy machine. How much the child got
+	// before depends on the load, so it only has to exceed the cap.
+	t.Logf("CPU: %.2f cores before, %.2f throttled to 10%% of one; cpu.stat %q", before, during, stat)
+	if during > 0.2 {
+		t.Fatalf("CPU %.2f cores throttled: want a busy child held near 0.1", during)
 	}
+	if n := statField(string(stat), "nr_throttled"); n < 1 {
+		t.Fatalf("cpu.stat %q: the child was never throttled", stat)
+	}
+	if before <= 0.2 {
+		t.Logf("the child got %.2f cores unthrottled: this machine is loaded", before)
+	}
+}
+
+// statField returns the value of key in a cgroup stat file, or -1.
+func statField(stat, key string) int64 {
+	for _, line := range strings.Split(stat, "\n") {
+		if k, v, ok := strings.Cut(line, " "); ok && k == key {
+			if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+				return n
+			}
+		}
+	}
+	return -1
 }

@@ -13,28 +13,49 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/test/testenv"
 )
 
-var childBin string
+// childDir holds the built child; TestMain removes it.
+var childDir string
 
-func TestMain(m *testing.M) {
+// buildChild compiles testdata/child.c once per test binary.
+var buildChild = sync.OnceValues(func() (string, error) {
 	dir, err := os.MkdirTemp("", "dirty-test")
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+		return "", err
 	}
-	childBin = filepath.Join(dir, "child")
-	if out, err := exec.Command("cc", "-O2", "-Wall", "-o", childBin, "testdata/child.c").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build testdata/child.c: %v\n%s", err, out)
-		os.Exit(1)
+	childDir = dir
+	bin := filepath.Join(dir, "child")
+	if out, err := exec.Command("cc", "-O2", "-Wall", "-o", bin, "testdata/child.c").CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build testdata/child.c: %w\n%s", err, out)
 	}
+	return bin, nil
+})
+
+// childBin returns the built child. Without a C compiler the test skips
+// loudly, except on CI (CI=true), which must not skip it.
+func childBin(t *testing.T) string {
+	t.Helper()
+	testenv.RequireCommand(t, "cc")
+	bin, err := buildChild()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+func TestMain(m *testing.M) {
 	code := m.Run()
-	os.RemoveAll(dir)
+	if childDir != "" {
+		os.RemoveAll(childDir)
+	}
 	os.Exit(code)
 }
 
@@ -48,7 +69,7 @@ type child struct {
 
 func startChild(t *testing.T) *child {
 	t.Helper()
-	cmd := exec.Command(childBin)
+	cmd := exec.Command(childBin(t))
 	// Its own session: CRIU refuses a task whose session leader is outside
 	// its PID namespace, as the test's own leader is when the tests run in
 	// a PID namespace of their own (CI does).
@@ -440,9 +461,9 @@ func TestCRIUDumpsTrackedChild(t *testing.T) {
 	if err := Available(KindUffdWP); err != nil {
 		t.Skipf("SKIP: %v", err)
 	}
-	bin, err := criu.Locate(context.Background(), "", nil)
+	bin, err := criu.Locate(context.Background(), testenv.RequireCRIU(t), nil)
 	if err != nil {
-		t.Skipf("SKIP: no CRIU here (make criu installs it): %v", err)
+		t.Fatal(err)
 	}
 	c := startChild(t)
 	base := c.mmap(32)

@@ -51,7 +51,6 @@ func TestParseMountinfo(t *testing.T) {
 }
 
 func TestCgroupRootsOnThisHost(t *testing.T) {
-	cfg := kernelConfig(t)
 	v1, err := FreezerV1Root()
 	t.Logf("freezer v1: %q, %v", v1, err)
 	switch {
@@ -59,25 +58,26 @@ func TestCgroupRootsOnThisHost(t *testing.T) {
 		if _, serr := os.Stat(filepath.Join(v1, "cgroup.procs")); serr != nil {
 			t.Errorf("freezer root %s is no cgroup: %v", v1, serr)
 		}
+		if notBuilt(t, "CONFIG_CGROUP_FREEZER") {
+			t.Errorf("freezer v1 at %s, but the kernel is built without CONFIG_CGROUP_FREEZER", v1)
+		}
 	case !errors.Is(err, ErrNotSupported):
 		t.Errorf("FreezerV1Root: %v", err)
-	case cfg["CONFIG_CGROUP_FREEZER"] != "y" && strings.Contains(err.Error(), "present"):
+	case notBuilt(t, "CONFIG_CGROUP_FREEZER") && strings.Contains(err.Error(), "present"):
 		t.Errorf("no CONFIG_CGROUP_FREEZER, yet %v", err)
 	}
 
 	v2, err := Cgroup2Root()
 	t.Logf("cgroup2: %q, %v", v2, err)
 	if err != nil {
-		checkProbe(t, "cgroup2", err, false)
-		checkProbe(t, "cgroup2 freezer", HaveFreezerV2(), false)
+		checkConclusive(t, "cgroup2", err, true)
+		checkConclusive(t, "cgroup2 freezer", HaveFreezerV2(), true)
 		return
 	}
 	if _, serr := os.Stat(filepath.Join(v2, "cgroup.controllers")); serr != nil {
 		t.Errorf("cgroup2 root %s lacks cgroup.controllers: %v", v2, serr)
 	}
-	kv, kerr := RunningKernel()
-	if kerr != nil {
-		t.Fatal(kerr)
-	}
-	checkProbe(t, "cgroup2 freezer", HaveFreezerV2(), kv.AtLeast(5, 2))
+	// cgroup.freeze came in 5.2: before it the probe must say no; after
+	// it, whatever it finds.
+	checkConclusive(t, "cgroup2 freezer", HaveFreezerV2(), olderThan(t, 5, 2))
 }

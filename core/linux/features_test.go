@@ -50,13 +50,17 @@ func TestProbeCaching(t *testing.T) {
 	}
 }
 
-// kernelConfig returns the running kernel's build options from
-// /proc/config.gz, the independent oracle these tests compare probes with.
-func kernelConfig(t *testing.T) map[string]string {
+// kernelConfigIfAny returns the running kernel's build options from
+// /proc/config.gz, and false if the kernel does not publish them. A build
+// option only rules a feature out: built in, a feature may still be off
+// (an LSM not in the boot's list, a sysctl, seccomp), so tests use it for
+// "not built ⇒ not available" and never the other way round.
+func kernelConfigIfAny(t *testing.T) (map[string]string, bool) {
 	t.Helper()
 	f, err := os.Open("/proc/config.gz")
 	if err != nil {
-		t.Skipf("SKIP: no /proc/config.gz to compare the probe with: %v", err)
+		t.Logf("no /proc/config.gz: %v", err)
+		return nil, false
 	}
 	defer f.Close()
 	zr, err := gzip.NewReader(f)
@@ -73,30 +77,41 @@ func kernelConfig(t *testing.T) map[string]string {
 	if err := sc.Err(); err != nil {
 		t.Fatalf("read config.gz: %v", err)
 	}
-	return cfg
+	return cfg, true
 }
 
-// requireKernel skips loudly below major.minor.
-func requireKernel(t *testing.T, major, minor int) {
+// notBuilt reports whether the kernel's config is known and has option
+// neither built in nor as a module.
+func notBuilt(t *testing.T, option string) bool {
+	t.Helper()
+	cfg, ok := kernelConfigIfAny(t)
+	return ok && cfg[option] != "y" && cfg[option] != "m"
+}
+
+// olderThan reports whether the running kernel is older than major.minor:
+// a feature that came later cannot be there. A newer kernel proves nothing
+// (the feature may be configured out, blocked by seccomp or an LSM, or
+// missing on this architecture).
+func olderThan(t *testing.T, major, minor int) bool {
 	t.Helper()
 	v, err := RunningKernel()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !v.AtLeast(major, minor) {
-		t.Skipf("SKIP: kernel %v older than %d.%d", v, major, minor)
-	}
+	return !v.AtLeast(major, minor)
 }
 
-// checkProbe fails unless err is nil (want true) or wraps ErrNotSupported
-// (want false).
-func checkProbe(t *testing.T, name string, err error, want bool) {
+// checkConclusive fails unless err is nil or wraps ErrNotSupported (a probe
+// must answer, not fail), and, when ruledOut, unless it wraps ErrNotSupported.
+func checkConclusive(t *testing.T, name string, err error, ruledOut bool) {
 	t.Helper()
 	switch {
-	case want && err != nil:
-		t.Errorf("%s: got %v, want supported", name, err)
-	case !want && !errors.Is(err, ErrNotSupported):
-		t.Errorf("%s: got %v, want an error wrapping ErrNotSupported", name, err)
+	case err != nil && !errors.Is(err, ErrNotSupported):
+		t.Errorf("%s: probe failed: %v", name, err)
+	case ruledOut && err == nil:
+		t.Errorf("%s: supported, but the kernel's version or build rules it out", name)
+	case err != nil && err.Error() == "":
+		t.Errorf("%s: unsupported without a reason", name)
 	default:
 		t.Logf("%s: %v", name, err)
 	}

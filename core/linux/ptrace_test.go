@@ -1,6 +1,13 @@
 package linux
 
-import "testing"
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+)
 
 func TestParsePtraceScope(t *testing.T) {
 	tests := []struct {
@@ -27,14 +34,37 @@ func TestParsePtraceScope(t *testing.T) {
 	}
 }
 
+// TestReadPtraceScope checks the reading against what really decides it.
+// A kernel built without Yama has no scope; one built with it may still not
+// run it (an LSM is active only when the boot's LSM list names it), so the
+// build config only rules Yama out. Where securityfs lists the active LSMs,
+// that list decides; where the sysctl exists, its text is the scope.
 func TestReadPtraceScope(t *testing.T) {
-	cfg := kernelConfig(t)
 	s, err := ReadPtraceScope()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("ptrace_scope: %v", s)
-	if yama := cfg["CONFIG_SECURITY_YAMA"] == "y"; yama != (s != PtraceScopeNoYama) {
-		t.Errorf("CONFIG_SECURITY_YAMA=%v but scope %v", yama, s)
+	if notBuilt(t, "CONFIG_SECURITY_YAMA") && s != PtraceScopeNoYama {
+		t.Errorf("kernel built without Yama, yet scope %v", s)
+	}
+	if lsm, err := os.ReadFile("/sys/kernel/security/lsm"); err == nil {
+		active := slices.Contains(strings.Split(strings.TrimSpace(string(lsm)), ","), "yama")
+		if active != (s != PtraceScopeNoYama) {
+			t.Errorf("active LSMs %q, yet scope %v", lsm, s)
+		}
+	}
+	b, err := os.ReadFile(ptraceScopePath)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if s != PtraceScopeNoYama {
+			t.Errorf("no %s, yet scope %v", ptraceScopePath, s)
+		}
+	case err != nil:
+		t.Fatal(err)
+	default:
+		if want, perr := parsePtraceScope(string(b)); perr != nil || want != s || s == PtraceScopeNoYama {
+			t.Errorf("%s holds %q, scope %v", ptraceScopePath, b, s)
+		}
 	}
 }
