@@ -91,6 +91,12 @@ func startChild(t *testing.T) *child {
 		cmd.Process.Kill()
 		cmd.Wait()
 	})
+	// Start returns once the exec is past its point of no return, before
+	// the kernel has mapped the new image's vDSO: wait for the child to
+	// say it runs.
+	if line, err := c.out.ReadString('\n'); err != nil || strings.TrimSpace(line) != "ok ready" {
+		t.Fatalf("child start: %q, %v", line, err)
+	}
 	return c
 }
 

@@ -28,6 +28,7 @@ int main(void)
 {
 	char line[256];
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("ok ready\n"); /* exec is complete: the vDSO is mapped */
 	while (fgets(line, sizeof line, stdin)) {
 		char cmd[32], mode[8] = "";
 		unsigned long a = 0, n = 0;
