@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/phaul/phaul/core/criu"
@@ -181,6 +182,13 @@ type ServeConfig struct {
 	// it is left in doubt.
 	CommitWait time.Duration
 
+	// CgroupParent is where a restored tree lives once committed: a cgroup
+	// path below the root of the freezer v1 and cgroup v2 hierarchies
+	// ("/" for the roots), which must exist in each. Until COMMIT the tree
+	// is in phaul/<migration id>, which then goes. With --manage-cgroups
+	// the tree is in its own cgroups instead.
+	CgroupParent string
+
 	// Ready, if set, is called once with the listening address.
 	Ready func(net.Addr)
 }
@@ -196,6 +204,7 @@ func DefaultServeConfig() ServeConfig {
 		StepTimeout:    10 * time.Minute,
 		RestoreTimeout: 5 * time.Minute,
 		CommitWait:     30 * time.Second,
+		CgroupParent:   "/",
 	}
 }
 
@@ -216,6 +225,9 @@ func (c ServeConfig) Validate() error {
 	}
 	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 {
 		errs = append(errs, errors.New("timeouts must be positive"))
+	}
+	if !filepath.IsAbs(c.CgroupParent) || strings.Contains(c.CgroupParent, "..") {
+		errs = append(errs, fmt.Errorf("--cgroup-parent %q: want an absolute cgroup path", c.CgroupParent))
 	}
 	return errors.Join(errs...)
 }

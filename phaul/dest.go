@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
@@ -62,6 +61,9 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 	}
 	if err := writable(cfg.WorkDir); err != nil {
 		return fmt.Errorf("work dir: %w", err)
+	}
+	if err := cgroup.CheckParent(cfg.CgroupParent); err != nil {
+		return fmt.Errorf("--cgroup-parent: %w", err)
 	}
 	tcfg := cfg.Transport
 	tcfg.Identity = id
@@ -119,8 +121,9 @@ type incoming struct {
 	sess  *transport.Session
 	ctl   *wire.Conn
 	opts  criu.Options
-	group *cgroup.Group
-	pid   int // restored root, stopped until COMMIT
+	group *cgroup.Group // phaul/<id>: CRIU and the tree it restores until COMMIT
+	hold  *heldRestore  // the restore, held in post-restore until COMMIT
+	pid   int           // restored root
 	// reserve is the memory a prefault filled, held until the restore
 	// starts (or the migration ends).
 	reserve *linux.Reserve
@@ -386,8 +389,8 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 	return r.files, nil
 }
 
-// awaitCommit waits for COMMIT or ABORT with the tree stopped. It returns
-// true once the tree runs.
+// awaitCommit waits for COMMIT or ABORT with the tree held in CRIU's
+// restore. It returns true once the tree runs.
 func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transport.Stream) (bool, error) {
 	// Shutdown does not cut this wait short at once: the source may have
 	// killed its copy already, so the service gives COMMIT CommitWait to
@@ -408,33 +411,40 @@ func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transpor
 	}
 	switch b := m.GetBody().(type) {
 	case *wire.Message_Commit:
-		if err := in.group.Signal(syscall.SIGCONT); err != nil {
-			// The source's copy is gone: keep trying is all we can do.
-			in.log.Error("continue restored tree", "err", err)
-		}
+		s.commit(in)
 		in.log.Info("committed: tree runs", "pid", in.pid)
-		err := in.ctl.Send(&wire.Message{Body: &wire.Message_Committed{Committed: &wire.Committed{Pid: int32(in.pid)}}})
-		return true, err
+		if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Committed{Committed: &wire.Committed{Pid: int32(in.pid)}}}); err != nil {
+			// The migration is done: the tree runs here and the source
+			// had killed its copy before it sent COMMIT. Only the
+			// confirmation did not arrive (the source may already have
+			// closed the session).
+			in.log.Info("committed; confirmation not delivered to the source", "err", err)
+		}
+		return true, nil
 	case *wire.Message_Abort:
 		s.cleanup(in)
-		return false, fmt.Errorf("%w by source after prepared: %s", ErrAborted, b.Abort.GetReason())
+		in.log.Info("aborted by the source after prepared: restored tree dropped", "reason", b.Abort.GetReason())
+		return false, nil
 	default:
 		s.inDoubtHold(in, fmt.Errorf("unexpected %s while prepared", wire.Name(m)))
 		return false, fmt.Errorf("%w: unexpected %s", ErrInDoubt, wire.Name(m))
 	}
 }
 
-// inDoubtHold keeps a prepared tree stopped and records it.
+// inDoubtHold leaves a prepared tree held inside CRIU's restore and
+// records it. CRIU keeps its own copy of the RPC socket, so the tree stays
+// held (rebuilt, never run) even after this service exits.
 func (s *Server) inDoubtHold(in *incoming, why error) {
 	s.mu.Lock()
 	s.inDoubt[in.id] = in.pid
 	s.mu.Unlock()
-	state := fmt.Sprintf("in-doubt pid=%d cgroup=%s/%s reason=%q\n", in.pid, cgroup.Parent, in.id, why.Error())
+	state := fmt.Sprintf("in-doubt pid=%d criu=%d cgroup=%s/%s reason=%q\n", in.pid, in.hold.criuPID, cgroup.Parent, in.id, why.Error())
 	if err := os.WriteFile(filepath.Join(in.dir, "state"), []byte(state), 0o600); err != nil {
 		in.log.Error("record in-doubt state", "err", err)
 	}
-	in.log.Error("migration in doubt: restored tree kept stopped; resolve by hand (kill it, or SIGCONT its cgroup if the source copy is gone)",
-		"pid", in.pid, "cgroup", cgroup.Parent+"/"+in.id, "reason", why)
+	in.log.Error("migration in doubt: restored tree held inside CRIU's restore, never run; resolve by hand "+
+		"(kill CRIU and the cgroup's processes to drop it)",
+		"pid", in.pid, "criu", in.hold.criuPID, "cgroup", cgroup.Parent+"/"+in.id, "reason", why)
 }
 
 func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File, error) {
@@ -611,35 +621,56 @@ func (s *Server) receivePages(ctx context.Context, in *incoming, lanes []*transp
 	return nil
 }
 
-// restore restores the tree stopped, inside a cgroup this service owns.
+// restore has CRIU rebuild the tree inside a cgroup this service owns
+// (phaul/<id>, so the tree is neither part of the service's unit nor its
+// child) and hold it in the post-restore notification: it returns the
+// restored root's pid with no task of the tree having run.
 func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
-	managed := in.opts.ManageCgroups != "" && in.opts.ManageCgroups != "ignore"
-	g, err := cgroup.Create(in.id, managed)
+	g, err := cgroup.Create(in.id, false)
 	if err != nil {
 		return 0, fmt.Errorf("restore: %w", err)
 	}
 	in.group = g
 	in.reserve.Release() // for the restore to reuse
-	ctx, cancel := context.WithTimeoutCause(ctx, s.cfg.RestoreTimeout,
-		fmt.Errorf("restore took longer than %v", s.cfg.RestoreTimeout))
-	defer cancel()
-	pid, err := s.crit.Restore(ctx, criu.RestoreRequest{
-		ImagesDir:    filepath.Join(in.dir, "images"),
-		WorkDir:      in.dir,
-		Options:      in.opts,
-		LeaveStopped: true,
-		CgroupRoot:   "/" + cgroup.Parent + "/" + in.id,
-		Hooks:        criu.Hooks{Started: g.Add},
-	}, nil)
+	req := criu.RestoreRequest{
+		ImagesDir: filepath.Join(in.dir, "images"),
+		WorkDir:   in.dir,
+		Options:   in.opts,
+		Hooks:     criu.Hooks{Started: g.Add},
+	}
+	in.hold = startRestore(ctx, s.crit, req, s.cfg.RestoreTimeout)
+	pid, err := in.hold.wait()
 	if err != nil {
+		in.hold = nil
 		return 0, fmt.Errorf("restore: %w", err)
 	}
 	return pid, nil
 }
 
-// cleanup kills whatever was restored and removes the migration's files
+// commit moves the held tree where it lives from now on and lets CRIU
+// resume it. With --manage-cgroups CRIU has put it in its own cgroups;
+// otherwise it is in phaul/<id> and moves to the service's cgroup parent.
+// Then phaul/<id> goes.
+func (s *Server) commit(in *incoming) {
+	if err := in.group.MoveAll(s.cfg.CgroupParent); err != nil {
+		// The source's copy is gone: the tree must run, wherever it is.
+		in.log.Error("move restored tree to its cgroup parent", "parent", s.cfg.CgroupParent, "err", err)
+	}
+	if err := in.hold.Resume(); err != nil {
+		in.log.Error("criu after resuming the restored tree", "err", err)
+	}
+	if err := in.group.Remove(); err != nil {
+		in.log.Warn("remove cgroup", "err", err)
+	}
+}
+
+// cleanup drops whatever was restored and removes the migration's files
 // and cgroup.
 func (s *Server) cleanup(in *incoming) {
+	if in.hold != nil {
+		in.hold.Kill()
+		in.hold = nil
+	}
 	if in.group != nil {
 		if err := in.group.Kill(5 * time.Second); err != nil {
 			in.log.Error("kill restored tree", "err", err)
@@ -655,8 +686,7 @@ func (s *Server) cleanup(in *incoming) {
 	}
 }
 
-// removeImages drops a committed migration's files; the cgroup stays: the
-// tree lives in it.
+// removeImages drops a committed migration's files.
 func (s *Server) removeImages(in *incoming) {
 	if err := os.RemoveAll(in.dir); err != nil {
 		in.log.Warn("remove work dir", "err", err)

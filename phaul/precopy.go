@@ -145,6 +145,15 @@ func treePids(root int) ([]int, error) {
 	return pids, nil
 }
 
+// memoryless reports whether pid has no memory to move: gone, or a zombie
+// (CRIU dumps a zombie as a pstree entry, without mappings or pages). Its
+// memory is released before it turns zombie, so a tracker has nothing to
+// arm, and nothing to inject through.
+func memoryless(pid int) bool {
+	st, err := linux.ReadProcessStat(pid)
+	return err != nil || st.State == 'Z' || st.State == 'X'
+}
+
 // nsPid returns pid's number in its own (innermost) PID namespace: the id
 // CRIU gives its pagemap.
 func nsPid(pid int) (uint64, error) {
@@ -173,6 +182,9 @@ func (p *precopy) refresh() error {
 	}
 	alive := make(map[int]bool, len(pids))
 	for _, pid := range pids {
+		if memoryless(pid) {
+			continue
+		}
 		alive[pid] = true
 		if p.procs[pid] != nil {
 			continue
@@ -289,7 +301,7 @@ func (p *precopy) collect() error {
 		}
 		rs, err := pr.tr.Collect()
 		if err != nil {
-			if !processExists(pid) {
+			if memoryless(pid) {
 				continue // exited: refresh drops it
 			}
 			return fmt.Errorf("collect %d: %w", pid, err)
@@ -308,11 +320,6 @@ func (p *precopy) pendingBytes() uint64 {
 		}
 	}
 	return total
-}
-
-func processExists(pid int) bool {
-	ok, _ := linux.ProcessExists(pid)
-	return ok
 }
 
 // sendPending reads every process's pending ranges and sends them.

@@ -182,7 +182,9 @@ func TestFaultMigrateSIGTERMDuringTransfer(t *testing.T) {
 // phase=prepared. Depending on the race the source CRIU either saw its RPC
 // socket close before the post-dump answer and resumed the tree, or had the
 // answer and killed it. Either way at most one copy runs, and the
-// destination keeps its copy stopped and records the migration in doubt.
+// destination keeps its copy held inside CRIU's restore (rebuilt, never
+// run), records the migration in doubt, and keeps holding it after the
+// service stops.
 func TestFaultInDoubt(t *testing.T) {
 	e := newEnv(t, testenv.HostsOpts{})
 	e.startServe("--commit-wait", "2s")
@@ -195,7 +197,7 @@ func TestFaultInDoubt(t *testing.T) {
 		t.Fatalf("migrate exited %d before it logged phase=prepared\n%s", r.code, r.out)
 	}
 	id := migrationID(t, r.out)
-	t.Cleanup(func() { removeCgroup(t, id) }) // kills the stopped copy
+	t.Cleanup(func() { removeCgroup(t, id) }) // kills the held copy and its CRIU
 	if strings.Contains(r.out, "phase=commit") {
 		// Not seen in practice: the kill follows the log line within
 		// microseconds, COMMIT needs CRIU to kill the tree and answer.
@@ -219,7 +221,7 @@ func TestFaultInDoubt(t *testing.T) {
 	if !strings.HasPrefix(state, "in-doubt ") {
 		t.Fatalf("%s: %q, want in-doubt pid=… cgroup=…", statePath, state)
 	}
-	destPID := statePID(t, state)
+	destPID := statePID(t, state, "pid")
 
 	// The source CRIU either resumes the tree (a) or kills it (b).
 	src := w.PID()
@@ -246,8 +248,9 @@ func TestFaultInDoubt(t *testing.T) {
 		if in, err := e.hosts.Dst.Contains(destPID); err != nil || !in {
 			t.Fatalf("%s: pid %d is not in the destination namespace: %v", when, destPID, err)
 		}
-		if states := threadStates(t, destPID); strings.Trim(states, "T") != "" {
-			t.Fatalf("%s: the in-doubt copy %d runs: thread states %q, want all T (stopped)", when, destPID, states)
+		if criuPID := statePID(t, state, "criu"); !heldInRestore(t, destPID) || !isCRIU(criuPID) {
+			t.Fatalf("%s: the in-doubt copy %d is not held inside the restore of the CRIU the state names (%q): threads %q, criu alive %v",
+				when, destPID, state, threadStates(t, destPID), isCRIU(criuPID))
 		}
 		if procs := cgroupProcs(t, id); !slices.Contains(procs, destPID) {
 			t.Fatalf("%s: the in-doubt copy %d is not in cgroup phaul/%s: %v", when, destPID, id, procs)
@@ -480,17 +483,18 @@ func migrationID(t testing.TB, log string) string {
 	return m[1]
 }
 
-// statePID returns the pid of a destination state file's in-doubt line.
-func statePID(t testing.TB, state string) int {
+// statePID returns the pid named key= (pid, criu) in a destination state
+// file's in-doubt line.
+func statePID(t testing.TB, state, key string) int {
 	t.Helper()
 	for _, f := range strings.Fields(state) {
-		if v, ok := strings.CutPrefix(f, "pid="); ok {
+		if v, ok := strings.CutPrefix(f, key+"="); ok {
 			if pid, err := strconv.Atoi(v); err == nil && pid > 0 {
 				return pid
 			}
 		}
 	}
-	t.Fatalf("state %q names no pid", state)
+	t.Fatalf("state %q names no %s", state, key)
 	return 0
 }
 
@@ -599,17 +603,44 @@ func threadStates(t testing.TB, pid int) string {
 	return states.String()
 }
 
-// runningCopies returns the copies of w that are not stopped: at least one
-// of their threads is in a state other than T (stopped) or t (traced).
+// runningCopies returns the copies of w that run: not stopped (a thread
+// in a state other than T or t) and not held inside a CRIU restore.
 func runningCopies(t testing.TB, w *testenv.Workload) []int {
 	t.Helper()
 	var pids []int
 	for _, pid := range w.Running(t) {
-		if strings.Trim(threadStates(t, pid), "Tt") != "" {
+		if strings.Trim(threadStates(t, pid), "Tt") != "" && !heldInRestore(t, pid) {
 			pids = append(pids, pid)
 		}
 	}
 	return pids
+}
+
+// heldInRestore reports whether the workload copy pid waits inside a CRIU
+// restore that has not resumed it: every thread blocked in futex(2) (CRIU's
+// restorer waits for its next stage there), where a running workload's
+// main thread waits in rt_sigtimedwait.
+func heldInRestore(t testing.TB, pid int) bool {
+	t.Helper()
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil || len(tasks) == 0 {
+		return false
+	}
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/syscall", pid, task.Name()))
+		if f := strings.Fields(string(b)); err != nil || len(f) == 0 || f[0] != "202" { // futex on x86_64
+			return false
+		}
+	}
+	return true
+}
+
+// isCRIU reports whether pid is a CRIU swrk child (phaul's RPC). Its
+// command line may start with a loader (deploy/install-criu.sh's wrapper
+// runs CRIU through its own ld.so).
+func isCRIU(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return err == nil && bytes.Contains(b, []byte("criu")) && bytes.Contains(b, []byte("\x00swrk\x003\x00"))
 }
 
 // cgroupProcs lists the processes in phaul/<id> in the freezer hierarchy,

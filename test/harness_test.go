@@ -21,6 +21,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/phaul/phaul/core/cgroup"
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -63,6 +64,9 @@ type env struct {
 	// of its own (see startServeAt).
 	dstOwnDir   string
 	dstOwnPIDNS bool
+	// cgParent is the destination's --cgroup-parent, a cgroup this test
+	// made in the freezer v1 and cgroup v2 hierarchies.
+	cgParent string
 }
 
 func newEnv(t testing.TB, opts testenv.HostsOpts) *env {
@@ -74,6 +78,7 @@ func newEnv(t testing.TB, opts testenv.HostsOpts) *env {
 		t.Fatal(err)
 	}
 	e := &env{t: t, bin: bin, hosts: testenv.NewHosts(t, opts), dir: t.TempDir()}
+	e.cgParent = testCgroup(t, fmt.Sprintf("phaul-test-%d-%s", os.Getpid(), filepath.Base(e.dir)))
 	e.srcTLS = filepath.Join(e.dir, "tls-src")
 	e.dstTLS = filepath.Join(e.dir, "tls-dst")
 	e.srcWork = filepath.Join(e.dir, "work-src")
@@ -163,7 +168,7 @@ func (e *env) startServeAt(addr string, extra ...string) {
 	}
 	defer logf.Close()
 	args := append([]string{"--log-level", "debug", "serve", "--listen", addr,
-		"--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, extra...)
+		"--work-dir", e.dstWork, "--tls-dir", e.dstTLS, "--cgroup-parent", e.cgParent}, extra...)
 	e.serve = e.hosts.Dst.Command(context.Background(), e.bin, args...)
 	if e.dstOwnDir != "" || e.dstOwnPIDNS {
 		// The destination host gets a mount namespace of its own, with a
@@ -242,6 +247,21 @@ type result struct {
 	out   string
 	code  int
 	stats map[string]any
+	flags []string // the migrate flags the test added
+}
+
+// managedCgroups reports whether the migration asked CRIU to manage
+// cgroups (any mode but ignore).
+func (r result) managedCgroups() bool {
+	for i, f := range r.flags {
+		if v, ok := strings.CutPrefix(f, "--manage-cgroups"); ok {
+			if v == "" && i+1 < len(r.flags) {
+				v = "=" + r.flags[i+1]
+			}
+			return v != "=ignore"
+		}
+	}
+	return false
 }
 
 func (r result) str(key string) string {
@@ -270,7 +290,7 @@ func (e *env) migrateQuiet(pid int, extra ...string) result {
 		"--work-dir", e.srcWork, "--stats-json", statsPath}, extra...)
 	args = append(args, fmt.Sprint(pid))
 	out, code := e.phaulQuiet(e.hosts.Src, args...)
-	r := result{out: out, code: code}
+	r := result{out: out, code: code, flags: extra}
 	if b, err := os.ReadFile(statsPath); err == nil {
 		sc := bufio.NewScanner(bytes.NewReader(b))
 		for sc.Scan() {
@@ -284,6 +304,37 @@ func (e *env) migrateQuiet(pid int, extra ...string) result {
 		e.t.Cleanup(func() { removeCgroup(e.t, id) })
 	}
 	return r
+}
+
+// testCgroup makes cgroup /name in the freezer v1 and the cgroup v2
+// hierarchy (whichever exist) and returns "/name". At cleanup it kills
+// whatever still runs in it and removes it.
+func testCgroup(t testing.TB, name string) string {
+	t.Helper()
+	var dirs []string
+	for _, root := range []func() (string, error){linux.FreezerV1Root, linux.Cgroup2Root} {
+		r, err := root()
+		if err != nil {
+			continue
+		}
+		dir := filepath.Join(r, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatalf("test cgroup: %v", err)
+		}
+		dirs = append(dirs, dir)
+	}
+	t.Cleanup(func() {
+		for _, dir := range dirs {
+			g := &cgroup.Group{Name: name, Paths: []string{dir}}
+			if err := g.Kill(5 * time.Second); err != nil {
+				t.Errorf("test cgroup %s: %v", dir, err)
+			}
+			if err := os.Remove(dir); err != nil {
+				t.Errorf("test cgroup %s: %v", dir, err)
+			}
+		}
+	})
+	return "/" + name
 }
 
 // removeCgroup removes phaul/<id> once its tree is gone (test cleanup kills
@@ -335,13 +386,17 @@ func (e *env) assertMigrated(w *testenv.Workload, r result) int {
 	if in, err := e.hosts.Dst.Contains(pid); err != nil || !in {
 		t.Fatalf("pid %d does not run in the destination namespace: %v", pid, err)
 	}
-	// It lives in the cgroups the destination made for this migration,
-	// not in the service's own.
-	want := "/" + cgroup.Parent + "/" + r.str("migration_id")
-	for _, h := range []string{"freezer", ""} {
-		if got := procCgroup(t, pid, h); got != want {
-			t.Fatalf("pid %d in %q cgroup %q, want %q", pid, h, got, want)
+	// It lives under the destination's cgroup parent, not in the
+	// service's own cgroups nor in the migration's, which is gone.
+	if !r.managedCgroups() {
+		for _, h := range []string{"freezer", ""} {
+			if got := procCgroup(t, pid, h); got != e.cgParent {
+				t.Fatalf("pid %d in %q cgroup %q, want the destination's parent %q", pid, h, got, e.cgParent)
+			}
 		}
+	}
+	if _, err := cgroup.Open(r.str("migration_id")); err == nil {
+		t.Fatalf("cgroup %s/%s left after the migration", cgroup.Parent, r.str("migration_id"))
 	}
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d", w.PID())); err == nil {
 		if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", w.PID())); !bytes.Contains(st, []byte(") Z")) {

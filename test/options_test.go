@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/test/testenv"
 )
@@ -172,21 +173,25 @@ func TestRestoreFailureResumesSource(t *testing.T) {
 	}
 }
 
-// TestManageCgroups moves a workload that lives in cgroups of its own in
-// every hierarchy. By default (ignore) the destination puts the tree in
-// phaul/<id> of the freezer and cgroup v2 hierarchies only; with
-// --manage-cgroups soft CRIU re-creates its cgroups, rooted at phaul/<id>,
-// in every hierarchy (pids included).
+// TestManageCgroups moves a workload that lives in cgroups of the test's
+// own. Ignored (phaul's default), the restored tree lives under the
+// destination's cgroup parent; managed (soft, or --manage-cgroups bare as
+// CRIU takes it), CRIU puts it back in its own cgroups, an exclusive
+// cpuset included, which restores only where its parent is exclusive too:
+// under a per-migration group it could not.
 func TestManageCgroups(t *testing.T) {
 	e := newEnv(t, testenv.HostsOpts{})
 	e.startServe()
 	for _, tt := range []struct {
-		name     string
-		flags    []string
-		wantPids func(id string) string
+		name      string
+		flags     []string
+		exclusive bool // the workload's cpuset is cpu_exclusive
+		wantOwn   bool // restored into the workload's own cgroups
 	}{
-		{"ignore", nil, func(string) string { return "/" }},
-		{"soft", []string{"--manage-cgroups", "soft"}, func(id string) string { return "/phaul/" + id }},
+		{"ignore", nil, false, false},
+		{"soft", []string{"--manage-cgroups", "soft"}, false, true},
+		{"bare", []string{"--manage-cgroups"}, false, true},
+		{"exclusive cpuset", []string{"--manage-cgroups"}, true, true},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			ee := *e
@@ -202,10 +207,21 @@ func TestManageCgroups(t *testing.T) {
 				if err := os.Mkdir(dir, 0o755); err != nil {
 					t.Fatal(err)
 				}
-				t.Cleanup(func() { os.Remove(dir) })
+				t.Cleanup(func() {
+					g := &cgroup.Group{Name: own, Paths: []string{dir}}
+					g.Kill(5 * time.Second) // the restored copy lives here
+					if err := os.Remove(dir); err != nil {
+						t.Errorf("remove test cgroup: %v", err)
+					}
+				})
 				for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
 					if v, err := os.ReadFile(filepath.Join(r, f)); err == nil {
 						os.WriteFile(filepath.Join(dir, f), v, 0)
+					}
+				}
+				if _, err := os.Stat(filepath.Join(dir, "cpuset.cpu_exclusive")); err == nil && tt.exclusive {
+					if err := os.WriteFile(filepath.Join(dir, "cpuset.cpu_exclusive"), []byte("1"), 0); err != nil {
+						t.Skipf("SKIP: cannot make an exclusive cpuset here (another cpuset on this host shares its CPUs): %v", err)
 					}
 				}
 				if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(fmt.Sprint(w.PID())), 0); err != nil {
@@ -217,8 +233,23 @@ func TestManageCgroups(t *testing.T) {
 			}
 			r := ee.migrate(w.PID(), tt.flags...)
 			pid := ee.assertMigrated(w, r)
-			if got, want := procCgroup(t, pid, "pids"), tt.wantPids(r.str("migration_id")); got != want {
-				t.Fatalf("restored copy in pids cgroup %q, want %q", got, want)
+			for _, h := range []string{"pids", "freezer", "cpuset"} {
+				got := procCgroup(t, pid, h)
+				switch {
+				case tt.wantOwn && got != "/"+own:
+					t.Fatalf("restored copy in %s cgroup %q, want its own /%s", h, got, own)
+				case !tt.wantOwn && got == "/"+own:
+					t.Fatalf("restored copy in %s cgroup %q: ignored cgroups, yet its own", h, got)
+				}
+			}
+			if !tt.wantOwn && procCgroup(t, pid, "freezer") != e.cgParent {
+				t.Fatalf("restored copy in freezer cgroup %q, want the destination's parent %q", procCgroup(t, pid, "freezer"), e.cgParent)
+			}
+			if tt.exclusive {
+				b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup/cpuset", own, "cpuset.cpu_exclusive"))
+				if err != nil || strings.TrimSpace(string(b)) != "1" {
+					t.Fatalf("cpuset %s after the move: cpu_exclusive %q, %v", own, b, err)
+				}
 			}
 		})
 	}

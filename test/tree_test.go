@@ -1,7 +1,11 @@
 package test
 
 import (
+	"fmt"
+	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -91,4 +95,54 @@ func TestTreeMigration(t *testing.T) {
 func processAlive(pid int) bool {
 	st, err := linux.ReadProcessStat(pid)
 	return err == nil && st.State != 'Z'
+}
+
+// TestTreeTaskStates moves a tree that holds a zombie and a child stopped
+// by SIGSTOP, cold and in pre-copy: CRIU restores the zombie as a zombie
+// and the stopped child stopped, and phaul adds no signal (the child logs
+// a FAIL line if it is ever continued). Pre-copy tracks neither: a zombie
+// has no memory, the stopped child is tracked like any other process.
+func TestTreeTaskStates(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		flags []string
+	}{
+		{"cold", []string{"--mode", "cold"}},
+		{"precopy uffd-wp", []string{"--mode", "precopy", "--tracker", "uffd-wp"}},
+		{"precopy hash", []string{"--mode", "precopy", "--tracker", "hash"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, testenv.HostsOpts{})
+			e.startServe()
+			w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500, Zombie: true, StoppedChild: true})
+			w.WaitProgress(t, 3)
+			states := func(root int) string {
+				t.Helper()
+				b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", root, root))
+				if err != nil {
+					t.Fatal(err)
+				}
+				var out []string
+				for _, f := range strings.Fields(string(b)) {
+					pid, _ := strconv.Atoi(f)
+					st, err := linux.ReadProcessStat(pid)
+					if err != nil {
+						t.Fatal(err)
+					}
+					out = append(out, string(st.State))
+				}
+				slices.Sort(out)
+				return strings.Join(out, "")
+			}
+			if got := states(w.PID()); got != "TZ" {
+				t.Fatalf("source tree children states %q, want a stopped child and a zombie (TZ)", got)
+			}
+			r := e.migrate(w.PID(), tc.flags...)
+			root := e.assertMigrated(w, r)
+			if got := states(root); got != "TZ" {
+				t.Fatalf("restored tree children states %q, want a stopped child and a zombie (TZ)", got)
+			}
+			w.CheckHealthy(t) // no "FAIL stopped SIGCONT"
+		})
+	}
 }

@@ -12,6 +12,8 @@ import (
 	"syscall"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/phaul/phaul/core/criu"
 )
 
 func main() {
@@ -34,7 +36,7 @@ func main() {
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main reports errors once
 	}
-	err := app.RunContext(ctx, os.Args)
+	err := app.RunContext(ctx, bareManageCgroups(os.Args))
 	if err == nil {
 		return
 	}
@@ -68,4 +70,33 @@ func stringFlag(c *cli.Context, name string) string {
 		}
 	}
 	return c.String(name)
+}
+
+// bareManageCgroups gives a bare --manage-cgroups the value CRIU gives it:
+// CRIU's option takes its mode only as --manage-cgroups=MODE and means
+// soft without one. phaul also takes the mode as the next argument, when
+// that argument names a mode.
+func bareManageCgroups(args []string) []string {
+	out := make([]string, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			return append(out, args[i:]...)
+		}
+		if a == "--manage-cgroups" || a == "-manage-cgroups" {
+			if i+1 < len(args) && isCgroupMode(args[i+1]) {
+				out = append(out, a, args[i+1])
+				i++
+				continue
+			}
+			a += "=soft"
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+func isCgroupMode(s string) bool {
+	_, ok := criu.CgroupModes[s]
+	return ok
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -58,6 +59,22 @@ func TestProgressBar(t *testing.T) {
 	for _, want := range []string{"transfer", "2.0s", "64.0 MiB", "MiB/s"} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("progress line %q lacks %q", b, want)
+		}
+	}
+}
+
+func TestBareManageCgroups(t *testing.T) {
+	tests := []struct{ in, want []string }{
+		{[]string{"phaul", "migrate", "--manage-cgroups", "42"}, []string{"phaul", "migrate", "--manage-cgroups=soft", "42"}},
+		{[]string{"phaul", "migrate", "--manage-cgroups", "--to", "h:1", "42"}, []string{"phaul", "migrate", "--manage-cgroups=soft", "--to", "h:1", "42"}},
+		{[]string{"phaul", "migrate", "--manage-cgroups", "full", "42"}, []string{"phaul", "migrate", "--manage-cgroups", "full", "42"}},
+		{[]string{"phaul", "migrate", "--manage-cgroups=strict", "42"}, []string{"phaul", "migrate", "--manage-cgroups=strict", "42"}},
+		{[]string{"phaul", "migrate", "42", "--manage-cgroups"}, []string{"phaul", "migrate", "42", "--manage-cgroups=soft"}},
+		{[]string{"phaul", "migrate", "--", "--manage-cgroups"}, []string{"phaul", "migrate", "--", "--manage-cgroups"}},
+	}
+	for _, tt := range tests {
+		if got := bareManageCgroups(tt.in); !slices.Equal(got, tt.want) {
+			t.Errorf("bareManageCgroups(%q) = %q, want %q", tt.in, got, tt.want)
 		}
 	}
 }

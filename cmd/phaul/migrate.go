@@ -48,7 +48,7 @@ func migrateCommand() *cli.Command {
 			&cli.BoolFlag{Name: "shell-job", Usage: "CRIU: the tree belongs to a shell session or terminal outside it"},
 			&cli.BoolFlag{Name: "link-remap", Usage: "CRIU: hard-link open but unlinked files so they can be restored"},
 			&cli.StringFlag{Name: "ghost-limit", Usage: "CRIU: largest unlinked file to carry in the images (e.g. 16M)"},
-			&cli.StringFlag{Name: "manage-cgroups", Usage: "CRIU: ignore (default), none, props, soft, full or strict"},
+			&cli.StringFlag{Name: "manage-cgroups", Usage: "CRIU: ignore (default), none, props, soft, full or strict; bare (no value), as CRIU takes it: soft"},
 		},
 		Action: func(c *cli.Context) error {
 			usage := "usage: phaul migrate --to HOST:PORT --tls-dir DIR PID"

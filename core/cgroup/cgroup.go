@@ -23,6 +23,7 @@ var ErrNoHierarchy = errors.New("cgroup: no freezer v1 or cgroup v2 hierarchy mo
 type Group struct {
 	Name  string
 	Paths []string // absolute directories, one per hierarchy
+	roots []string // the hierarchy of each path, its mount point
 }
 
 // roots lists the hierarchies phaul uses: the freezer v1 and cgroup v2
@@ -75,6 +76,7 @@ func Create(name string, all bool) (*Group, error) {
 			return nil, fmt.Errorf("create cgroup %s: %w", dir, err)
 		}
 		g.Paths = append(g.Paths, dir)
+		g.roots = append(g.roots, r)
 		if err := inheritCpuset(parent, dir); err != nil {
 			g.Remove()
 			return nil, err
@@ -113,6 +115,7 @@ func Open(name string) (*Group, error) {
 		dir := filepath.Join(r, Parent, name)
 		if st, err := os.Stat(dir); err == nil && st.IsDir() {
 			g.Paths = append(g.Paths, dir)
+			g.roots = append(g.roots, r)
 		}
 	}
 	if len(g.Paths) == 0 {
@@ -198,15 +201,70 @@ func (g *Group) Kill(timeout time.Duration) error {
 }
 
 // Remove deletes the group's directories, children first (CRIU may have
-// created some below it); it fails while processes remain.
+// created some below it), and phaul's own parent directory in a hierarchy
+// where no other group is left in it; it fails while processes remain.
 func (g *Group) Remove() error {
 	var errs []error
-	for _, dir := range g.Paths {
+	for i, dir := range g.Paths {
 		if err := removeTree(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", dir, err))
+			continue
+		}
+		if i < len(g.roots) {
+			removeParent(g.roots[i])
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// removeParent removes phaul's directory in the hierarchy at root if it
+// holds no group any more. Another migration's group in it makes rmdir
+// fail (EBUSY, ENOTEMPTY): that migration removes it when it ends.
+func removeParent(root string) {
+	os.Remove(filepath.Join(root, Parent))
+}
+
+// MoveAll moves every process of the group, in every hierarchy, to the
+// cgroup at parent (a path below each hierarchy's root, "/" for the root
+// itself), which must exist in each. Processes in child groups stay.
+func (g *Group) MoveAll(parent string) error {
+	if !filepath.IsAbs(parent) || strings.Contains(parent, "\x00") {
+		return fmt.Errorf("cgroup parent %q: want an absolute path", parent)
+	}
+	var errs []error
+	for i, dir := range g.Paths {
+		to := filepath.Join(g.roots[i], filepath.Clean(parent))
+		pids, err := readProcs(dir)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list cgroup %s: %w", dir, err))
+			continue
+		}
+		for _, pid := range pids {
+			err := os.WriteFile(filepath.Join(to, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0)
+			if err != nil && !errors.Is(err, syscall.ESRCH) {
+				errs = append(errs, fmt.Errorf("move %d to cgroup %s: %w", pid, to, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// CheckParent reports whether parent exists as a cgroup in every
+// hierarchy Create uses.
+func CheckParent(parent string) error {
+	if !filepath.IsAbs(parent) {
+		return fmt.Errorf("cgroup parent %q: want an absolute path", parent)
+	}
+	rs := roots(false)
+	if len(rs) == 0 {
+		return ErrNoHierarchy
+	}
+	for _, r := range rs {
+		if _, err := os.Stat(filepath.Join(r, filepath.Clean(parent), "cgroup.procs")); err != nil {
+			return fmt.Errorf("cgroup parent %s in %s: %w", parent, r, err)
+		}
+	}
+	return nil
 }
 
 // removeTree removes a cgroup directory and its child cgroups. Cgroup

@@ -150,6 +150,7 @@ func (t *Throttle) Release() error {
 	if err := os.Remove(t.dir); err != nil {
 		return fmt.Errorf("throttle release: %w", err)
 	}
+	removeParent(t.root)
 	t.dir = ""
 	return nil
 }

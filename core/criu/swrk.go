@@ -55,6 +55,14 @@ type Hooks struct {
 	// ExtraFiles are inherited by CRIU as fds 4, 5, ... (fd 3 is the RPC
 	// socket); requests refer to them by those numbers.
 	ExtraFiles []*os.File
+	// KeepPeer has CRIU inherit a copy of phaul's own end of the RPC
+	// socket (after ExtraFiles), so that CRIU never reads EOF: a pending
+	// notification stays pending if phaul exits or closes its end, and
+	// only an explicit answer (or killing CRIU) ends it. A destination
+	// holds a restored tree in post-restore this way; whoever takes
+	// phaul's place later can answer through that copy (pidfd_getfd).
+	// Without it, closing the socket fails a pending script.
+	KeepPeer bool
 }
 
 func (b *Binary) start(ctx context.Context, action string, hooks Hooks, log *slog.Logger) (*swrk, error) {
@@ -65,6 +73,15 @@ func (b *Binary) start(ctx context.Context, action string, hooks Hooks, log *slo
 	defer remote.Close()
 	cmd := exec.CommandContext(ctx, b.Path, "swrk", "3")
 	cmd.ExtraFiles = append([]*os.File{remote}, hooks.ExtraFiles...) // RPC socket is fd 3 in the child
+	if hooks.KeepPeer {
+		own, err := local.File()
+		if err != nil {
+			local.Close()
+			return nil, &Error{Action: action, ExitCode: -1, Err: fmt.Errorf("keep peer: %w", err)}
+		}
+		defer own.Close()
+		cmd.ExtraFiles = append(cmd.ExtraFiles, own)
+	}
 	errTail := &ringBuffer{max: 8 << 10}
 	cmd.Stdout = errTail
 	cmd.Stderr = errTail

@@ -44,6 +44,12 @@ type WorkloadOpts struct {
 	// after filling its memory (copy-on-write shared, no exec), each
 	// verifying its own copy and logging to Log.child<i> (Workload.Child).
 	Children int
+	// Zombie forks a child that exits at once and is never reaped: the
+	// tree holds a zombie.
+	Zombie bool
+	// StoppedChild forks a child that stops itself with SIGSTOP and logs
+	// "FAIL stopped SIGCONT" (unhealthy) if it is ever continued.
+	StoppedChild bool
 	// CPUCgroup starts the workload in a cgroup v1 cpu group the test
 	// creates (Workload.CPUCgroup), so that a migration that moves it
 	// between cpu groups (auto-converge) only touches groups of its own.
@@ -250,6 +256,12 @@ func (w *Workload) args(o WorkloadOpts) []string {
 	}
 	if o.Children > 0 {
 		a = append(a, "--children", strconv.Itoa(o.Children))
+	}
+	if o.Zombie {
+		a = append(a, "--zombie")
+	}
+	if o.StoppedChild {
+		a = append(a, "--stopped-child")
 	}
 	return a
 }

@@ -42,6 +42,12 @@
 //                    line with child=i, then steps from the parent's count)
 //                    and runs its own writers and verifier on its copy;
 //                    modes stay with the parent, which ignores SIGCHLD
+//   --zombie         forks a child that exits at once and is never reaped:
+//                    the tree holds a zombie (no memory, a pstree entry)
+//   --stopped-child  forks a child that stops itself (SIGSTOP) and logs
+//                    "FAIL stopped SIGCONT" to the main log if it is ever
+//                    continued: a migration must restore it stopped and
+//                    add no signal
 // workload --sink PATH --log FILE is that outside peer instead: it binds a
 // SOCK_DGRAM socket at PATH and logs "sink tick seq=N" per tick received.
 // CRIU finds the peer with sock_diag, so run it in the workload's netns.
@@ -79,6 +85,7 @@
 
 static struct {
 	long mib, threads, rate, verify_ms, ghost_kib, children;
+	int zombie, stopped_child;
 	const char *log, *flock, *ghost, *ext_unix, *sink, *fill;
 	int tcp, shm, ghost_link;
 } o = {.mib = 64, .threads = 2, .rate = 1000, .verify_ms = 250, .ghost_kib = 64, .fill = "random"};
@@ -408,7 +415,8 @@ static void parse(int argc, char **argv) {
 		{"verify-ms", 1, 0, 'v'}, {"ghost-kib", 1, 0, 'K'}, {"log", 1, 0, 'l'},
 		{"flock", 1, 0, 'F'}, {"ghost", 1, 0, 'G'}, {"ext-unix", 1, 0, 'U'},
 		{"sink", 1, 0, 'k'}, {"tcp-pair", 0, 0, 'T'}, {"shm", 0, 0, 'S'},
-		{"ghost-link", 0, 0, 'L'}, {"fill", 1, 0, 'f'}, {"children", 1, 0, 'c'}, {0}};
+		{"ghost-link", 0, 0, 'L'}, {"fill", 1, 0, 'f'}, {"children", 1, 0, 'c'},
+		{"zombie", 0, 0, 'Z'}, {"stopped-child", 0, 0, 'P'}, {0}};
 	long *num[128] = {['m'] = &o.mib, ['t'] = &o.threads, ['r'] = &o.rate,
 			  ['v'] = &o.verify_ms, ['K'] = &o.ghost_kib, ['c'] = &o.children};
 	const char **str[128] = {['l'] = &o.log, ['F'] = &o.flock, ['G'] = &o.ghost,
@@ -418,6 +426,8 @@ static void parse(int argc, char **argv) {
 		char *end;
 		if (c == 'T' || c == 'S' || c == 'L')
 			*(c == 'T' ? &o.tcp : c == 'S' ? &o.shm : &o.ghost_link) = 1;
+		else if (c == 'Z' || c == 'P')
+			*(c == 'Z' ? &o.zombie : &o.stopped_child) = 1;
 		else if (c > 0 && c < 128 && str[c])
 			*str[c] = optarg;
 		else if (c > 0 && c < 128 && num[c])
@@ -437,9 +447,45 @@ static void parse(int argc, char **argv) {
 	    o.rate < 0 || o.verify_ms < 0 || o.ghost_kib < 1 || o.children < 0 || o.children > 64) {
 		fprintf(stderr, "usage: workload --log FILE [--mib N] [--threads T] "
 				"[--rate PAGES_PER_SEC] [--verify-ms MS] [--fill random|text|zero] [--tcp-pair] [--flock FILE] "
-				"[--ghost FILE [--ghost-kib K] [--ghost-link]] [--ext-unix PATH] [--shm] [--children N] | --sink PATH --log FILE\n");
+				"[--ghost FILE [--ghost-kib K] [--ghost-link]] [--ext-unix PATH] [--shm] [--children N] "
+				"[--zombie] [--stopped-child] | --sink PATH --log FILE\n");
 		exit(2);
 	}
+}
+
+// setup_zombie forks a child that exits at once; the parent never waits
+// for it.
+static void setup_zombie(void) {
+	pid_t pid = fork();
+	if (pid < 0) {
+		logline("FAIL setup fork: %s", strerror(errno));
+		exit(2);
+	}
+	if (pid == 0)
+		_exit(0);
+	logline("zombie pid=%d", pid);
+}
+
+static void on_sigcont(int sig) {
+	(void)sig;
+	logline("FAIL stopped SIGCONT");
+}
+
+// setup_stopped_child forks a child that stops itself and reports any
+// SIGCONT it gets.
+static void setup_stopped_child(void) {
+	pid_t pid = fork();
+	if (pid < 0) {
+		logline("FAIL setup fork: %s", strerror(errno));
+		exit(2);
+	}
+	if (pid > 0) {
+		logline("stopped-child pid=%d", pid);
+		return;
+	}
+	signal(SIGCONT, on_sigcont);
+	for (;;)
+		raise(SIGSTOP);
 }
 
 static void start(void *(*fn)(void *), long arg) {
@@ -481,6 +527,11 @@ int main(int argc, char **argv) {
 	logline("start pid=%d pages=%zu region=%p threads=%ld rate=%ld shm=%d fill=%s", getpid(),
 		npages, (void *)region, o.threads, o.rate, o.shm, o.fill);
 
+	// Before SIGCHLD is ignored: an ignored child is reaped at once.
+	if (o.zombie)
+		setup_zombie();
+	if (o.stopped_child)
+		setup_stopped_child();
 	long child = 0;
 	if (o.children > 0)
 		signal(SIGCHLD, SIG_IGN); // no zombies: a dead child shows in its log
