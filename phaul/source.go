@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/phaul/phaul/core/criu"
@@ -357,6 +358,17 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 			s.abort(fmt.Sprintf("pre-copy failed: %v", err))
 			return s.rolledBack(fmt.Errorf("pre-copy: %w", err))
 		}
+	}
+	if lazy {
+		if why := lazyBlocker(cfg.PID); why != "" {
+			lazy = false
+			s.cfg.FinalDump = FinalDumpFull // the final pass reads it
+			s.stats.FinalDumpWhy = why
+			s.log.Warn("final dump: full, not lazy", "why", why)
+		}
+	}
+	if pre != nil {
+		s.stats.FinalDump = s.cfg.FinalDump
 	}
 	unlock, err := linux.LockFile(cfg.DumpLock)
 	if err != nil {
@@ -750,4 +762,27 @@ func optionsToWire(o criu.Options) *wire.CriuOptions {
 func optionsFromWire(w *wire.CriuOptions) criu.Options {
 	return criu.Options{TCPEstablished: w.GetTcpEstablished(), FileLocks: w.GetFileLocks(), ExtUnixSk: w.GetExtUnixSk(),
 		ShellJob: w.GetShellJob(), LinkRemap: w.GetLinkRemap(), GhostLimit: w.GetGhostLimit(), ManageCgroups: w.GetManageCgroups()}
+}
+
+// lazyBlocker returns why CRIU's lazy dump cannot take the tree rooted at
+// root, or "" if it can. CRIU 4.2's lazy dump cannot splice the pages of a
+// memfd mapped private ("Can't splice all pages to pipe"); its full dump
+// can. The check runs just before the freeze, after the rounds.
+func lazyBlocker(root int) string {
+	pids, err := treePids(root)
+	if err != nil {
+		return ""
+	}
+	for _, pid := range pids {
+		ms, err := linux.ReadMaps(pid)
+		if err != nil {
+			continue // exited, or a zombie: no mappings
+		}
+		for _, m := range ms {
+			if m.Private() && strings.HasPrefix(m.Path, "/memfd:") {
+				return fmt.Sprintf("process %d maps memfd %q private, which CRIU's lazy dump cannot splice", pid, m.Path)
+			}
+		}
+	}
+	return ""
 }

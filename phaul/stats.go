@@ -40,6 +40,10 @@ type Stats struct {
 	// Pre-copy: why the rounds stopped, and the tracker that ran.
 	StopReason string `json:"stop_reason,omitempty"`
 	Tracker    string `json:"tracker,omitempty"`
+	// Pre-copy: the final dump that ran ("lazy" or "full") and, when it is
+	// not the one asked for, why.
+	FinalDump    string `json:"final_dump,omitempty"`
+	FinalDumpWhy string `json:"final_dump_why,omitempty"`
 	// Pre-copy's downtime model, set before round 1: the floor it
 	// predicts (the fixed part, --downtime-floor, plus the tree's memory
 	// at the populate cost the destination measured per MiB).

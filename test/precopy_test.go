@@ -227,3 +227,28 @@ func roundValues(r result, key string) []float64 {
 	}
 	return out
 }
+
+// TestPrecopyMemfdPrivate: CRIU's lazy dump cannot take a memfd mapped
+// private ("Can't splice all pages to pipe"). Pre-copy sees it before the
+// freeze, runs the full final dump instead and says why in the stats; the
+// workload checks both the file's pages and its private copies after the
+// move.
+func TestPrecopyMemfdPrivate(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500, Memfd: true})
+	w.WaitProgress(t, 3)
+	r := e.migrate(w.PID(), "--mode", "precopy")
+	e.assertMigrated(w, r)
+	if r.str("final_dump") != "full" || !strings.Contains(r.str("final_dump_why"), "memfd") {
+		t.Fatalf("final_dump %q (%q): want full, because of the memfd", r.str("final_dump"), r.str("final_dump_why"))
+	}
+	before, err := w.Lines("ok memfd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.WaitFor(t, 30*time.Second, func() (bool, error) {
+		after, err := w.Lines("ok memfd")
+		return len(after) > len(before), errors.Join(err, w.Health())
+	})
+}

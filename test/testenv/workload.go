@@ -47,6 +47,9 @@ type WorkloadOpts struct {
 	// Zombie forks a child that exits at once and is never reaped: the
 	// tree holds a zombie.
 	Zombie bool
+	// Memfd maps a memfd MAP_PRIVATE, half of it written through the
+	// mapping, and checks both halves (CRIU's lazy dump cannot take it).
+	Memfd bool
 	// StoppedChild forks a child that stops itself with SIGSTOP and logs
 	// "FAIL stopped SIGCONT" (unhealthy) if it is ever continued.
 	StoppedChild bool
@@ -262,6 +265,9 @@ func (w *Workload) args(o WorkloadOpts) []string {
 	}
 	if o.StoppedChild {
 		a = append(a, "--stopped-child")
+	}
+	if o.Memfd {
+		a = append(a, "--memfd")
 	}
 	return a
 }

@@ -44,6 +44,10 @@
 //                    modes stay with the parent, which ignores SIGCHLD
 //   --zombie         forks a child that exits at once and is never reaped:
 //                    the tree holds a zombie (no memory, a pstree entry)
+//   --memfd          maps a 1 MiB memfd MAP_PRIVATE: the even pages keep the
+//                    file's content, the odd ones are written through the
+//                    mapping (private copies); both checked every check
+//                    (CRIU's lazy dump cannot take such a mapping)
 //   --stopped-child  forks a child that stops itself (SIGSTOP) and logs
 //                    "FAIL stopped SIGCONT" to the main log if it is ever
 //                    continued: a migration must restore it stopped and
@@ -85,7 +89,7 @@
 
 static struct {
 	long mib, threads, rate, verify_ms, ghost_kib, children;
-	int zombie, stopped_child;
+	int zombie, stopped_child, memfd;
 	const char *log, *flock, *ghost, *ext_unix, *sink, *fill;
 	int tcp, shm, ghost_link;
 } o = {.mib = 64, .threads = 2, .rate = 1000, .verify_ms = 250, .ghost_kib = 64, .fill = "random"};
@@ -389,9 +393,44 @@ static void tick_ext_unix(void) {
 		FAIL("ext-unix", "send: %s", strerror(errno));
 }
 
+#define MEMFD_PAGES 256
+static uint8_t *memfd_map;
+
+// memfd_byte is the content of page i of the memfd mapping: even pages
+// hold the file's bytes, odd ones the private copy's.
+static uint8_t memfd_byte(size_t i) { return (uint8_t)(i % 2 ? 0xa0 + i % 16 : 0x10 + i % 16); }
+
+static void setup_memfd(void) {
+	int fd = memfd_create("phaul-workload", MFD_CLOEXEC);
+	if (fd < 0 || ftruncate(fd, MEMFD_PAGES * PAGE) < 0)
+		FAIL("memfd", "create: %s", strerror(errno));
+	static uint8_t page[PAGE];
+	for (size_t i = 0; i < MEMFD_PAGES; i++) {
+		memset(page, i % 2 ? 0x5a : memfd_byte(i), PAGE);
+		if (pwrite(fd, page, PAGE, (off_t)(i * PAGE)) != (ssize_t)PAGE)
+			FAIL("memfd", "write: %s", strerror(errno));
+	}
+	memfd_map = mmap(NULL, MEMFD_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+	if (memfd_map == MAP_FAILED)
+		FAIL("memfd", "mmap: %s", strerror(errno));
+	for (size_t i = 1; i < MEMFD_PAGES; i += 2)
+		memset(memfd_map + i * PAGE, memfd_byte(i), PAGE);
+	logline("ok memfd pages=%d", MEMFD_PAGES);
+}
+
+static void check_memfd(void) {
+	for (size_t i = 0; i < MEMFD_PAGES; i++)
+		for (size_t b = 0; b < PAGE; b += 512)
+			if (memfd_map[i * PAGE + b] != memfd_byte(i))
+				FAIL("memfd", "page %zu byte %zu: %#x, want %#x", i, b, memfd_map[i * PAGE + b], memfd_byte(i));
+	logline("ok memfd");
+}
+
 // check_modes runs in main every CHECK_STEPS steps.
 static void check_modes(void) {
 	static uint64_t tcp_last, tcp_step;
+	if (o.memfd)
+		check_memfd();
 	if (o.flock)
 		check_flock();
 	if (o.ghost)
@@ -416,7 +455,7 @@ static void parse(int argc, char **argv) {
 		{"flock", 1, 0, 'F'}, {"ghost", 1, 0, 'G'}, {"ext-unix", 1, 0, 'U'},
 		{"sink", 1, 0, 'k'}, {"tcp-pair", 0, 0, 'T'}, {"shm", 0, 0, 'S'},
 		{"ghost-link", 0, 0, 'L'}, {"fill", 1, 0, 'f'}, {"children", 1, 0, 'c'},
-		{"zombie", 0, 0, 'Z'}, {"stopped-child", 0, 0, 'P'}, {0}};
+		{"zombie", 0, 0, 'Z'}, {"stopped-child", 0, 0, 'P'}, {"memfd", 0, 0, 'M'}, {0}};
 	long *num[128] = {['m'] = &o.mib, ['t'] = &o.threads, ['r'] = &o.rate,
 			  ['v'] = &o.verify_ms, ['K'] = &o.ghost_kib, ['c'] = &o.children};
 	const char **str[128] = {['l'] = &o.log, ['F'] = &o.flock, ['G'] = &o.ghost,
@@ -426,8 +465,8 @@ static void parse(int argc, char **argv) {
 		char *end;
 		if (c == 'T' || c == 'S' || c == 'L')
 			*(c == 'T' ? &o.tcp : c == 'S' ? &o.shm : &o.ghost_link) = 1;
-		else if (c == 'Z' || c == 'P')
-			*(c == 'Z' ? &o.zombie : &o.stopped_child) = 1;
+		else if (c == 'Z' || c == 'P' || c == 'M')
+			*(c == 'Z' ? &o.zombie : c == 'P' ? &o.stopped_child : &o.memfd) = 1;
 		else if (c > 0 && c < 128 && str[c])
 			*str[c] = optarg;
 		else if (c > 0 && c < 128 && num[c])
@@ -448,7 +487,7 @@ static void parse(int argc, char **argv) {
 		fprintf(stderr, "usage: workload --log FILE [--mib N] [--threads T] "
 				"[--rate PAGES_PER_SEC] [--verify-ms MS] [--fill random|text|zero] [--tcp-pair] [--flock FILE] "
 				"[--ghost FILE [--ghost-kib K] [--ghost-link]] [--ext-unix PATH] [--shm] [--children N] "
-				"[--zombie] [--stopped-child] | --sink PATH --log FILE\n");
+				"[--zombie] [--stopped-child] [--memfd] | --sink PATH --log FILE\n");
 		exit(2);
 	}
 }
@@ -562,6 +601,8 @@ int main(int argc, char **argv) {
 			setup_ghost();
 		if (o.ext_unix)
 			setup_ext_unix();
+		if (o.memfd)
+			setup_memfd();
 	}
 	for (long i = 0; i < o.threads; i++)
 		start(writer, i);
