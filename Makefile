@@ -5,7 +5,7 @@ GO      ?= go
 BIN     := bin
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build criu test unit e2e bench fuzz demo vet clean
+.PHONY: all build criu test unit e2e soak bench fuzz demo vet clean
 
 all: build
 
@@ -33,6 +33,10 @@ e2e:
 	@mkdir -p $(BIN)
 	set -o pipefail; $(GO) test -count=1 -timeout 40m -v ./test/ 2>&1 | tee $(BIN)/e2e.log || \
 		{ rc=$$?; awk -f test/failures.awk $(BIN)/e2e.log; exit $$rc; }
+
+# The issue's soak: 50 migrations on one pair of hosts must leave nothing.
+soak:
+	$(GO) test -count=1 -timeout 40m -v -run 'TestHostLeftovers' ./test/ -leftover-runs 50
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./...

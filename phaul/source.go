@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -473,6 +474,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		}
 	}
 	s.stats.DestPID = int(c.GetPid())
+	s.removeNetworkLock(imagesDir)
 	s.phase(PhaseDone)
 	s.log.Info("migrated", "dest_pid", c.GetPid(), "downtime_ms", s.stats.DowntimeMS,
 		"bytes", s.stats.BytesImages)
@@ -785,4 +787,30 @@ func lazyBlocker(root int) string {
 		}
 	}
 	return ""
+}
+
+// removeNetworkLock deletes the nftables table CRIU's dump locked the
+// tree's connections with, once the destination runs the tree: CRIU keeps
+// it after a dump that kills the tree, for the restore elsewhere, and
+// leaves it forever (every packet of the host crosses its chains, every
+// later dump walks it). A tree with a network namespace of its own had the
+// lock inside it, gone with the tree; phaul then finds no such table in
+// its own namespace, the tree's former host one.
+func (s *source) removeNetworkLock(imagesDir string) {
+	inv, err := images.ReadInventory(imagesDir)
+	if err != nil {
+		s.log.Warn("network lock: cannot name CRIU's table", "err", err)
+		return
+	}
+	if inv.NetworkLock != 1 || inv.RunID == "" { // 1: nftables, in the image's enum
+		return
+	}
+	t := linux.NftTable{Family: "inet", Name: images.NftLockTable(inv.RunID)}
+	switch err := linux.DeleteNftTable(t); {
+	case err == nil:
+		s.log.Info("removed CRIU's network lock", "table", t.String())
+	case errors.Is(err, fs.ErrNotExist):
+	default:
+		s.log.Warn("network lock: remove CRIU's table", "table", t.String(), "err", err)
+	}
 }
