@@ -2,7 +2,8 @@
 // that imports golang.org/x/sys/unix or unsafe.
 //
 // It has one file per kernel interface (uffd.go, pagemap.go, softdirty.go,
-// pidfd.go, ptrace.go, cgroup.go, kernel.go, cpu.go, proc.go, socket.go)
+// pidfd.go, ptrace.go, cgroup.go, kernel.go, cpu.go, proc.go, socket.go,
+// nftables.go with its netlink codec in nftables_netlink.go)
 // and exports typed functions only: addresses are uint64, lengths name their
 // unit, file descriptors live in owner types (*os.File, *net.UnixConn, *Uffd,
 // *Pidfd, *Pagemap) with an idempotent Close.
