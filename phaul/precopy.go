@@ -378,17 +378,8 @@ func (p *precopy) sendRange(pr *precopyProc, r dirty.Range) error {
 	return nil
 }
 
-// wanted: a page CRIU dumps: present or swapped, anonymous (not page
-// cache), not the shared zero page.
-func (p *precopy) wanted(e linux.PagemapEntry) bool {
-	if e.FileOrShared() {
-		return false
-	}
-	if e.Swapped() {
-		return true
-	}
-	return e.Present() && (p.zeroPFN == 0 || e.PFN() != p.zeroPFN)
-}
+// wanted: a page CRIU dumps (dirty.Dumpable).
+func (p *precopy) wanted(e linux.PagemapEntry) bool { return dirty.Dumpable(e, p.zeroPFN) }
 
 func (p *precopy) sentSet(k pagestore.Key) pageSet {
 	s := p.sent[k]

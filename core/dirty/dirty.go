@@ -139,23 +139,6 @@ func seccompAllows(pid int) error {
 	return nil
 }
 
-// Mappings returns the ranges of pid a tracker follows, and pre-copy's
-// first round reads: private mappings, not the kernel's own ([vdso],
-// [vvar], ...).
-func Mappings(pid int) ([]Range, error) {
-	ms, err := linux.ReadMaps(pid)
-	if err != nil {
-		return nil, err
-	}
-	var rs []Range
-	for _, m := range ms {
-		if m.Private() && !m.Special() {
-			rs = append(rs, Range{m.Start, m.End})
-		}
-	}
-	return rs, nil
-}
-
 // entriesChunk pagemap entries are read at once.
 const entriesChunk = 256
 

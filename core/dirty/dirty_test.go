@@ -22,22 +22,32 @@ import (
 	"github.com/phaul/phaul/test/testenv"
 )
 
-// childDir holds the built child; TestMain removes it.
-var childDir string
+// buildDir holds the built test programs; TestMain removes it.
+var (
+	buildDir     string
+	buildDirOnce = sync.OnceValues(func() (string, error) {
+		dir, err := os.MkdirTemp("", "dirty-test")
+		buildDir = dir
+		return dir, err
+	})
+)
 
-// buildChild compiles testdata/child.c once per test binary.
-var buildChild = sync.OnceValues(func() (string, error) {
-	dir, err := os.MkdirTemp("", "dirty-test")
+// compile builds testdata/NAME.c into the build directory.
+func compile(name string) (string, error) {
+	dir, err := buildDirOnce()
 	if err != nil {
 		return "", err
 	}
-	childDir = dir
-	bin := filepath.Join(dir, "child")
-	if out, err := exec.Command("cc", "-O2", "-Wall", "-o", bin, "testdata/child.c").CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build testdata/child.c: %w\n%s", err, out)
+	bin := filepath.Join(dir, name)
+	src := filepath.Join("testdata", name+".c")
+	if out, err := exec.Command("cc", "-O2", "-Wall", "-o", bin, src).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build %s: %w\n%s", src, err, out)
 	}
 	return bin, nil
-})
+}
+
+// buildChild compiles testdata/child.c once per test binary.
+var buildChild = sync.OnceValues(func() (string, error) { return compile("child") })
 
 // childBin returns the built child. Without a C compiler the test skips
 // loudly, except on CI (CI=true), which must not skip it.
@@ -53,8 +63,8 @@ func childBin(t *testing.T) string {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if childDir != "" {
-		os.RemoveAll(childDir)
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
 	}
 	os.Exit(code)
 }

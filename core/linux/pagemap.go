@@ -76,6 +76,11 @@ func (e PagemapEntry) Swapped() bool { return e&(1<<62) != 0 }
 // FileOrShared reports bit 61: a file page or shared anon.
 func (e PagemapEntry) FileOrShared() bool { return e&(1<<61) != 0 }
 
+// Guard reports bit 58 (6.14): a guard region's page (MADV_GUARD_INSTALL,
+// 6.13), which faults on any access. The kernel reports it as a swap
+// entry too (Swapped), but it holds no data.
+func (e PagemapEntry) Guard() bool { return e&(1<<58) != 0 }
+
 // UffdWP reports bit 57 (5.13): the pte is uffd write-protected.
 func (e PagemapEntry) UffdWP() bool { return e&(1<<57) != 0 }
 

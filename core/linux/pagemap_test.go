@@ -4,6 +4,8 @@ import (
 	"errors"
 	"os"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestHavePagemapScan(t *testing.T) {
@@ -97,5 +99,38 @@ func TestZeroPagePFN(t *testing.T) {
 	}
 	if e.PFN() == pfn {
 		t.Fatalf("a written page has the zero page's frame %#x", pfn)
+	}
+}
+
+// TestPagemapGuard: a guard region's page reads as swapped with bit 58,
+// and holds no data.
+func TestPagemapGuard(t *testing.T) {
+	if olderThan(t, 6, 15) {
+		t.Skip("SKIP: pagemap reports guard regions from Linux 6.15")
+	}
+	pageBytes := uint64(os.Getpagesize())
+	pg, err := mapAnon(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pg.unmap)
+	pg.b[0], pg.b[pageBytes] = 1, 1
+	if err := unix.Madvise(pg.b[pageBytes:], unix.MADV_GUARD_INSTALL); err != nil {
+		t.Fatalf("madvise MADV_GUARD_INSTALL: %v", err)
+	}
+	pm, err := OpenPagemap(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pm.Close()
+	ents := make([]PagemapEntry, 2)
+	if err := pm.Entries(pg.addr, ents); err != nil {
+		t.Fatal(err)
+	}
+	if ents[0].Guard() || !ents[0].Present() {
+		t.Errorf("written page: entry %#x, want present, no guard", uint64(ents[0]))
+	}
+	if !ents[1].Guard() || ents[1].Present() {
+		t.Errorf("guard page: entry %#x, want guard, not present", uint64(ents[1]))
 	}
 }
