@@ -104,7 +104,10 @@ func TestBadInput(t *testing.T) {
 		{"criu failing", []string{"--criu", failingCRIU}, "", "exit 42"},
 		{"work dir not writable", []string{"--work-dir", filepath.Join(readOnly, "file", "sub")}, "", "work dir"},
 		{"bad mode", []string{"--mode", "warm"}, "", "mode"},
-		{"bad manage-cgroups", []string{"--manage-cgroups", "bogus"}, "", "manage-cgroups"},
+		{"bad manage-cgroups", []string{"--manage-cgroups=bogus"}, "", "manage-cgroups"},
+		// Bare, as CRIU takes it, the flag means soft: "bogus" is then a second
+		// argument beside the pid.
+		{"manage-cgroups then a stray word", []string{"--manage-cgroups", "bogus"}, "", "usage"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
