@@ -55,8 +55,11 @@ type precopy struct {
 	root  int
 	procs map[int]*precopyProc
 	sent  map[pagestore.Key]pageSet // every page sent, by pagemap
-	ents  []linux.PagemapEntry
-	buf   []byte
+	// markers: pages holding only the uffd-wp tracker's marker at the
+	// freeze (findMarkers); the final pass drops them.
+	markers map[pagestore.Key]pageSet
+	ents    []linux.PagemapEntry
+	buf     []byte
 	// The round in progress: its counters, what it set out to send, the
 	// downtime expected before it.
 	roundPages, roundBytes uint64
@@ -348,6 +351,19 @@ func (p *precopy) sendRange(pr *precopyProc, r dirty.Range) error {
 			return nil // unmapped meanwhile; CRIU will not dump it either
 		}
 		for i := uint64(0); i < n; {
+			if ents[i].UffdWPMarker() {
+				// No data: read, not sent, so that the page maps
+				// what a read maps (the zero page, the file's page) and
+				// no marker is left for CRIU's dump to take for a
+				// swapped page (phaul/markers.go).
+				j := i + 1
+				for j < n && ents[j].UffdWPMarker() {
+					j++
+				}
+				linux.ReadProcessMemory(pr.pid, at+i*pagestore.PageSize, p.buf[:(j-i)*pagestore.PageSize])
+				i = j
+				continue
+			}
 			if !p.wanted(ents[i]) {
 				i++
 				continue
@@ -367,6 +383,9 @@ func (p *precopy) sendRange(pr *precopyProc, r dirty.Range) error {
 					return err
 				}
 				p.sentSet(pr.key).add(vaddr, pages)
+				if ct, ok := pr.tr.(dirty.ContentTracker); ok {
+					ct.Sent(vaddr, buf[:pages*pagestore.PageSize])
+				}
 				p.roundPages += pages
 				p.roundBytes += pages * pagestore.PageSize
 				p.progress()
@@ -633,6 +652,11 @@ func (p *precopy) final(ctx context.Context) error {
 	if err := p.collect(); err != nil {
 		return err
 	}
+	// Before the last reads: they map pages where markers are, but a lazy
+	// dump has already listed the markers' pages.
+	if err := p.findMarkers(); err != nil {
+		return err
+	}
 	p.roundPages, p.roundBytes = 0, 0
 	wire0 := p.fw.Stats().WireBytes
 	if err := p.sendPending(ctx); err != nil {
@@ -654,20 +678,21 @@ func (f *finalFilter) Add(k pagestore.Key, vaddr, nrPages uint64, flags uint32, 
 	if f.err != nil {
 		return f.err
 	}
-	sent := f.p.sent[k]
-	if flags&pagestore.FlagPresent == 0 || len(data) == 0 || sent == nil {
+	if flags&pagestore.FlagPresent == 0 || len(data) == 0 || (f.p.sent[k] == nil && f.p.markers[k] == nil) {
 		return f.p.fw.Add(k, vaddr, nrPages, flags, data)
 	}
 	for i := uint64(0); i < nrPages; {
-		have := sent.has(vaddr + i*pagestore.PageSize)
+		st := f.p.state(k, vaddr+i*pagestore.PageSize)
 		j := i + 1
-		for j < nrPages && sent.has(vaddr+j*pagestore.PageSize) == have {
+		for j < nrPages && f.p.state(k, vaddr+j*pagestore.PageSize) == st {
 			j++
 		}
 		var err error
-		if have {
+		switch st {
+		case pageMarker: // no data on the source: drop
+		case pageKept:
 			err = f.p.fw.Keep(k, vaddr+i*pagestore.PageSize, j-i)
-		} else {
+		default:
 			err = f.p.fw.Add(k, vaddr+i*pagestore.PageSize, j-i, flags, data[i*pagestore.PageSize:j*pagestore.PageSize])
 		}
 		if err != nil {
@@ -762,7 +787,6 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 			pr = x
 		}
 	}
-	sent := p.sent[k]
 	var off int64 // in the pages image
 	for _, e := range pm.Entries {
 		if err := ctx.Err(); err != nil {
@@ -771,15 +795,17 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 		present := e.Flags&pagestore.FlagPresent != 0
 		for i := uint64(0); i < e.NrPages; {
 			vaddr := e.Vaddr + i*pagestore.PageSize
-			have := sent != nil && sent.has(vaddr)
+			st := p.state(k, vaddr)
 			j := i + 1
-			for j < e.NrPages && j-i < readChunk && (sent != nil && sent.has(e.Vaddr+j*pagestore.PageSize)) == have {
+			for j < e.NrPages && j-i < readChunk && p.state(k, e.Vaddr+j*pagestore.PageSize) == st {
 				j++
 			}
 			n := j - i
 			buf := p.buf[:n*pagestore.PageSize]
 			switch {
-			case have:
+			case st == pageMarker:
+				// No data on the source: not dumped untracked either.
+			case st == pageKept:
 				if err := p.fw.Keep(k, vaddr, n); err != nil {
 					return err
 				}

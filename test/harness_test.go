@@ -407,10 +407,18 @@ func (e *env) assertMigrated(w *testenv.Workload, r result) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	testenv.WaitFor(t, time.Minute, func() (bool, error) {
-		last, err := w.LastStep()
-		return last.Verified >= before.Verified+2, errors.Join(err, w.Health())
-	})
+	var last testenv.Step
+	deadline := time.Now().Add(time.Minute)
+	for last.Verified < before.Verified+2 {
+		if last, err = w.LastStep(); err != nil || w.Health() != nil {
+			t.Fatalf("restored copy %d: %v, %v", pid, err, w.Health())
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("restored copy %d verified its memory %d times in a minute (steps %d to %d); its threads:\n%s",
+				pid, last.Verified-before.Verified, before.N, last.N, threadReport(pid))
+		}
+		time.Sleep(50 * time.Millisecond) // a poll interval against the deadline
+	}
 	w.WaitProgress(t, 5)
 	w.CheckHealthy(t)
 	e.assertNoImagesLeft()
@@ -534,4 +542,23 @@ func (e *env) tlsDirWithCAKey(host string) string {
 		}
 	}
 	return dir
+}
+
+// threadReport describes every thread of pid: state, the system call it is
+// in (/proc/PID/task/TID/syscall) and its kernel wait channel.
+func threadReport(pid int) string {
+	var out strings.Builder
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, task := range tasks {
+		dir := fmt.Sprintf("/proc/%d/task/%s/", pid, task.Name())
+		stat, _ := os.ReadFile(dir + "stat")
+		sc, _ := os.ReadFile(dir + "syscall")
+		wchan, _ := os.ReadFile(dir + "wchan")
+		state := ""
+		if i := bytes.LastIndexByte(stat, ')'); i > 0 && i+2 < len(stat) {
+			state = string(stat[i+2])
+		}
+		fmt.Fprintf(&out, "  tid %s state %s wchan %s syscall %s\n", task.Name(), state, wchan, bytes.TrimSpace(sc))
+	}
+	return out.String()
 }

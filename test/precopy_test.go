@@ -2,8 +2,10 @@ package test
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -251,4 +253,74 @@ func TestPrecopyMemfdPrivate(t *testing.T) {
 		after, err := w.Lines("ok memfd")
 		return len(after) > len(before), errors.Join(err, w.Health())
 	})
+}
+
+// TestUntouchedMemoryStaysUnpopulated: a private file mapping the workload
+// never touched holds no private page on the source, and CRIU dumps none
+// of it; the restored copy must hold none either. The uffd-wp tracker
+// leaves markers on such pages, which pagemap reports as swapped and CRIU's
+// dump, run while the tracker is armed, would carry as private copies of
+// the file's content.
+func TestUntouchedMemoryStaysUnpopulated(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		flags []string
+	}{
+		{"cold", []string{"--mode", "cold"}},
+		{"precopy uffd-wp lazy", []string{"--mode", "precopy", "--tracker", "uffd-wp"}},
+		{"precopy uffd-wp full", []string{"--mode", "precopy", "--tracker", "uffd-wp", "--final-dump", "full"}},
+		{"precopy hash", []string{"--mode", "precopy", "--tracker", "hash"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, testenv.HostsOpts{})
+			e.startServe()
+			w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500, UntouchedMiB: 64})
+			w.WaitProgress(t, 3)
+			lines, err := w.Lines("untouched ")
+			if err != nil || len(lines) != 1 {
+				t.Fatalf("untouched line: %q, %v", lines, err)
+			}
+			f := strings.Fields(lines[0])
+			hex, _ := strings.CutPrefix(f[1], "region=0x")
+			addr, err := strconv.ParseUint(hex, 16, 64)
+			if len(f) != 3 || err != nil {
+				t.Fatalf("%q: %v", lines[0], err)
+			}
+			if anon := smapsField(t, w.PID(), addr, "Anonymous:"); anon != 0 {
+				t.Fatalf("source: untouched mapping holds %d kB of private pages", anon)
+			}
+			r := e.migrate(w.PID(), tc.flags...)
+			pid := e.assertMigrated(w, r)
+			if anon := smapsField(t, pid, addr, "Anonymous:"); anon != 0 {
+				t.Fatalf("restored copy: the untouched mapping at %#x holds %d kB of private pages, the source's held none", addr, anon)
+			}
+		})
+	}
+}
+
+// smapsField returns field (kB, such as "Anonymous:") of pid's mapping
+// that starts at addr.
+func smapsField(t *testing.T, pid int, addr uint64, field string) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := false
+	for _, line := range strings.Split(string(b), "\n") {
+		if start, _, ok := strings.Cut(line, "-"); ok && !strings.Contains(start, " ") {
+			a, err := strconv.ParseUint(start, 16, 64)
+			in = err == nil && a == addr
+			continue
+		}
+		if v, ok := strings.CutPrefix(line, field); ok && in {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			if err != nil {
+				t.Fatalf("smaps %q: %v", line, err)
+			}
+			return kb
+		}
+	}
+	t.Fatalf("pid %d has no mapping at %#x", pid, addr)
+	return 0
 }

@@ -64,6 +64,18 @@ type Tracker interface {
 	Stop() error
 }
 
+// ContentTracker is a Tracker that finds written pages by their content.
+// Its Collect compares each page with what it read then, and a sender reads
+// a page again after Collect: a page that changed between the two reads and
+// changed back before the next Collect would look unwritten while the
+// destination holds the second read. Sent records what was sent instead.
+type ContentTracker interface {
+	Tracker
+	// Sent records that data, whole pages from vaddr on, is what the
+	// destination now holds of them.
+	Sent(vaddr uint64, data []byte)
+}
+
 // ErrUnavailable is wrapped when a tracker cannot work here or for this
 // process.
 var ErrUnavailable = errors.New("dirty tracker unavailable")

@@ -503,3 +503,33 @@ func tailLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
+
+// TestWrittenAfterSent: a page is collected, changed before the sender
+// reads it, and changed back before the next collect, as a lock word
+// flips. The destination holds the sender's read, so the next collect must
+// report the page again; a tracker that compares content compares with
+// what was sent (ContentTracker.Sent), not with what it read.
+func TestWrittenAfterSent(t *testing.T) {
+	eachKind(t, func(t *testing.T, kind string) {
+		c := startChild(t)
+		base := c.mmap(4)
+		tr := start(t, kind, c.pid())
+		collect(t, tr)
+		c.do("poke %x 5", base)
+		if got := in(collect(t, tr), base, 4); !equal(got, []int{0}) {
+			t.Fatalf("poked page 0, reported %v", got)
+		}
+		c.do("poke %x 9", base) // before the sender reads it
+		sent := make([]byte, pageSize)
+		if n, err := linux.ReadProcessMemory(c.pid(), base, sent); err != nil || n != len(sent) {
+			t.Fatalf("read page: %d, %v", n, err)
+		}
+		if ct, ok := tr.(ContentTracker); ok {
+			ct.Sent(base, sent)
+		}
+		c.do("poke %x 5", base) // back to what the collect read
+		if got := in(collect(t, tr), base, 4); !equal(got, []int{0}) {
+			t.Fatalf("page 0 differs from what was sent, reported %v", got)
+		}
+	})
+}

@@ -9,7 +9,8 @@ import (
 )
 
 // hashTracker compares a 64-bit hash of every present page with the one it
-// had at the previous Collect. It needs nothing from the kernel beyond
+// had at the previous Collect, or with the one of what was sent of it since
+// (Sent). It needs nothing from the kernel beyond
 // /proc/PID/pagemap and process_vm_readv, and reads every present page of
 // the process each Collect.
 type hashTracker struct {
@@ -77,6 +78,13 @@ func (t *hashTracker) Collect() ([]Range, error) {
 	}
 	t.sums = seen
 	return merge(out), nil
+}
+
+// Sent makes the pages of data the ones the next Collect compares with.
+func (t *hashTracker) Sent(vaddr uint64, data []byte) {
+	for off := 0; off+pageSize <= len(data); off += pageSize {
+		t.sums[vaddr+uint64(off)] = xxh3.Hash(data[off : off+pageSize])
+	}
 }
 
 func (t *hashTracker) Stop() error {

@@ -80,10 +80,12 @@ func readMappings(pid int) ([]linux.Mapping, error) {
 // Dumpable reports whether CRIU dumps the page of a mapping Mappings
 // returns whose pagemap entry is e: present or swapped, anonymous (not
 // page cache), not the shared zero page (frame zeroPFN; 0: unknown), not
-// a guard region. (The huge zero page reads as page cache.) A uffd-wp
-// marker on an unpopulated page reads as swapped, to CRIU as here.
+// a guard region. (The huge zero page reads as page cache.) Nor a uffd-wp
+// tracker's marker on a page with no data (linux.PagemapEntry.UffdWPMarker):
+// pagemap reports it as swapped, and a CRIU dump run while the tracker is
+// armed dumps it, but a dump of the untracked process would not.
 func Dumpable(e linux.PagemapEntry, zeroPFN uint64) bool {
-	if e.FileOrShared() || e.Guard() {
+	if e.FileOrShared() || e.Guard() || e.UffdWPMarker() {
 		return false
 	}
 	if e.Swapped() {

@@ -84,6 +84,24 @@ func (e PagemapEntry) Guard() bool { return e&(1<<58) != 0 }
 // UffdWP reports bit 57 (5.13): the pte is uffd write-protected.
 func (e PagemapEntry) UffdWP() bool { return e&(1<<57) != 0 }
 
+// UffdWPMarker reports a pte marker that userfaultfd write protection
+// left on a never-populated page (WP_UNPOPULATED, which WP_ASYNC implies):
+// the kernel reports it as a swap entry (bit 62) with bit 57, of swap type
+// 31 (SWP_PTE_MARKER, the last of the 5-bit types; no swap area has it).
+// The page holds no data of its own: zeros, or its file's content. The
+// type is in the frame-number bits, hidden without CAP_SYS_ADMIN: then it
+// reports false.
+func (e PagemapEntry) UffdWPMarker() bool {
+	return e.Swapped() && !e.Present() && e.UffdWP() && e.PFN()&(1<<swapTypeBits-1) == swpPTEMarker
+}
+
+// The swap type in a swapped entry's frame bits: 5 bits (MAX_SWAPFILES_SHIFT);
+// the kernel's pte-marker type is the highest.
+const (
+	swapTypeBits = 5
+	swpPTEMarker = 1<<swapTypeBits - 1
+)
+
 // Exclusive reports bit 56 (4.2): the page is mapped exclusively.
 func (e PagemapEntry) Exclusive() bool { return e&(1<<56) != 0 }
 

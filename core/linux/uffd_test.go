@@ -244,3 +244,61 @@ func requireFeature(t *testing.T, probe func() error) {
 		t.Fatalf("feature probe failed: %v", err)
 	}
 }
+
+// TestUffdWPMarker: write protection leaves markers on never-populated
+// pages, which pagemap reports as swapped; UffdWPMarker tells them from
+// pages with data.
+func TestUffdWPMarker(t *testing.T) {
+	requireFeature(t, HaveUffdWPAsync)
+	if pfn, err := ZeroPagePFN(); err != nil || pfn == 0 {
+		t.Skipf("SKIP: frame numbers hidden from this process (no CAP_SYS_ADMIN): %v", err)
+	}
+	const nrPages = 4
+	pg, err := mapAnon(nrPages)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pg.unmap)
+	pg.b[0] = 1 // populated before the protection
+	r := UffdRange{Start: pg.addr, Len: nrPages * uint64(os.Getpagesize())}
+	u, err := OpenUffd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { u.Close() })
+	if _, err := u.API(UffdFeatureWPAsync); err != nil {
+		t.Fatal(err)
+	}
+	if err := u.Register(r, UffdRegisterWP); err != nil {
+		t.Fatal(err)
+	}
+	if err := u.WriteProtect(r, true); err != nil {
+		t.Fatal(err)
+	}
+	pg.b[2*os.Getpagesize()] = 1 // populated under protection (WP_ASYNC resolves it)
+	pm, err := OpenPagemap(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pm.Close() })
+	ents := make([]PagemapEntry, nrPages)
+	if err := pm.Entries(pg.addr, ents); err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []bool{false, true, false, true} {
+		if got := ents[i].UffdWPMarker(); got != want {
+			t.Errorf("page %d: entry %#x, marker %v, want %v", i, uint64(ents[i]), got, want)
+		}
+	}
+	if err := u.Close(); err != nil { // unregisters: the markers go
+		t.Fatal(err)
+	}
+	if err := pm.Entries(pg.addr, ents); err != nil {
+		t.Fatal(err)
+	}
+	for i, e := range ents {
+		if e.UffdWPMarker() {
+			t.Errorf("page %d after close: entry %#x still a marker", i, uint64(e))
+		}
+	}
+}

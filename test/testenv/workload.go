@@ -50,6 +50,9 @@ type WorkloadOpts struct {
 	// Memfd maps a memfd MAP_PRIVATE, half of it written through the
 	// mapping, and checks both halves (CRIU's lazy dump cannot take it).
 	Memfd bool
+	// UntouchedMiB maps that much more memory that the workload never
+	// touches (logged as "untouched region=0xADDR pages=P").
+	UntouchedMiB int
 	// StoppedChild forks a child that stops itself with SIGSTOP and logs
 	// "FAIL stopped SIGCONT" (unhealthy) if it is ever continued.
 	StoppedChild bool
@@ -268,6 +271,9 @@ func (w *Workload) args(o WorkloadOpts) []string {
 	}
 	if o.Memfd {
 		a = append(a, "--memfd")
+	}
+	if o.UntouchedMiB > 0 {
+		a = append(a, "--untouched-mib", strconv.Itoa(o.UntouchedMiB))
 	}
 	return a
 }

@@ -48,6 +48,9 @@
 //                    file's content, the odd ones are written through the
 //                    mapping (private copies); both checked every check
 //                    (CRIU's lazy dump cannot take such a mapping)
+//   --untouched-mib N  maps FILE.untouched, N MiB, private and never
+//                    touches it (logs "untouched region=0xADDR pages=P"): a
+//                    migration must not turn its pages into private copies
 //   --stopped-child  forks a child that stops itself (SIGSTOP) and logs
 //                    "FAIL stopped SIGCONT" to the main log if it is ever
 //                    continued: a migration must restore it stopped and
@@ -88,7 +91,7 @@
 #define TCP_STALL_STEPS 200 // no TCP round trip in 200 running steps: FAIL
 
 static struct {
-	long mib, threads, rate, verify_ms, ghost_kib, children;
+	long mib, threads, rate, verify_ms, ghost_kib, children, untouched_mib;
 	int zombie, stopped_child, memfd;
 	const char *log, *flock, *ghost, *ext_unix, *sink, *fill;
 	int tcp, shm, ghost_link;
@@ -455,9 +458,11 @@ static void parse(int argc, char **argv) {
 		{"flock", 1, 0, 'F'}, {"ghost", 1, 0, 'G'}, {"ext-unix", 1, 0, 'U'},
 		{"sink", 1, 0, 'k'}, {"tcp-pair", 0, 0, 'T'}, {"shm", 0, 0, 'S'},
 		{"ghost-link", 0, 0, 'L'}, {"fill", 1, 0, 'f'}, {"children", 1, 0, 'c'},
-		{"zombie", 0, 0, 'Z'}, {"stopped-child", 0, 0, 'P'}, {"memfd", 0, 0, 'M'}, {0}};
+		{"zombie", 0, 0, 'Z'}, {"stopped-child", 0, 0, 'P'}, {"memfd", 0, 0, 'M'},
+		{"untouched-mib", 1, 0, 'u'}, {0}};
 	long *num[128] = {['m'] = &o.mib, ['t'] = &o.threads, ['r'] = &o.rate,
-			  ['v'] = &o.verify_ms, ['K'] = &o.ghost_kib, ['c'] = &o.children};
+			  ['v'] = &o.verify_ms, ['K'] = &o.ghost_kib, ['c'] = &o.children,
+			  ['u'] = &o.untouched_mib};
 	const char **str[128] = {['l'] = &o.log, ['F'] = &o.flock, ['G'] = &o.ghost,
 				 ['U'] = &o.ext_unix, ['k'] = &o.sink, ['f'] = &o.fill};
 	int c, bad = 0;
@@ -487,9 +492,30 @@ static void parse(int argc, char **argv) {
 		fprintf(stderr, "usage: workload --log FILE [--mib N] [--threads T] "
 				"[--rate PAGES_PER_SEC] [--verify-ms MS] [--fill random|text|zero] [--tcp-pair] [--flock FILE] "
 				"[--ghost FILE [--ghost-kib K] [--ghost-link]] [--ext-unix PATH] [--shm] [--children N] "
-				"[--zombie] [--stopped-child] [--memfd] | --sink PATH --log FILE\n");
+				"[--zombie] [--stopped-child] [--memfd] [--untouched-mib N] | --sink PATH --log FILE\n");
 		exit(2);
 	}
+}
+
+// setup_untouched maps FILE.untouched (--untouched-mib MiB of 0x5a bytes,
+// written through the file) private and never touches the mapping: it
+// holds no page of the process's own.
+static void setup_untouched(void) {
+	char path[4096];
+	snprintf(path, sizeof(path), "%s.untouched", o.log);
+	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		FAIL("untouched", "open %s: %s", path, strerror(errno));
+	static uint8_t chunk[1 << 16];
+	memset(chunk, 0x5a, sizeof(chunk));
+	for (long off = 0; off < o.untouched_mib << 20; off += sizeof(chunk))
+		if (pwrite(fd, chunk, sizeof(chunk), off) != (ssize_t)sizeof(chunk))
+			FAIL("untouched", "write %s: %s", path, strerror(errno));
+	void *u = mmap(NULL, (size_t)o.untouched_mib << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+	if (u == MAP_FAILED)
+		FAIL("untouched", "mmap: %s", strerror(errno));
+	close(fd);
+	logline("untouched region=%p pages=%ld", u, o.untouched_mib << 8);
 }
 
 // setup_zombie forks a child that exits at once; the parent never waits
@@ -566,6 +592,8 @@ int main(int argc, char **argv) {
 	logline("start pid=%d pages=%zu region=%p threads=%ld rate=%ld shm=%d fill=%s", getpid(),
 		npages, (void *)region, o.threads, o.rate, o.shm, o.fill);
 
+	if (o.untouched_mib > 0)
+		setup_untouched();
 	// Before SIGCHLD is ignored: an ignored child is reaped at once.
 	if (o.zombie)
 		setup_zombie();

@@ -46,6 +46,9 @@ int main(void)
 				((volatile char *)a)[i * PAGE + (counter % PAGE)] = (char)(counter | 1);
 			}
 			printf("ok\n");
+		} else if (f == 3 && !strcmp(cmd, "poke")) {
+			((volatile char *)a)[0] = (char)n; // a chosen byte: content can go back
+			printf("ok\n");
 		} else if (f == 3 && !strcmp(cmd, "remap")) {
 			// Reserve a new place, then move there.
 			void *to = mmap(NULL, n * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
