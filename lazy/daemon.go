@@ -1,0 +1,151 @@
+package lazy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"golang.org/x/sync/errgroup"
+)
+
+// Daemon is a lazy-pages daemon for one restore: Listen, start the
+// restore, Serve, Close. Stats is safe to call at any time; the other
+// methods must not run concurrently with each other.
+type Daemon struct {
+	cfg Config
+	log *slog.Logger
+	ln  *net.UnixListener // closed once Serve accepted, or by Close
+
+	mu     sync.Mutex
+	used   bool    // guarded by mu: Serve ran or Close was called
+	kept   []*task // guarded by mu: userfaultfds a failed Serve left for Close
+	closed bool    // guarded by mu
+	st     stats   // guarded by mu
+}
+
+// Listen validates cfg and listens on WorkDir/lazy-pages.socket, replacing
+// a stale socket there, as CRIU's daemon does. Call it before starting the
+// restore: the restore connects once, early, and fails if nobody listens.
+func Listen(cfg Config) (*Daemon, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	path := filepath.Join(cfg.WorkDir, SocketName)
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("lazy: remove stale %s: %w", path, err)
+		}
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("lazy: listen: %w", err)
+	}
+	return &Daemon{cfg: cfg, log: cfg.Logger, ln: ln}, nil
+}
+
+// Serve accepts the restore's connection, takes every task's userfaultfd,
+// serves faults at once and, after the restore's finish marker, fills the
+// remaining lazy pages in the background, nearest to the latest fault
+// first, following the tasks' fork, mremap, munmap and madvise. It returns
+// nil once every lazy page is in place, having closed the userfaultfds (the
+// kernel then serves later faults as for any anonymous memory).
+//
+// On an error, or when ctx ends first, the tasks may still miss pages, which
+// would read as zeros once the userfaultfds are closed: Serve leaves them
+// open, so a faulting thread waits, and Close closes them. Kill the restored
+// tree before Close. Serve runs once.
+func (d *Daemon) Serve(ctx context.Context) error {
+	d.mu.Lock()
+	used := d.used
+	d.used = true
+	d.mu.Unlock()
+	if used {
+		return ErrServed
+	}
+	conn, err := d.accept(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g, gctx := errgroup.WithContext(ctx)
+	l := newLoop(d)
+	ctrlc := make(chan ctrl)
+	l.ctrl, l.spawn = ctrlc, g.Go
+	g.Go(func() error { <-gctx.Done(); conn.Close(); return nil }) // unblocks control
+	g.Go(func() error { return d.control(gctx, conn, ctrlc) })
+	for range d.cfg.FaultReads {
+		g.Go(func() error { return fetcher(gctx, d.cfg.Source, l.faultReq, l.faultDone) })
+	}
+	g.Go(func() error { return fetcher(gctx, d.cfg.Source, l.bgReq, l.bgDone) })
+	g.Go(func() error {
+		defer cancel() // done: end the others
+		return l.run(gctx)
+	})
+	err = g.Wait()
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		err = fmt.Errorf("lazy: serve: %w", err)
+	}
+	d.finish(l.tasks, err)
+	return err
+}
+
+// accept takes the restore's one connection and stops listening.
+func (d *Daemon) accept(ctx context.Context) (*net.UnixConn, error) {
+	stop := context.AfterFunc(ctx, func() { d.ln.Close() })
+	conn, err := d.ln.AcceptUnix()
+	stop()
+	d.ln.Close() // one restore per daemon; this removes the socket file
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("lazy: accept: %w", ctx.Err())
+		}
+		return nil, fmt.Errorf("lazy: accept: %w", err)
+	}
+	return conn, nil
+}
+
+// finish closes the userfaultfds Serve no longer needs: all after success,
+// else only those of exited tasks.
+func (d *Daemon) finish(tasks []*task, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, t := range tasks {
+		if err == nil || t.gone {
+			t.uffd.Close()
+		} else {
+			d.kept = append(d.kept, t)
+		}
+	}
+	if err == nil {
+		d.st.s.Done = true
+		d.log.Info("lazy pages done", "tasks", d.st.s.Tasks, "fault_pages", d.st.s.FaultPages,
+			"pushed_pages", d.st.s.PushedPages, "fill", d.st.snapshot().FillTime)
+	}
+}
+
+// Close stops listening if Serve never ran and closes the userfaultfds a
+// failed Serve kept. Call it after Serve returned; later calls return nil.
+func (d *Daemon) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed, d.used = true, true
+	d.ln.Close()
+	var errs []error
+	for _, t := range d.kept {
+		errs = append(errs, t.uffd.Close())
+	}
+	d.kept = nil
+	return errors.Join(errs...)
+}

@@ -1,0 +1,145 @@
+package lazy
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	mmimg "github.com/checkpoint-restore/go-criu/v8/crit/images/mm"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/phaul/phaul/core/pagestore"
+)
+
+// Image magics (criu/include/magic.h), little-endian as CRIU writes them on
+// amd64.
+const (
+	magicImgCommon uint32 = 0x54564319
+	magicMM        uint32 = 0x57492820
+)
+
+// maxMMBytes bounds the one record of mm-<id>.img: CRIU's entry takes
+// about 60 bytes a VMA, and the kernel allows 65530 VMAs by default.
+const maxMMBytes = 32 << 20
+
+// VMA bits CRIU stores: flags are MAP_* (x86_64 values), status is
+// VMA_AREA_* and VMA_* of criu/include/image.h.
+const (
+	mapPrivate   = 0x02
+	mapAnonymous = 0x20
+	mapLocked    = 0x2000
+	mapHugetlb   = 0x40000
+
+	vmaAreaVsyscall = 1 << 2
+	vmaAreaVDSO     = 1 << 3
+	vmaAreaVVAR     = 1 << 12
+)
+
+// vma is one mapping of mm-<id>.img that CRIU's restore registers with
+// userfaultfd.
+type vma struct{ start, end uint64 }
+
+// readLazyVMAs decodes mm-<id>.img and returns the VMAs that can be lazy,
+// as CRIU's vma_entry_can_be_lazy decides: anonymous private, neither
+// locked nor hugetlb, not vDSO, vvar or vsyscall. It requires every VMA
+// page-aligned, non-empty, sorted and not overlapping (vsyscall lies at
+// the top of the address space); anything else is an error wrapping
+// ErrImage.
+func readLazyVMAs(r io.Reader) ([]vma, error) {
+	var hdr [12]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, fmt.Errorf("%w: mm header: %w", ErrImage, err)
+	}
+	le := binary.LittleEndian
+	if c, m := le.Uint32(hdr[0:]), le.Uint32(hdr[4:]); c != magicImgCommon || m != magicMM {
+		return nil, fmt.Errorf("%w: mm magic %#x %#x", ErrImage, c, m)
+	}
+	n := le.Uint32(hdr[8:])
+	if n > maxMMBytes {
+		return nil, fmt.Errorf("%w: mm entry of %d bytes, at most %d", ErrImage, n, maxMMBytes)
+	}
+	rec := make([]byte, n) // bounded above
+	if _, err := io.ReadFull(r, rec); err != nil {
+		return nil, fmt.Errorf("%w: mm entry: %w", ErrImage, unexpected(err))
+	}
+	var mm mmimg.MmEntry
+	// Partial: phaul needs only the VMAs, checked below.
+	if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(rec, &mm); err != nil {
+		return nil, fmt.Errorf("%w: mm entry: %w", ErrImage, err)
+	}
+	var out []vma
+	var end uint64
+	for i, v := range mm.GetVmas() {
+		s, e := v.GetStart(), v.GetEnd()
+		if s%pageSize != 0 || e%pageSize != 0 || s >= e || s < end {
+			return nil, fmt.Errorf("%w: vma %d [%#x, %#x) after %#x", ErrImage, i, s, e, end)
+		}
+		end = e
+		flags, status := v.GetFlags(), v.GetStatus()
+		if flags&(mapAnonymous|mapPrivate) != mapAnonymous|mapPrivate || flags&(mapLocked|mapHugetlb) != 0 ||
+			status&(vmaAreaVsyscall|vmaAreaVDSO|vmaAreaVVAR) != 0 {
+			continue
+		}
+		out = append(out, vma{s, e})
+	}
+	return out, nil
+}
+
+func unexpected(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// lazyRanges returns the lazy pages of one task: the ranges of its
+// pagemap's PE_LAZY entries (top level only: PE_PARENT ranges are never
+// lazy) inside the VMAs that can be lazy, split at VMA boundaries, since
+// UFFDIO_COPY cannot cross one.
+func lazyRanges(m *pagestore.Pagemap, vmas []vma) segs {
+	var p segs
+	v := 0
+	for _, e := range m.Entries {
+		if e.Flags&pagestore.FlagLazy == 0 {
+			continue
+		}
+		start, end := e.Vaddr, e.Vaddr+e.NrPages*pageSize
+		for ; v < len(vmas) && vmas[v].end <= start; v++ {
+		}
+		for w := v; w < len(vmas) && vmas[w].start < end; w++ {
+			s, t := max(start, vmas[w].start), min(end, vmas[w].end)
+			p.add(seg{s, t, s})
+		}
+	}
+	return p
+}
+
+// readTaskRanges reads pagemap-<id>.img and mm-<id>.img of dir.
+func readTaskRanges(dir string, id uint64) (segs, error) {
+	m, err := readImage(filepath.Join(dir, fmt.Sprintf("pagemap-%d.img", id)), pagestore.ReadPagemap)
+	if err != nil {
+		return segs{}, err
+	}
+	vmas, err := readImage(filepath.Join(dir, fmt.Sprintf("mm-%d.img", id)), readLazyVMAs)
+	if err != nil {
+		return segs{}, err
+	}
+	return lazyRanges(m, vmas), nil
+}
+
+func readImage[T any](path string, decode func(io.Reader) (T, error)) (T, error) {
+	var zero T
+	f, err := os.Open(path)
+	if err != nil {
+		return zero, err
+	}
+	defer f.Close()
+	v, err := decode(f)
+	if err != nil {
+		return zero, fmt.Errorf("%s: %w", path, err)
+	}
+	return v, nil
+}
