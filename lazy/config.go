@@ -15,7 +15,8 @@ type Source interface {
 	// task id (CRIU's image id = virtual pid) from vaddr on. The daemon
 	// calls it from several goroutines at once, asks only for pages the
 	// images mark lazy, and treats any error as fatal: a restored thread
-	// may be waiting for those pages.
+	// may be waiting for those pages. It should return soon once ctx
+	// ends: Serve waits for every read.
 	ReadPages(ctx context.Context, id uint64, vaddr uint64, buf []byte) error
 }
 

@@ -35,9 +35,10 @@ func fillPattern(id, vaddr uint64, buf []byte) {
 	}
 }
 
-// patternSource serves the pattern. Reads overlapping [gateLo, gateHi)
-// wait until gate is closed, after telling gated (once); the page at
-// corrupt (if not 0) is served wrong once.
+// patternSource serves the pattern. Background reads (of more than a
+// page) overlapping [gateLo, gateHi) wait until gate is closed, after
+// telling gated (once); the page at corrupt (if not 0) is served wrong
+// once.
 type patternSource struct {
 	gateLo, gateHi uint64
 	gate           chan struct{}
@@ -51,7 +52,7 @@ type patternSource struct {
 
 func (s *patternSource) ReadPages(ctx context.Context, id, vaddr uint64, buf []byte) error {
 	end := vaddr + uint64(len(buf))
-	if s.gate != nil && vaddr < s.gateHi && s.gateLo < end {
+	if s.gate != nil && len(buf) > pageSize && vaddr < s.gateHi && s.gateLo < end {
 		s.mu.Lock()
 		if !s.told {
 			s.told = true
