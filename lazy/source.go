@@ -14,9 +14,9 @@ import (
 
 // ImageSource is a Source reading the pages of an images dir: for task id,
 // pagemap-<id>.img says where each PE_PRESENT range lies in
-// pages-<pages_id>.img. It serves only pages with content in that dir
-// (PE_PRESENT, lazy or not); PE_PARENT ranges are never lazy, so the parent
-// chain is not followed. Safe for concurrent use; Close releases its files.
+// pages-<pages_id>.img; ranges without content there come from the parent
+// level (parent/pagemap-<id>.img and its pages image), where MarkImages
+// left them lazy. Safe for concurrent use; Close releases its files.
 type ImageSource struct {
 	dir string
 
@@ -25,16 +25,17 @@ type ImageSource struct {
 	closed bool                  // guarded by mu
 }
 
-// imageTask is one task's pages: sorted runs of its pages image.
+// imageTask is one task's pages: sorted runs of its pages images.
 type imageTask struct {
 	runs  []imageRun
-	pages *os.File // nil if no run has content
+	files []*os.File // the pages images the runs read
 }
 
-// imageRun is [vaddr, end) of a task, at off in its pages image.
+// imageRun is [vaddr, end) of a task, at off in pages image f.
 type imageRun struct {
 	vaddr, end uint64
 	off        int64
+	f          *os.File
 }
 
 // NewImageSource returns a Source over the images in dir. Images are read
@@ -63,7 +64,7 @@ func (s *ImageSource) ReadPages(ctx context.Context, id uint64, vaddr uint64, bu
 		}
 		r := it.runs[i]
 		n := min(uint64(len(buf)), r.end-vaddr)
-		if _, err := it.pages.ReadAt(buf[:n], r.off+int64(vaddr-r.vaddr)); err != nil {
+		if _, err := r.f.ReadAt(buf[:n], r.off+int64(vaddr-r.vaddr)); err != nil {
 			return fmt.Errorf("lazy: task %d pages at %#x: %w", id, vaddr, err)
 		}
 		buf, vaddr = buf[n:], vaddr+n
@@ -81,29 +82,10 @@ func (s *ImageSource) task(id uint64) (*imageTask, error) {
 	if it := s.tasks[id]; it != nil {
 		return it, nil
 	}
-	m, err := readImage(filepath.Join(s.dir, fmt.Sprintf("pagemap-%d.img", id)), pagestore.ReadPagemap)
-	if err != nil {
-		return nil, fmt.Errorf("lazy: task %d: %w", id, err)
-	}
 	it := &imageTask{}
-	var off int64
-	for _, e := range m.Entries {
-		if e.Flags&pagestore.FlagPresent == 0 {
-			continue
-		}
-		end := e.Vaddr + e.NrPages*pageSize // bounded by ReadPagemap
-		it.runs = append(it.runs, imageRun{e.Vaddr, end, off})
-		off += int64(e.NrPages * pageSize)
-	}
-	if len(it.runs) > 0 {
-		path := filepath.Join(s.dir, pagestore.PagesName(m.PagesID))
-		if it.pages, err = os.Open(path); err != nil {
-			return nil, fmt.Errorf("lazy: task %d: %w", id, err)
-		}
-		if fi, err := it.pages.Stat(); err != nil || fi.Size() < off {
-			it.pages.Close()
-			return nil, fmt.Errorf("lazy: task %d: %s holds less than its pagemap's %d bytes: %v", id, path, off, err)
-		}
+	if err := it.load(s.dir, id); err != nil {
+		it.close()
+		return nil, fmt.Errorf("lazy: task %d: %w", id, err)
 	}
 	s.tasks[id] = it
 	return it, nil
@@ -116,10 +98,74 @@ func (s *ImageSource) Close() error {
 	s.closed = true
 	var errs []error
 	for _, it := range s.tasks {
-		if it.pages != nil {
-			errs = append(errs, it.pages.Close())
-		}
+		errs = append(errs, it.close())
 	}
 	clear(s.tasks)
+	return errors.Join(errs...)
+}
+
+// load reads id's pagemap of dir: a PE_PRESENT range is in dir's pages
+// image; any other range (PE_PARENT, or lazy without content here, as
+// MarkImages leaves a parent's range) is looked up in the parent level, as
+// far as it holds it.
+func (it *imageTask) load(dir string, id uint64) error {
+	m, f, err := it.open(dir, id)
+	if err != nil {
+		return err
+	}
+	var parent *imageTask
+	var off int64
+	for _, e := range m.Entries {
+		end := e.Vaddr + e.NrPages*pageSize // bounded by ReadPagemap
+		if e.Flags&pagestore.FlagPresent != 0 {
+			it.runs = append(it.runs, imageRun{e.Vaddr, end, off, f})
+			off += int64(e.NrPages * pageSize)
+			continue
+		}
+		if parent == nil {
+			parent = &imageTask{}
+			if err := parent.load(filepath.Join(dir, "parent"), id); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+			it.files = append(it.files, parent.files...)
+		}
+		for _, r := range parent.runs {
+			if s, t := max(r.vaddr, e.Vaddr), min(r.end, end); s < t {
+				it.runs = append(it.runs, imageRun{s, t, r.off + int64(s-r.vaddr), r.f})
+			}
+		}
+	}
+	return nil
+}
+
+// open reads dir's pagemap of id and opens its pages image (nil if the
+// pagemap has no content).
+func (it *imageTask) open(dir string, id uint64) (*pagestore.Pagemap, *os.File, error) {
+	m, err := readImage(filepath.Join(dir, fmt.Sprintf("pagemap-%d.img", id)), pagestore.ReadPagemap)
+	if err != nil {
+		return nil, nil, err
+	}
+	want := int64(m.PresentPages() * pageSize)
+	if want == 0 {
+		return m, nil, nil
+	}
+	path := filepath.Join(dir, pagestore.PagesName(m.PagesID))
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	it.files = append(it.files, f)
+	if fi, err := f.Stat(); err != nil || fi.Size() < want {
+		return nil, nil, fmt.Errorf("%s holds less than its pagemap's %d bytes: %v", path, want, err)
+	}
+	return m, f, nil
+}
+
+func (it *imageTask) close() error {
+	var errs []error
+	for _, f := range it.files {
+		errs = append(errs, f.Close())
+	}
+	it.files = nil
 	return errors.Join(errs...)
 }

@@ -188,6 +188,12 @@ type ServeConfig struct {
 	// is in phaul/<migration id>, which then goes. With --manage-cgroups
 	// the tree is in its own cgroups instead.
 	CgroupParent string
+	// LazyRestore has CRIU restore the tree without writing the pages its
+	// images mark lazy, which a lazy-pages daemon (package lazy) fills
+	// from the images once the tree runs: the freeze no longer includes
+	// writing the tree's memory. Off, or without userfaultfd, the restore
+	// writes all of it.
+	LazyRestore bool
 
 	// Ready, if set, is called once with the listening address.
 	Ready func(net.Addr)
@@ -205,6 +211,7 @@ func DefaultServeConfig() ServeConfig {
 		RestoreTimeout: 5 * time.Minute,
 		CommitWait:     30 * time.Second,
 		CgroupParent:   "/",
+		LazyRestore:    true,
 	}
 }
 

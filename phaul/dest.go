@@ -123,6 +123,7 @@ type incoming struct {
 	opts  criu.Options
 	group *cgroup.Group // phaul/<id>: CRIU and the tree it restores until COMMIT
 	hold  *heldRestore  // the restore, held in post-restore until COMMIT
+	lazy  *lazyRestore  // its lazy-pages daemon; nil: the restore writes all memory
 	pid   int           // restored root
 	// reserve is the memory a prefault filled, held until the restore
 	// starts (or the migration ends).
@@ -258,6 +259,8 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 	defer func() {
 		switch {
 		case committed:
+			// The images are the lazy pages' source until the fill ends.
+			in.lazy.wait()
 			s.removeImages(in)
 		case !prepared:
 			s.cleanup(in)
@@ -638,10 +641,18 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 		Options:   in.opts,
 		Hooks:     criu.Hooks{Started: g.Add},
 	}
+	if s.cfg.LazyRestore {
+		if in.lazy, err = startLazyRestore(in.dir, req.ImagesDir, in.log); err != nil {
+			return 0, fmt.Errorf("restore: %w", err)
+		}
+		req.LazyPages = in.lazy != nil
+	}
 	in.hold = startRestore(ctx, s.crit, req, s.cfg.RestoreTimeout)
 	pid, err := in.hold.wait()
 	if err != nil {
 		in.hold = nil
+		in.lazy.abort()
+		in.lazy = nil
 		return 0, fmt.Errorf("restore: %w", err)
 	}
 	return pid, nil
@@ -671,6 +682,8 @@ func (s *Server) cleanup(in *incoming) {
 		in.hold.Kill()
 		in.hold = nil
 	}
+	in.lazy.abort() // after the tree is gone
+	in.lazy = nil
 	if in.group != nil {
 		if err := in.group.Kill(5 * time.Second); err != nil {
 			in.log.Error("kill restored tree", "err", err)

@@ -20,6 +20,7 @@ func serveCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
 			&cli.DurationFlag{Name: "restore-timeout", Value: def.RestoreTimeout, Usage: "kill a CRIU restore that takes longer and abort the migration"},
 			&cli.DurationFlag{Name: "commit-wait", Value: def.CommitWait, Usage: "on shutdown, how long a prepared migration waits for COMMIT"},
+			&cli.BoolFlag{Name: "lazy-restore", Value: def.LazyRestore, Usage: "restore without writing the memory the images mark lazy; phaul's lazy-pages daemon fills it once the tree runs"},
 			&cli.StringFlag{Name: "cgroup-parent", Value: def.CgroupParent, Usage: "cgroup (below the freezer v1 and cgroup v2 roots) that committed trees move to, unless --manage-cgroups puts them in their own"},
 		},
 		Action: func(c *cli.Context) error {
@@ -34,6 +35,7 @@ func serveCommand() *cli.Command {
 			cfg.MaxMigrations = c.Int("max-migrations")
 			cfg.CommitWait = c.Duration("commit-wait")
 			cfg.CgroupParent = c.String("cgroup-parent")
+			cfg.LazyRestore = c.Bool("lazy-restore")
 			cfg.RestoreTimeout = c.Duration("restore-timeout")
 			cfg.Logger = newLogger(c)
 			cfg.Transport.Logger = cfg.Logger

@@ -151,7 +151,11 @@ type RestoreRequest struct {
 	// LeaveStopped leaves every restored task stopped (SIGSTOP) until the
 	// caller continues it.
 	LeaveStopped bool
-	LogLevel     int
+	// LazyPages leaves the pages the images mark lazy (PE_LAZY) to a
+	// lazy-pages daemon listening on lazy-pages.socket in WorkDir, which
+	// gets every task's userfaultfd.
+	LazyPages bool
+	LogLevel  int
 	// CgroupRoot, when set and the cgroup mode is not ignore, is where
 	// CRIU re-creates the dumped cgroups (CRIU's --cgroup-root): the
 	// root task's cgroup becomes CgroupRoot in every hierarchy.
@@ -166,6 +170,7 @@ type RestoreRequest struct {
 func (b *Binary) Restore(ctx context.Context, r RestoreRequest, n Notifier) (int, error) {
 	opts := &rpc.CriuOpts{
 		LeaveStopped: boolp(r.LeaveStopped),
+		LazyPages:    boolp(r.LazyPages),
 		NetworkLock:  rpc.CriuNetworkLockMethod_NFTABLES.Enum(),
 	}
 	r.Options.apply(opts)

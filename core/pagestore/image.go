@@ -181,3 +181,6 @@ func appendRecord(b []byte, msg proto.Message) ([]byte, error) {
 	binary.LittleEndian.PutUint32(b[at:], uint32(len(b)-at-4))
 	return b, nil
 }
+
+// EncodePagemap returns the pagemap image of m as CRIU 4.2 writes it.
+func EncodePagemap(m *Pagemap) ([]byte, error) { return appendPagemap(nil, m) }

@@ -1,0 +1,181 @@
+package lazy
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	criucore "github.com/checkpoint-restore/go-criu/v8/crit/images/criu-core"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/phaul/phaul/core/pagestore"
+)
+
+// magicCore is core-<tid>.img's (criu/include/magic.h).
+const magicCore uint32 = 0x55053847
+
+// maxCoreBytes bounds core-<tid>.img's one record (registers, signal
+// state, rlimits: a few KiB).
+const maxCoreBytes = 1 << 20
+
+// MarkImages marks lazy (PE_LAZY), in every task pagemap of the images in
+// dir, the present pages that CRIU's dump marks lazy when a restore may
+// take them lazily: those in VMAs that can be lazy (anonymous private, not
+// locked, hugetlb, vDSO, vvar or vsyscall), except a page that holds a
+// thread's stack pointer, which CRIU's restore needs in place. Their data
+// stays in the pages image, where ImageSource finds it; a restore without
+// --lazy-pages reads them as before. A PE_PARENT range that can be lazy
+// becomes lazy without content in this level (CRIU's restore copies
+// PE_PARENT ranges eagerly): ImageSource reads it from the parent level,
+// and only a lazy restore can use the images afterwards. It returns the
+// pages it marked. Images it cannot read are an error wrapping
+// ErrImage; a pagemap is replaced atomically.
+func MarkImages(dir string) (uint64, error) {
+	sps, err := stackPages(dir)
+	if err != nil {
+		return 0, err
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, fmt.Errorf("lazy: mark images: %w", err)
+	}
+	var marked uint64
+	for _, e := range ents {
+		k, ok := pagestore.ParsePagemapName(e.Name())
+		if !ok || k.Kind != pagestore.KindTask {
+			continue
+		}
+		n, err := markPagemap(dir, e.Name(), k.ID, sps)
+		if err != nil {
+			return marked, fmt.Errorf("lazy: mark %s: %w", e.Name(), err)
+		}
+		marked += n
+	}
+	return marked, nil
+}
+
+// markPagemap rewrites one task's pagemap with its lazy pages marked.
+func markPagemap(dir, name string, id uint64, sps map[uint64]bool) (uint64, error) {
+	m, err := readImage(filepath.Join(dir, name), pagestore.ReadPagemap)
+	if err != nil {
+		return 0, err
+	}
+	vmas, err := readImage(filepath.Join(dir, fmt.Sprintf("mm-%d.img", id)), readLazyVMAs)
+	if err != nil {
+		return 0, err
+	}
+	var out []pagestore.Entry
+	var marked uint64
+	for _, e := range m.Entries {
+		if e.Flags != pagestore.FlagPresent && e.Flags != pagestore.FlagParent {
+			out = append(out, e)
+			continue
+		}
+		for i := uint64(0); i < e.NrPages; {
+			va := e.Vaddr + i*pageSize
+			lazy := canBeLazy(va, vmas, sps)
+			j := i + 1
+			for j < e.NrPages && canBeLazy(e.Vaddr+j*pageSize, vmas, sps) == lazy {
+				j++
+			}
+			f := e.Flags
+			switch {
+			case lazy && f == pagestore.FlagParent:
+				// Lazy without content here: the restore leaves it to
+				// the daemon, whose ImageSource reads the parent level.
+				f = pagestore.FlagLazy
+				marked += j - i
+			case lazy:
+				f |= pagestore.FlagLazy
+				marked += j - i
+			}
+			out = append(out, pagestore.Entry{Vaddr: va, NrPages: j - i, Flags: f})
+			i = j
+		}
+	}
+	if marked == 0 {
+		return 0, nil
+	}
+	b, err := pagestore.EncodePagemap(&pagestore.Pagemap{PagesID: m.PagesID, Entries: out})
+	if err != nil {
+		return 0, err
+	}
+	tmp := filepath.Join(dir, "."+name+".lazy")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return 0, err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		os.Remove(tmp)
+		return 0, err
+	}
+	return marked, nil
+}
+
+// canBeLazy reports whether page va lies in a VMA that can be lazy and
+// holds no thread's stack pointer.
+func canBeLazy(va uint64, vmas []vma, sps map[uint64]bool) bool {
+	if sps[va] {
+		return false
+	}
+	for _, v := range vmas {
+		if va >= v.start && va < v.end {
+			return true
+		}
+	}
+	return false
+}
+
+// stackPages returns the pages that hold a thread's stack pointer, from
+// every core-<tid>.img in dir (of any task: a page at the same address in
+// another task stays eager too, which costs nothing but laziness).
+func stackPages(dir string) (map[uint64]bool, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("lazy: mark images: %w", err)
+	}
+	sps := make(map[uint64]bool)
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), "core-") || !strings.HasSuffix(e.Name(), ".img") {
+			continue
+		}
+		sp, err := readImage(filepath.Join(dir, e.Name()), readStackPointer)
+		if err != nil {
+			return nil, fmt.Errorf("lazy: %s: %w", e.Name(), err)
+		}
+		sps[sp&^(pageSize-1)] = true
+	}
+	return sps, nil
+}
+
+// readStackPointer decodes a core-<tid>.img and returns the thread's
+// stack pointer (x86_64 registers).
+func readStackPointer(r io.Reader) (uint64, error) {
+	var hdr [12]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return 0, fmt.Errorf("%w: core header: %w", ErrImage, err)
+	}
+	le := binary.LittleEndian
+	if c, m := le.Uint32(hdr[0:]), le.Uint32(hdr[4:]); c != magicImgCommon || m != magicCore {
+		return 0, fmt.Errorf("%w: core magic %#x %#x", ErrImage, c, m)
+	}
+	n := le.Uint32(hdr[8:])
+	if n > maxCoreBytes {
+		return 0, fmt.Errorf("%w: core entry of %d bytes, at most %d", ErrImage, n, maxCoreBytes)
+	}
+	rec := make([]byte, n) // bounded above
+	if _, err := io.ReadFull(r, rec); err != nil {
+		return 0, fmt.Errorf("%w: core entry: %w", ErrImage, unexpected(err))
+	}
+	var core criucore.CoreEntry
+	if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(rec, &core); err != nil {
+		return 0, fmt.Errorf("%w: core entry: %w", ErrImage, err)
+	}
+	regs := core.GetThreadInfo().GetGpregs()
+	if regs == nil {
+		return 0, fmt.Errorf("%w: core entry without x86_64 registers", ErrImage)
+	}
+	return regs.GetSp(), nil
+}

@@ -1,0 +1,93 @@
+package phaul
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/lazy"
+)
+
+// lazyRestore is a destination's lazy-pages daemon for one restore: CRIU
+// rebuilds the tree without writing the pages the images mark lazy, the
+// tree resumes, and the daemon fills them from the migration's images
+// (faults first, the rest in the background). The restore then no longer
+// writes the tree's memory while the tree is frozen.
+type lazyRestore struct {
+	d      *lazy.Daemon
+	src    *lazy.ImageSource
+	cancel context.CancelFunc // ends Serve (abort only)
+	done   chan error         // Serve's result; buffered
+	t0     time.Time
+	log    *slog.Logger
+}
+
+// startLazyRestore listens on workDir/lazy-pages.socket and serves the
+// restore from the images in imagesDir until every lazy page is in place.
+// It returns nil (and the restore runs eagerly) where userfaultfd does not
+// work.
+func startLazyRestore(workDir, imagesDir string, log *slog.Logger) (*lazyRestore, error) {
+	if err := linux.HaveUserfaultfd(); err != nil {
+		log.Info("restore writes all memory: no userfaultfd here", "err", err)
+		return nil, nil
+	}
+	// phaul's store writes every page present; mark those CRIU may leave
+	// to the daemon, as its own dump would.
+	marked, err := lazy.MarkImages(imagesDir)
+	if err != nil {
+		return nil, fmt.Errorf("lazy restore: %w", err)
+	}
+	log.Info("lazy restore", "lazy_pages", marked)
+	src := lazy.NewImageSource(imagesDir)
+	cfg := lazy.DefaultConfig()
+	cfg.WorkDir, cfg.ImagesDir, cfg.Source, cfg.Logger = workDir, imagesDir, src, log
+	d, err := lazy.Listen(cfg)
+	if err != nil {
+		src.Close()
+		return nil, fmt.Errorf("lazy restore: %w", err)
+	}
+	// The daemon's work outlives the migration's context: once the tree
+	// runs, its pages must arrive whatever else happens; only abort ends
+	// it early.
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &lazyRestore{d: d, src: src, cancel: cancel, done: make(chan error, 1), t0: time.Now(), log: log}
+	go func() { l.done <- d.Serve(ctx) }() // owned by l: wait or abort collect it
+	return l, nil
+}
+
+// abort ends the daemon of a restore that failed or was dropped (its tree
+// killed first).
+func (l *lazyRestore) abort() {
+	if l == nil {
+		return
+	}
+	l.cancel()
+	<-l.done
+	l.d.Close()
+	l.src.Close()
+}
+
+// wait returns once every lazy page is in place (or the daemon failed) and
+// logs what the fill took.
+func (l *lazyRestore) wait() error {
+	if l == nil {
+		return nil
+	}
+	err := <-l.done
+	l.cancel()
+	st := l.d.Stats()
+	if err != nil {
+		// The tree runs and is the only copy. Closing the userfaultfds
+		// would have the missing pages read as zeros: keep them, so a
+		// thread that touches one waits, and say so.
+		l.log.Error("lazy restore failed: threads touching the missing pages wait; the tree is incomplete",
+			"err", err, "stats", fmt.Sprintf("%+v", st))
+		return fmt.Errorf("lazy restore: %w", err)
+	}
+	l.d.Close()
+	l.src.Close()
+	l.log.Info("lazy restore done", "stats", fmt.Sprintf("%+v", st), "dur", time.Since(l.t0))
+	return nil
+}
