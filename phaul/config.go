@@ -192,7 +192,8 @@ type ServeConfig struct {
 	// images mark lazy, which a lazy-pages daemon (package lazy) fills
 	// from the images once the tree runs: the freeze no longer includes
 	// writing the tree's memory. Off, or without userfaultfd, the restore
-	// writes all of it.
+	// writes all of it. Off by default until a held in-doubt tree
+	// survives with it.
 	LazyRestore bool
 
 	// Ready, if set, is called once with the listening address.
@@ -211,7 +212,7 @@ func DefaultServeConfig() ServeConfig {
 		RestoreTimeout: 5 * time.Minute,
 		CommitWait:     30 * time.Second,
 		CgroupParent:   "/",
-		LazyRestore:    true,
+		LazyRestore:    false,
 	}
 }
 
