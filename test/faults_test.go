@@ -243,7 +243,7 @@ func TestFaultInDoubt(t *testing.T) {
 	assertInDoubtCopy := func(when string) {
 		t.Helper()
 		if !slices.Contains(w.Running(t), destPID) {
-			t.Fatalf("%s: the in-doubt copy %d does not exist; copies: %v", when, destPID, w.Running(t))
+			t.Fatalf("%s: the in-doubt copy %d does not exist; copies: %v; cgroup: %v; threads:\n%s", when, destPID, w.Running(t), cgroupProcs(t, id), threadReport(destPID))
 		}
 		if in, err := e.hosts.Dst.Contains(destPID); err != nil || !in {
 			t.Fatalf("%s: pid %d is not in the destination namespace: %v", when, destPID, err)
