@@ -192,8 +192,8 @@ type ServeConfig struct {
 	// images mark lazy, which a lazy-pages daemon (package lazy) fills
 	// from the images once the tree runs: the freeze no longer includes
 	// writing the tree's memory. Off, or without userfaultfd, the restore
-	// writes all of it. Off by default until a held in-doubt tree
-	// survives with it.
+	// writes all of it. Off by default for now: the daemon of a tree held
+	// in doubt ends, so that tree could not be let run later.
 	LazyRestore bool
 
 	// Ready, if set, is called once with the listening address.
