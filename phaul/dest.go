@@ -336,10 +336,15 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 		switch b := m.GetBody().(type) {
 		case *wire.Message_Ping:
 			pong := &wire.Pong{Seq: b.Ping.GetSeq()}
+			lazy := s.lazyRestore()
 			if b.Ping.GetProbePopulate() {
-				pong.PopulateNsPerMib = probePopulate(in.log)
+				// A lazy restore writes no memory inside the freeze.
+				pong.PopulateNsPerMib = 1
+				if !lazy {
+					pong.PopulateNsPerMib = probePopulate(in.log)
+				}
 			}
-			if n := b.Ping.GetPrefaultBytes(); n > 0 {
+			if n := b.Ping.GetPrefaultBytes(); n > 0 && !lazy {
 				in.reserve.Release()
 				in.reserve = prefault(in.log, n)
 			}
@@ -622,6 +627,11 @@ func (s *Server) receivePages(ctx context.Context, in *incoming, lanes []*transp
 	in.log.Info("pages received", "pages", ps.Pages, "zero", ps.ZeroPages, "dup", ps.DupPages,
 		"bytes", ps.RawBytes, "wire_bytes", ps.WireBytes, "lanes", len(lanes), "dur", time.Since(t0))
 	return nil
+}
+
+// lazyRestore reports whether restores here are lazy.
+func (s *Server) lazyRestore() bool {
+	return s.cfg.LazyRestore && linux.HaveUserfaultfd() == nil
 }
 
 // restore has CRIU rebuild the tree inside a cgroup this service owns

@@ -329,7 +329,7 @@ func testCgroup(t testing.TB, name string) string {
 			if err := g.Kill(5 * time.Second); err != nil {
 				t.Errorf("test cgroup %s: %v", dir, err)
 			}
-			if err := os.Remove(dir); err != nil {
+			if err := removeCgroupDir(dir); err != nil {
 				t.Errorf("test cgroup %s: %v", dir, err)
 			}
 		}
@@ -561,4 +561,17 @@ func threadReport(pid int) string {
 		fmt.Fprintf(&out, "  tid %s state %s wchan %s syscall %s\n", task.Name(), state, wchan, bytes.TrimSpace(sc))
 	}
 	return out.String()
+}
+
+// removeCgroupDir removes an emptied cgroup directory. Its processes may
+// have left cgroup.procs while still exiting, which keeps the cgroup
+// populated (EBUSY) for a moment: retry for a few seconds.
+func removeCgroupDir(dir string) error {
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if err = os.Remove(dir); err == nil || !errors.Is(err, syscall.EBUSY) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond) // a poll interval against the deadline
+	}
 }

@@ -210,7 +210,7 @@ func TestManageCgroups(t *testing.T) {
 				t.Cleanup(func() {
 					g := &cgroup.Group{Name: own, Paths: []string{dir}}
 					g.Kill(5 * time.Second) // the restored copy lives here
-					if err := os.Remove(dir); err != nil {
+					if err := removeCgroupDir(dir); err != nil {
 						t.Errorf("remove test cgroup: %v", err)
 					}
 				})

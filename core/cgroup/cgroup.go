@@ -281,5 +281,18 @@ func removeTree(dir string) error {
 			}
 		}
 	}
-	return os.Remove(dir)
+	return rmdir(dir)
+}
+
+// rmdir removes an empty cgroup directory. A process that just left it
+// (exited, or moved while exiting) can keep it populated for a moment:
+// EBUSY is retried for up to two seconds.
+func rmdir(dir string) error {
+	for deadline := time.Now().Add(2 * time.Second); ; {
+		err := os.Remove(dir)
+		if err == nil || !errors.Is(err, syscall.EBUSY) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond) // the kernel gives no event to wait for here
+	}
 }
