@@ -146,6 +146,13 @@ func phaulPages(t *testing.T, pid int) pageSet {
 	if err != nil {
 		t.Fatalf("zero page: %v", err)
 	}
+	return pagesWhere(t, pid, func(e linux.PagemapEntry) bool { return Dumpable(e, zero) })
+}
+
+// pagesWhere returns the pages of pid's Mappings whose pagemap entries
+// pass keep.
+func pagesWhere(t *testing.T, pid int, keep func(linux.PagemapEntry) bool) pageSet {
+	t.Helper()
 	rs, err := Mappings(pid)
 	if err != nil {
 		t.Fatal(err)
@@ -158,7 +165,7 @@ func phaulPages(t *testing.T, pid int) pageSet {
 	set := make(pageSet)
 	err = walkEntries(pm, rs, make([]linux.PagemapEntry, entriesChunk), func(at uint64, ents []linux.PagemapEntry) {
 		for i, e := range ents {
-			if Dumpable(e, zero) {
+			if keep(e) {
 				set[at+uint64(i)*pageSize] = true
 			}
 		}
@@ -229,25 +236,5 @@ func checkZoo(t *testing.T, criu, kind string) {
 // uffd-wp marker.
 func markerPages(t *testing.T, pid int) pageSet {
 	t.Helper()
-	rs, err := Mappings(pid)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pm, err := linux.OpenPagemap(pid)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pm.Close()
-	set := make(pageSet)
-	err = walkEntries(pm, rs, make([]linux.PagemapEntry, entriesChunk), func(at uint64, ents []linux.PagemapEntry) {
-		for i, e := range ents {
-			if e.UffdWPMarker() {
-				set[at+uint64(i)*pageSize] = true
-			}
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return set
+	return pagesWhere(t, pid, linux.PagemapEntry.UffdWPMarker)
 }
