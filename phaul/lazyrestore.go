@@ -53,7 +53,13 @@ func startLazyRestore(workDir, imagesDir string, log *slog.Logger) (*lazyRestore
 	// it early.
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &lazyRestore{d: d, src: src, cancel: cancel, done: make(chan error, 1), t0: time.Now(), log: log}
-	go func() { l.done <- d.Serve(ctx) }() // owned by l: wait or abort collect it
+	go func() { // owned by l: wait or abort collect it
+		err := d.Serve(ctx)
+		if err != nil && ctx.Err() == nil {
+			log.Warn("lazy-pages daemon ended", "err", err)
+		}
+		l.done <- err
+	}()
 	return l, nil
 }
 
