@@ -5,7 +5,7 @@ GO      ?= go
 BIN     := bin
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build criu test unit e2e soak bench fuzz demo vet clean
+.PHONY: all build criu test unit e2e soak bench fuzz demo vet clean sysctl
 
 all: build
 
@@ -51,6 +51,11 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzSession -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzClientReplies -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzHeader -fuzztime $(FUZZTIME) ./pageserver/
+
+# A host setting, the operator's choice: raises fs.pipe-max-size to 4 MiB
+# (deploy/sysctl.d). Undo: bash deploy/install-sysctl.sh --undo.
+sysctl:
+	bash deploy/install-sysctl.sh
 
 demo: criu build
 	bash test/demo.sh

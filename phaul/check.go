@@ -29,6 +29,7 @@ const (
 	FeatureFreezerV2   = "freezer-cgroup-v2"
 	FeaturePtraceScope = "ptrace-scope"
 	FeaturePidfdGetfd  = "pidfd-getfd"
+	FeaturePipeMaxSize = "pipe-max-size"
 	// Dirty-page trackers for pre-copy (core/dirty), best first.
 	FeatureTrackerUffdWP    = "tracker-uffd-wp"
 	FeatureTrackerSoftDirty = "tracker-soft-dirty"
@@ -132,6 +133,7 @@ func Check(ctx context.Context, cfg CheckConfig) (*CheckReport, error) {
 	add(checkPtraceScope())
 	add(probeItem(FeaturePidfdGetfd, linux.HavePidfdGetfd(),
 		"pidfd_open + pidfd_getfd: copies a userfaultfd out of the target process for dirty tracking"))
+	add(checkPipeMaxSize())
 	for _, it := range checkTrackers() {
 		add(it)
 	}
@@ -269,6 +271,31 @@ func checkFreezerV2() CheckItem {
 	}
 	it.Available = true
 	it.Detail = "cgroup2 at " + root + " with cgroup.freeze (5.2+); CRIU --freeze-cgroup can freeze a tree in a v2 cgroup (otherwise CRIU stops tasks with ptrace)"
+	return it
+}
+
+// criuLazyPipeBytes is the pipe CRIU's own lazy-pages transfer sizes with
+// F_SETPIPE_SZ (page-xfer.c: 819 pages, rounded up to a power of two).
+const criuLazyPipeBytes = 4 << 20
+
+// checkPipeMaxSize reports fs.pipe-max-size and what it costs: CRIU's lazy
+// dump (pre-copy's final dump) gifts a tree's pages into pipes of at most
+// that size, one parasite round trip per pipe, and CRIU's own lazy-pages
+// serving fails below 4 MiB. Raising it is the operator's choice
+// (deploy/sysctl.d); phaul never changes it.
+func checkPipeMaxSize() CheckItem {
+	it := CheckItem{Feature: FeaturePipeMaxSize}
+	n, err := linux.PipeMaxSize()
+	if err != nil {
+		it.Detail = err.Error()
+		return it
+	}
+	it.Available = n >= criuLazyPipeBytes
+	it.Detail = fmt.Sprintf("fs.pipe-max-size %d KiB: CRIU's lazy dump moves a tree's memory in pipes of at most this size (1 GiB: about %d parasite round trips inside the freeze)",
+		n>>10, (1<<30)/n)
+	if !it.Available {
+		it.Detail += "; CRIU's own lazy-pages serving needs 4 MiB (phaul's daemon does not); deploy/sysctl.d/90-phaul-pipe-max-size.conf raises it, if the operator installs it (make sysctl)"
+	}
 	return it
 }
 

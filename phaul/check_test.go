@@ -25,7 +25,7 @@ func TestMain(m *testing.M) {
 var reportOrder = []string{
 	FeatureCRIU, FeatureCRIUCheck, FeatureUffd, FeatureUffdWPAsync, FeatureUffdMissing,
 	FeatureUffdMinor, FeatureUffdEvents, FeaturePagemapScan, FeatureSoftDirty,
-	FeatureFreezerV1, FeatureFreezerV2, FeaturePtraceScope, FeaturePidfdGetfd,
+	FeatureFreezerV1, FeatureFreezerV2, FeaturePtraceScope, FeaturePidfdGetfd, FeaturePipeMaxSize,
 	FeatureTrackerUffdWP, FeatureTrackerSoftDirty, FeatureTrackerHash,
 	FeatureKernel, FeatureCPU,
 }
@@ -121,6 +121,12 @@ func TestCheckThisHost(t *testing.T) {
 		t.Errorf("soft-dirty unavailable without the reason: %q", sd.Detail)
 	}
 
+	if n, err := linux.PipeMaxSize(); err == nil {
+		it := item(FeaturePipeMaxSize)
+		if it.Required || it.Available != (n >= 4<<20) || !strings.Contains(it.Detail, fmt.Sprintf("%d KiB", n>>10)) {
+			t.Errorf("pipe-max-size item %+v, fs.pipe-max-size %d", it, n)
+		}
+	}
 	if it := item(FeatureKernel); !it.Available || !it.Required || r.Kernel == "" {
 		t.Errorf("kernel item %+v, report kernel %q", it, r.Kernel)
 	}

@@ -125,3 +125,20 @@ func ThreadCPUTime() time.Duration {
 	}
 	return time.Duration(ts.Nano())
 }
+
+// pipeMaxSizePath is the sysctl fs.pipe-max-size.
+const pipeMaxSizePath = "/proc/sys/fs/pipe-max-size"
+
+// PipeMaxSize returns fs.pipe-max-size: the largest pipe buffer, in bytes,
+// that a process without CAP_SYS_RESOURCE may ask for (F_SETPIPE_SZ).
+func PipeMaxSize() (int, error) {
+	b, err := os.ReadFile(pipeMaxSizePath)
+	if err != nil {
+		return 0, fmt.Errorf("read fs.pipe-max-size: %w", err)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("parse fs.pipe-max-size %q: not a size", b)
+	}
+	return n, nil
+}
