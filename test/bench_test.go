@@ -32,7 +32,7 @@ func BenchmarkColdMigration(b *testing.B) {
 				b.Fatal(err)
 			}
 			opts := testenv.WorkloadOpts{MiB: mib, PagesPerSec: 1000}
-			var base, downtime time.Duration
+			var base, downtime, stall time.Duration
 			var wireBytes float64
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
@@ -62,6 +62,7 @@ func BenchmarkColdMigration(b *testing.B) {
 					b.Fatalf("migrate exit %d\n%s", r.code, r.out)
 				}
 				downtime += time.Duration(r.num("downtime_ms") * float64(time.Millisecond))
+				stall += workloadStall(b, w)
 				wireBytes += r.num("bytes_wire")
 				w.Kill(b)
 				b.StartTimer()
@@ -69,6 +70,7 @@ func BenchmarkColdMigration(b *testing.B) {
 			n := float64(b.N)
 			b.ReportMetric(float64(downtime)/float64(base), "x-downtime-vs-local-criu")
 			b.ReportMetric(float64(downtime.Milliseconds())/n, "downtime-ms")
+			b.ReportMetric(float64(stall.Milliseconds())/n, "workload-stall-ms")
 			b.ReportMetric(float64(base.Milliseconds())/n, "local-criu-ms")
 			b.ReportMetric(wireBytes/n/float64(mib<<20), "wire-bytes-per-byte")
 		})

@@ -42,6 +42,7 @@ func BenchmarkPrecopy(b *testing.B) {
 type precopyRow struct {
 	name                string
 	coldDown, preDown   time.Duration
+	coldStall, preStall time.Duration // the longest gap between the workload's own steps
 	coldTotal, preTotal time.Duration
 	coldWire, preWire   float64
 	preRounds           float64
@@ -68,13 +69,16 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 				b.Fatalf("migrate --mode %s: exit %d\n%s", mode, r.code, r.out)
 			}
 			down := time.Duration(r.num("downtime_ms") * float64(time.Millisecond))
+			stall := workloadStall(b, w)
 			total := time.Duration(r.num("total_ms") * float64(time.Millisecond))
 			if mode == "cold" {
 				row.coldDown += down
+				row.coldStall += stall
 				row.coldTotal += total
 				row.coldWire += r.num("bytes_wire")
 			} else {
 				row.preDown += down
+				row.preStall += stall
 				row.preTotal += total
 				row.preWire += r.num("bytes_wire")
 				rounds, _ := r.stats["rounds"].([]any)
@@ -90,6 +94,7 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 	d := time.Duration(n)
 	row.coldDown, row.preDown, row.coldTotal, row.preTotal, row.floor = row.coldDown/d, row.preDown/d, row.coldTotal/d, row.preTotal/d, row.floor/d
 	row.predicted, row.criuPart = row.predicted/d, row.criuPart/d
+	row.coldStall, row.preStall = row.coldStall/d, row.preStall/d
 	row.coldWire /= float64(n)
 	row.preWire /= float64(n)
 	row.preRounds /= float64(n)
@@ -98,6 +103,8 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 	b.ReportMetric(row.preWire/row.coldWire, "x-wire-precopy-vs-cold")
 	b.ReportMetric(msOf(row.coldDown), "cold-downtime-ms")
 	b.ReportMetric(msOf(row.preDown), "precopy-downtime-ms")
+	b.ReportMetric(msOf(row.coldStall), "cold-workload-stall-ms")
+	b.ReportMetric(msOf(row.preStall), "precopy-workload-stall-ms")
 	b.ReportMetric(msOf(row.floor), "precopy-floor-ms")
 	b.ReportMetric(msOf(row.predicted), "precopy-predicted-floor-ms")
 	b.ReportMetric(row.preRounds, "precopy-rounds")
@@ -116,4 +123,17 @@ func precopyTable(rows []precopyRow) string {
 			r.coldWire/(1<<20), r.preWire/(1<<20), r.preWire/r.coldWire, r.preRounds, msOf(r.floor), msOf(r.predicted), msOf(r.criuPart), r.stop)
 	}
 	return w.String()
+}
+
+// workloadStall waits for a few steps of the migrated workload and returns
+// the longest gap between two of its steps: the stall the workload itself
+// saw, freeze, restore and first faults included.
+func workloadStall(b *testing.B, w *testenv.Workload) time.Duration {
+	b.Helper()
+	w.WaitProgress(b, 3)
+	d, err := w.LongestStall()
+	if err != nil {
+		b.Fatal(err)
+	}
+	return d
 }

@@ -147,3 +147,10 @@ func (w *Workload) CorruptPage(page int) (err error) {
 	}
 	return nil
 }
+
+// LongestStall returns the longest gap between two consecutive steps the
+// workload logged (every copy, in log order): the stall it saw.
+func (w *Workload) LongestStall() (time.Duration, error) {
+	st, err := w.state()
+	return st.longestStall(), err
+}

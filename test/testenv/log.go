@@ -131,3 +131,15 @@ func (st logState) region() (addr uint64, pages int, err error) {
 	}
 	return 0, 0, errors.New("no start line in workload log")
 }
+
+// longestStall returns the longest time between two consecutive steps: the
+// workload logs one every 50 ms while it runs, so a freeze, a slow restore
+// or slow faults after it show as a longer gap. It is what the workload
+// itself saw, beside phaul's own downtime figure.
+func (st logState) longestStall() time.Duration {
+	var longest time.Duration
+	for i := 1; i < len(st.steps); i++ {
+		longest = max(longest, st.steps[i].Time.Sub(st.steps[i-1].Time))
+	}
+	return longest
+}

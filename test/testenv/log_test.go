@@ -85,3 +85,20 @@ func FuzzParseStep(f *testing.F) {
 		}
 	})
 }
+
+func TestLongestStall(t *testing.T) {
+	at := func(n uint64, ms int64) string {
+		return formatStep(Step{N: n, Time: time.Unix(0, ms*1e6), PID: 1})
+	}
+	log := strings.Join([]string{at(1, 0), at(2, 50), at(3, 420), at(4, 470), at(5, 520)}, "\n") + "\n"
+	st, err := parseLog([]byte(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := st.longestStall(); got != 370*time.Millisecond {
+		t.Fatalf("longest stall %v, want 370ms", got)
+	}
+	if got := (logState{}).longestStall(); got != 0 {
+		t.Fatalf("no steps: %v", got)
+	}
+}
