@@ -639,7 +639,7 @@ func (s *Server) lazyRestore() bool {
 // child) and hold it in the post-restore notification: it returns the
 // restored root's pid with no task of the tree having run.
 func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
-	g, err := cgroup.Create(in.id, false)
+	g, err := cgroup.Create(in.id)
 	if err != nil {
 		return 0, fmt.Errorf("restore: %w", err)
 	}

@@ -45,17 +45,13 @@ func roots(all bool) []string {
 	return rs
 }
 
-// Create makes phaul/<name> in the freezer v1 and the cgroup v2 hierarchy,
-// or with all in every mounted hierarchy (for CRIU's managed cgroup modes,
-// which re-create a tree's cgroups in all of them). An existing group of
-// that name is an error (it is not ours to reuse). In a v1 cpuset hierarchy
-// the new groups get their parent's cpus and mems, without which no task
-// can join them.
-func Create(name string, all bool) (*Group, error) {
+// Create makes phaul/<name> in the freezer v1 and the cgroup v2 hierarchy.
+// An existing group of that name is an error (it is not ours to reuse).
+func Create(name string) (*Group, error) {
 	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
 		return nil, fmt.Errorf("cgroup %q: bad name", name)
 	}
-	rs := roots(all)
+	rs := roots(false)
 	if len(rs) == 0 {
 		return nil, ErrNoHierarchy
 	}
@@ -66,45 +62,16 @@ func Create(name string, all bool) (*Group, error) {
 			g.Remove()
 			return nil, fmt.Errorf("create cgroup %s: %w", parent, err)
 		}
-		if err := inheritCpuset(r, parent); err != nil {
-			g.Remove()
-			return nil, err
-		}
 		dir := filepath.Join(parent, name)
 		if err := os.Mkdir(dir, 0o755); err != nil {
+			removeParent(r)
 			g.Remove()
 			return nil, fmt.Errorf("create cgroup %s: %w", dir, err)
 		}
 		g.Paths = append(g.Paths, dir)
 		g.roots = append(g.roots, r)
-		if err := inheritCpuset(parent, dir); err != nil {
-			g.Remove()
-			return nil, err
-		}
 	}
 	return g, nil
-}
-
-// inheritCpuset copies cpuset.cpus and cpuset.mems from parent to an empty
-// child; a no-op outside a v1 cpuset hierarchy.
-func inheritCpuset(parent, child string) error {
-	for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
-		cur, err := os.ReadFile(filepath.Join(child, f))
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		if err != nil || strings.TrimSpace(string(cur)) != "" {
-			continue
-		}
-		v, err := os.ReadFile(filepath.Join(parent, f))
-		if err != nil {
-			return fmt.Errorf("cgroup %s: %w", parent, err)
-		}
-		if err := os.WriteFile(filepath.Join(child, f), v, 0); err != nil {
-			return fmt.Errorf("cgroup %s: %w", child, err)
-		}
-	}
-	return nil
 }
 
 // Open returns the existing group phaul/<name> in every hierarchy that has

@@ -148,18 +148,11 @@ type RestoreRequest struct {
 	ImagesDir string
 	WorkDir   string
 	Options
-	// LeaveStopped leaves every restored task stopped (SIGSTOP) until the
-	// caller continues it.
-	LeaveStopped bool
 	// LazyPages leaves the pages the images mark lazy (PE_LAZY) to a
 	// lazy-pages daemon listening on lazy-pages.socket in WorkDir, which
 	// gets every task's userfaultfd.
 	LazyPages bool
 	LogLevel  int
-	// CgroupRoot, when set and the cgroup mode is not ignore, is where
-	// CRIU re-creates the dumped cgroups (CRIU's --cgroup-root): the
-	// root task's cgroup becomes CgroupRoot in every hierarchy.
-	CgroupRoot string
 	// Hooks.Started runs before CRIU forks the tree: restored tasks inherit
 	// the cgroups CRIU is in when the mode is ignore.
 	Hooks Hooks
@@ -169,14 +162,10 @@ type RestoreRequest struct {
 // root task.
 func (b *Binary) Restore(ctx context.Context, r RestoreRequest, n Notifier) (int, error) {
 	opts := &rpc.CriuOpts{
-		LeaveStopped: boolp(r.LeaveStopped),
-		LazyPages:    boolp(r.LazyPages),
-		NetworkLock:  rpc.CriuNetworkLockMethod_NFTABLES.Enum(),
+		LazyPages:   boolp(r.LazyPages),
+		NetworkLock: rpc.CriuNetworkLockMethod_NFTABLES.Enum(),
 	}
 	r.Options.apply(opts)
-	if r.CgroupRoot != "" && opts.GetManageCgroupsMode() != rpc.CriuCgMode_IGNORE {
-		opts.CgRoot = []*rpc.CgroupRoot{{Path: strp(r.CgroupRoot)}}
-	}
 	resp, err := b.action(ctx, "restore", rpc.CriuReqType_RESTORE, r.ImagesDir, r.WorkDir, r.LogLevel, opts, n, r.Hooks)
 	if err != nil {
 		return 0, err
