@@ -65,6 +65,9 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 	if err := cgroup.CheckParent(cfg.CgroupParent); err != nil {
 		return fmt.Errorf("--cgroup-parent: %w", err)
 	}
+	if err := linux.HaveUserfaultfd(); cfg.LazyRestore && err != nil {
+		log.Warn("--lazy-restore: restores write all memory here: no userfaultfd", "err", err)
+	}
 	tcfg := cfg.Transport
 	tcfg.Identity = id
 	tcfg.Logger = log
@@ -651,11 +654,11 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 		Options:   in.opts,
 		Hooks:     criu.Hooks{Started: g.Add},
 	}
-	if s.cfg.LazyRestore {
+	if s.lazyRestore() {
 		if in.lazy, err = startLazyRestore(in.dir, req.ImagesDir, in.log); err != nil {
 			return 0, fmt.Errorf("restore: %w", err)
 		}
-		req.LazyPages = in.lazy != nil
+		req.LazyPages = true
 	}
 	in.hold = startRestore(ctx, s.crit, req, s.cfg.RestoreTimeout)
 	pid, err := in.hold.wait()

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/lazy"
 )
 
@@ -26,13 +25,7 @@ type lazyRestore struct {
 
 // startLazyRestore listens on workDir/lazy-pages.socket and serves the
 // restore from the images in imagesDir until every lazy page is in place.
-// It returns nil (and the restore runs eagerly) where userfaultfd does not
-// work.
 func startLazyRestore(workDir, imagesDir string, log *slog.Logger) (*lazyRestore, error) {
-	if err := linux.HaveUserfaultfd(); err != nil {
-		log.Info("restore writes all memory: no userfaultfd here", "err", err)
-		return nil, nil
-	}
 	// phaul's store writes every page present; mark those CRIU may leave
 	// to the daemon, as its own dump would.
 	marked, err := lazy.MarkImages(imagesDir)
