@@ -51,6 +51,12 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzSession -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzClientReplies -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzHeader -fuzztime $(FUZZTIME) ./pageserver/
+	$(GO) test -run '^$$' -fuzz FuzzNftDecode -fuzztime $(FUZZTIME) ./core/linux/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeUffdMsg -fuzztime $(FUZZTIME) ./core/linux/
+	$(GO) test -run '^$$' -fuzz FuzzParseSmaps -fuzztime $(FUZZTIME) ./core/linux/
+	$(GO) test -run '^$$' -fuzz FuzzRecordReader -fuzztime $(FUZZTIME) ./lazy/
+	$(GO) test -run '^$$' -fuzz FuzzReadLazyVMAs -fuzztime $(FUZZTIME) ./lazy/
+	$(GO) test -run '^$$' -fuzz FuzzReadStackPointer -fuzztime $(FUZZTIME) ./lazy/
 
 # A host setting, the operator's choice: raises fs.pipe-max-size to 4 MiB
 # (deploy/sysctl.d). Undo: bash deploy/install-sysctl.sh --undo.

@@ -49,21 +49,9 @@ type vma struct{ start, end uint64 }
 // the top of the address space); anything else is an error wrapping
 // ErrImage.
 func readLazyVMAs(r io.Reader) ([]vma, error) {
-	var hdr [12]byte
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return nil, fmt.Errorf("%w: mm header: %w", ErrImage, err)
-	}
-	le := binary.LittleEndian
-	if c, m := le.Uint32(hdr[0:]), le.Uint32(hdr[4:]); c != magicImgCommon || m != magicMM {
-		return nil, fmt.Errorf("%w: mm magic %#x %#x", ErrImage, c, m)
-	}
-	n := le.Uint32(hdr[8:])
-	if n > maxMMBytes {
-		return nil, fmt.Errorf("%w: mm entry of %d bytes, at most %d", ErrImage, n, maxMMBytes)
-	}
-	rec := make([]byte, n) // bounded above
-	if _, err := io.ReadFull(r, rec); err != nil {
-		return nil, fmt.Errorf("%w: mm entry: %w", ErrImage, unexpected(err))
+	rec, err := readRecord(r, magicMM, maxMMBytes, "mm")
+	if err != nil {
+		return nil, err
 	}
 	var mm mmimg.MmEntry
 	// Partial: phaul needs only the VMAs, checked below.
@@ -86,6 +74,29 @@ func readLazyVMAs(r io.Reader) ([]vma, error) {
 		out = append(out, vma{s, e})
 	}
 	return out, nil
+}
+
+// readRecord reads an image that holds one protobuf record: the common
+// magic, the image's magic, a u32 length (at most max) and the record.
+// Anything else is an error wrapping ErrImage, naming the image what.
+func readRecord(r io.Reader, magic, max uint32, what string) ([]byte, error) {
+	var hdr [12]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, fmt.Errorf("%w: %s header: %w", ErrImage, what, err)
+	}
+	le := binary.LittleEndian
+	if c, m := le.Uint32(hdr[0:]), le.Uint32(hdr[4:]); c != magicImgCommon || m != magic {
+		return nil, fmt.Errorf("%w: %s magic %#x %#x", ErrImage, what, c, m)
+	}
+	n := le.Uint32(hdr[8:])
+	if n > max {
+		return nil, fmt.Errorf("%w: %s entry of %d bytes, at most %d", ErrImage, what, n, max)
+	}
+	rec := make([]byte, n) // bounded above
+	if _, err := io.ReadFull(r, rec); err != nil {
+		return nil, fmt.Errorf("%w: %s entry: %w", ErrImage, what, unexpected(err))
+	}
+	return rec, nil
 }
 
 func unexpected(err error) error {

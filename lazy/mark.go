@@ -1,7 +1,6 @@
 package lazy
 
 import (
-	"encoding/binary"
 	"fmt"
 	"io"
 	"os"
@@ -153,21 +152,9 @@ func stackPages(dir string) (map[uint64]bool, error) {
 // readStackPointer decodes a core-<tid>.img and returns the thread's
 // stack pointer (x86_64 registers).
 func readStackPointer(r io.Reader) (uint64, error) {
-	var hdr [12]byte
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return 0, fmt.Errorf("%w: core header: %w", ErrImage, err)
-	}
-	le := binary.LittleEndian
-	if c, m := le.Uint32(hdr[0:]), le.Uint32(hdr[4:]); c != magicImgCommon || m != magicCore {
-		return 0, fmt.Errorf("%w: core magic %#x %#x", ErrImage, c, m)
-	}
-	n := le.Uint32(hdr[8:])
-	if n > maxCoreBytes {
-		return 0, fmt.Errorf("%w: core entry of %d bytes, at most %d", ErrImage, n, maxCoreBytes)
-	}
-	rec := make([]byte, n) // bounded above
-	if _, err := io.ReadFull(r, rec); err != nil {
-		return 0, fmt.Errorf("%w: core entry: %w", ErrImage, unexpected(err))
+	rec, err := readRecord(r, magicCore, maxCoreBytes, "core")
+	if err != nil {
+		return 0, err
 	}
 	var core criucore.CoreEntry
 	if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(rec, &core); err != nil {
