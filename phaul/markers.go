@@ -19,7 +19,7 @@ import (
 // reads a marker's page, which then maps the zero page or its file's page,
 // after a lazy dump has listed it) and before the tracking is released
 // (releasing removes the markers).
-func (p *precopy) findMarkers() error {
+func (p *precopy) findMarkers() {
 	p.markers = make(map[pagestore.Key]pageSet)
 	for _, pr := range p.procs {
 		if pr.tr == nil || pr.tr.Kind() != dirty.KindUffdWP {
@@ -47,7 +47,6 @@ func (p *precopy) findMarkers() error {
 		}
 		p.markers[pr.key] = set
 	}
-	return nil
 }
 
 // pageState is what the final pass does with a page CRIU dumped.

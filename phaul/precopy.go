@@ -654,9 +654,7 @@ func (p *precopy) final(ctx context.Context) error {
 	}
 	// Before the last reads: they map pages where markers are, but a lazy
 	// dump has already listed the markers' pages.
-	if err := p.findMarkers(); err != nil {
-		return err
-	}
+	p.findMarkers()
 	p.roundPages, p.roundBytes = 0, 0
 	wire0 := p.fw.Stats().WireBytes
 	if err := p.sendPending(ctx); err != nil {
