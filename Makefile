@@ -51,6 +51,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzSession -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzClientReplies -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzHeader -fuzztime $(FUZZTIME) ./pageserver/
+	$(GO) test -run '^$$' -fuzz FuzzServeFetch -fuzztime $(FUZZTIME) ./pageserver/
+	$(GO) test -run '^$$' -fuzz FuzzFetchAnswers -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzNftDecode -fuzztime $(FUZZTIME) ./core/linux/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeUffdMsg -fuzztime $(FUZZTIME) ./core/linux/
 	$(GO) test -run '^$$' -fuzz FuzzParseSmaps -fuzztime $(FUZZTIME) ./core/linux/

@@ -23,6 +23,7 @@ const (
 	KindControl StreamKind = 1 // control messages; the first stream, yamux ID 1
 	KindImages  StreamKind = 2 // CRIU image files
 	KindPages   StreamKind = 3 // memory pages
+	KindFetch   StreamKind = 4 // post-copy page requests and their pages
 )
 
 func (k StreamKind) String() string {
@@ -33,11 +34,13 @@ func (k StreamKind) String() string {
 		return "images"
 	case KindPages:
 		return "pages"
+	case KindFetch:
+		return "fetch"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
-func (k StreamKind) valid() bool { return k >= KindControl && k <= KindPages }
+func (k StreamKind) valid() bool { return k >= KindControl && k <= KindFetch }
 
 // controlStreamID is the yamux ID of the first stream a yamux client opens.
 const controlStreamID = 1

@@ -189,6 +189,8 @@ func TestOpenStreamRules(t *testing.T) {
 		{"second control", client, KindControl, ErrStreamKind},
 		{"images", client, KindImages, nil},
 		{"pages", client, KindPages, nil},
+		{"fetch", client, KindFetch, nil},
+		{"past the last kind", client, KindFetch + 1, ErrStreamKind},
 	}
 	for _, st := range steps {
 		t.Run(st.name, func(t *testing.T) {

@@ -32,6 +32,12 @@ const (
 	// Memory moves in rounds while the tree runs; the destination receives
 	// the same page stream (with a final set) and images as in cold mode.
 	Mode_MODE_PRECOPY Mode = 2
+	// Post-copy: the tree is frozen at once and resumes on the destination
+	// before its memory arrived; the destination fetches the missing pages
+	// from the held source tree on fetch streams (pageserver/fetch.md).
+	Mode_MODE_POSTCOPY Mode = 3
+	// Pre-copy rounds first, then post-copy of what is left.
+	Mode_MODE_HYBRID Mode = 4
 )
 
 // Enum value maps for Mode.
@@ -40,11 +46,15 @@ var (
 		0: "MODE_UNSPECIFIED",
 		1: "MODE_COLD",
 		2: "MODE_PRECOPY",
+		3: "MODE_POSTCOPY",
+		4: "MODE_HYBRID",
 	}
 	Mode_value = map[string]int32{
 		"MODE_UNSPECIFIED": 0,
 		"MODE_COLD":        1,
 		"MODE_PRECOPY":     2,
+		"MODE_POSTCOPY":    3,
+		"MODE_HYBRID":      4,
 	}
 )
 
@@ -89,6 +99,7 @@ type Message struct {
 	//	*Message_Abort
 	//	*Message_Ping
 	//	*Message_Pong
+	//	*Message_PostcopyDone
 	Body          isMessage_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -212,6 +223,15 @@ func (x *Message) GetPong() *Pong {
 	return nil
 }
 
+func (x *Message) GetPostcopyDone() *PostcopyDone {
+	if x != nil {
+		if x, ok := x.Body.(*Message_PostcopyDone); ok {
+			return x.PostcopyDone
+		}
+	}
+	return nil
+}
+
 type isMessage_Body interface {
 	isMessage_Body()
 }
@@ -252,6 +272,10 @@ type Message_Pong struct {
 	Pong *Pong `protobuf:"bytes,9,opt,name=pong,proto3,oneof"`
 }
 
+type Message_PostcopyDone struct {
+	PostcopyDone *PostcopyDone `protobuf:"bytes,10,opt,name=postcopy_done,json=postcopyDone,proto3,oneof"`
+}
+
 func (*Message_Hello) isMessage_Body() {}
 
 func (*Message_HelloReply) isMessage_Body() {}
@@ -269,6 +293,8 @@ func (*Message_Abort) isMessage_Body() {}
 func (*Message_Ping) isMessage_Body() {}
 
 func (*Message_Pong) isMessage_Body() {}
+
+func (*Message_PostcopyDone) isMessage_Body() {}
 
 // Hello opens a migration (source to destination).
 type Hello struct {
@@ -1105,12 +1131,140 @@ func (x *Pong) GetPopulateNsPerMib() uint64 {
 	return 0
 }
 
+// PostcopyDone: every page the final set left at the source is in the
+// destination's tree (destination to source, after Committed, post-copy
+// and hybrid only). The source then ends its held tree. The counts are
+// the destination's lazy-pages daemon's.
+type PostcopyDone struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	FaultPages       uint64                 `protobuf:"varint,1,opt,name=fault_pages,json=faultPages,proto3" json:"fault_pages,omitempty"`    // copied because a thread faulted on them
+	PushedPages      uint64                 `protobuf:"varint,2,opt,name=pushed_pages,json=pushedPages,proto3" json:"pushed_pages,omitempty"` // copied in the background
+	RemotePages      uint64                 `protobuf:"varint,3,opt,name=remote_pages,json=remotePages,proto3" json:"remote_pages,omitempty"` // of those, fetched from the source
+	Faults           uint64                 `protobuf:"varint,4,opt,name=faults,proto3" json:"faults,omitempty"`
+	FaultP50Ns       uint64                 `protobuf:"varint,5,opt,name=fault_p50_ns,json=faultP50Ns,proto3" json:"fault_p50_ns,omitempty"` // fault to copy, every fault
+	FaultP99Ns       uint64                 `protobuf:"varint,6,opt,name=fault_p99_ns,json=faultP99Ns,proto3" json:"fault_p99_ns,omitempty"`
+	FaultMaxNs       uint64                 `protobuf:"varint,7,opt,name=fault_max_ns,json=faultMaxNs,proto3" json:"fault_max_ns,omitempty"`
+	RemoteFaultP50Ns uint64                 `protobuf:"varint,8,opt,name=remote_fault_p50_ns,json=remoteFaultP50Ns,proto3" json:"remote_fault_p50_ns,omitempty"` // fetch round trip of faulted pages
+	RemoteFaultP99Ns uint64                 `protobuf:"varint,9,opt,name=remote_fault_p99_ns,json=remoteFaultP99Ns,proto3" json:"remote_fault_p99_ns,omitempty"`
+	RemoteFaultMaxNs uint64                 `protobuf:"varint,10,opt,name=remote_fault_max_ns,json=remoteFaultMaxNs,proto3" json:"remote_fault_max_ns,omitempty"`
+	FillNanos        uint64                 `protobuf:"varint,11,opt,name=fill_nanos,json=fillNanos,proto3" json:"fill_nanos,omitempty"` // resume to the last page in place
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *PostcopyDone) Reset() {
+	*x = PostcopyDone{}
+	mi := &file_control_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PostcopyDone) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PostcopyDone) ProtoMessage() {}
+
+func (x *PostcopyDone) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PostcopyDone.ProtoReflect.Descriptor instead.
+func (*PostcopyDone) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *PostcopyDone) GetFaultPages() uint64 {
+	if x != nil {
+		return x.FaultPages
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetPushedPages() uint64 {
+	if x != nil {
+		return x.PushedPages
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetRemotePages() uint64 {
+	if x != nil {
+		return x.RemotePages
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetFaults() uint64 {
+	if x != nil {
+		return x.Faults
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetFaultP50Ns() uint64 {
+	if x != nil {
+		return x.FaultP50Ns
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetFaultP99Ns() uint64 {
+	if x != nil {
+		return x.FaultP99Ns
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetFaultMaxNs() uint64 {
+	if x != nil {
+		return x.FaultMaxNs
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetRemoteFaultP50Ns() uint64 {
+	if x != nil {
+		return x.RemoteFaultP50Ns
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetRemoteFaultP99Ns() uint64 {
+	if x != nil {
+		return x.RemoteFaultP99Ns
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetRemoteFaultMaxNs() uint64 {
+	if x != nil {
+		return x.RemoteFaultMaxNs
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetFillNanos() uint64 {
+	if x != nil {
+		return x.FillNanos
+	}
+	return 0
+}
+
 var File_control_proto protoreflect.FileDescriptor
 
 const file_control_proto_rawDesc = "" +
 	"\n" +
 	"\rcontrol.proto\x12\n" +
-	"phaul.wire\"\xbc\x03\n" +
+	"phaul.wire\"\xfd\x03\n" +
 	"\aMessage\x12)\n" +
 	"\x05hello\x18\x01 \x01(\v2\x11.phaul.wire.HelloH\x00R\x05hello\x129\n" +
 	"\vhello_reply\x18\x02 \x01(\v2\x16.phaul.wire.HelloReplyH\x00R\n" +
@@ -1121,7 +1275,9 @@ const file_control_proto_rawDesc = "" +
 	"\tcommitted\x18\x06 \x01(\v2\x15.phaul.wire.CommittedH\x00R\tcommitted\x12)\n" +
 	"\x05abort\x18\a \x01(\v2\x11.phaul.wire.AbortH\x00R\x05abort\x12&\n" +
 	"\x04ping\x18\b \x01(\v2\x10.phaul.wire.PingH\x00R\x04ping\x12&\n" +
-	"\x04pong\x18\t \x01(\v2\x10.phaul.wire.PongH\x00R\x04pongB\x06\n" +
+	"\x04pong\x18\t \x01(\v2\x10.phaul.wire.PongH\x00R\x04pong\x12?\n" +
+	"\rpostcopy_done\x18\n" +
+	" \x01(\v2\x18.phaul.wire.PostcopyDoneH\x00R\fpostcopyDoneB\x06\n" +
 	"\x04body\"\xeb\x01\n" +
 	"\x05Hello\x12\x1f\n" +
 	"\vmin_version\x18\x01 \x01(\rR\n" +
@@ -1186,11 +1342,31 @@ const file_control_proto_rawDesc = "" +
 	"\x10release_prefault\x18\x04 \x01(\bR\x0freleasePrefault\"G\n" +
 	"\x04Pong\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12-\n" +
-	"\x13populate_ns_per_mib\x18\x02 \x01(\x04R\x10populateNsPerMib*=\n" +
+	"\x13populate_ns_per_mib\x18\x02 \x01(\x04R\x10populateNsPerMib\"\x9f\x03\n" +
+	"\fPostcopyDone\x12\x1f\n" +
+	"\vfault_pages\x18\x01 \x01(\x04R\n" +
+	"faultPages\x12!\n" +
+	"\fpushed_pages\x18\x02 \x01(\x04R\vpushedPages\x12!\n" +
+	"\fremote_pages\x18\x03 \x01(\x04R\vremotePages\x12\x16\n" +
+	"\x06faults\x18\x04 \x01(\x04R\x06faults\x12 \n" +
+	"\ffault_p50_ns\x18\x05 \x01(\x04R\n" +
+	"faultP50Ns\x12 \n" +
+	"\ffault_p99_ns\x18\x06 \x01(\x04R\n" +
+	"faultP99Ns\x12 \n" +
+	"\ffault_max_ns\x18\a \x01(\x04R\n" +
+	"faultMaxNs\x12-\n" +
+	"\x13remote_fault_p50_ns\x18\b \x01(\x04R\x10remoteFaultP50Ns\x12-\n" +
+	"\x13remote_fault_p99_ns\x18\t \x01(\x04R\x10remoteFaultP99Ns\x12-\n" +
+	"\x13remote_fault_max_ns\x18\n" +
+	" \x01(\x04R\x10remoteFaultMaxNs\x12\x1d\n" +
+	"\n" +
+	"fill_nanos\x18\v \x01(\x04R\tfillNanos*a\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tMODE_COLD\x10\x01\x12\x10\n" +
-	"\fMODE_PRECOPY\x10\x02B\"Z github.com/phaul/phaul/core/wireb\x06proto3"
+	"\fMODE_PRECOPY\x10\x02\x12\x11\n" +
+	"\rMODE_POSTCOPY\x10\x03\x12\x0f\n" +
+	"\vMODE_HYBRID\x10\x04B\"Z github.com/phaul/phaul/core/wireb\x06proto3"
 
 var (
 	file_control_proto_rawDescOnce sync.Once
@@ -1205,23 +1381,24 @@ func file_control_proto_rawDescGZIP() []byte {
 }
 
 var file_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_control_proto_goTypes = []any{
-	(Mode)(0),           // 0: phaul.wire.Mode
-	(*Message)(nil),     // 1: phaul.wire.Message
-	(*Hello)(nil),       // 2: phaul.wire.Hello
-	(*HelloReply)(nil),  // 3: phaul.wire.HelloReply
-	(*HostReport)(nil),  // 4: phaul.wire.HostReport
-	(*CheckItem)(nil),   // 5: phaul.wire.CheckItem
-	(*CriuOptions)(nil), // 6: phaul.wire.CriuOptions
-	(*Restore)(nil),     // 7: phaul.wire.Restore
-	(*FileInfo)(nil),    // 8: phaul.wire.FileInfo
-	(*Prepared)(nil),    // 9: phaul.wire.Prepared
-	(*Commit)(nil),      // 10: phaul.wire.Commit
-	(*Committed)(nil),   // 11: phaul.wire.Committed
-	(*Abort)(nil),       // 12: phaul.wire.Abort
-	(*Ping)(nil),        // 13: phaul.wire.Ping
-	(*Pong)(nil),        // 14: phaul.wire.Pong
+	(Mode)(0),            // 0: phaul.wire.Mode
+	(*Message)(nil),      // 1: phaul.wire.Message
+	(*Hello)(nil),        // 2: phaul.wire.Hello
+	(*HelloReply)(nil),   // 3: phaul.wire.HelloReply
+	(*HostReport)(nil),   // 4: phaul.wire.HostReport
+	(*CheckItem)(nil),    // 5: phaul.wire.CheckItem
+	(*CriuOptions)(nil),  // 6: phaul.wire.CriuOptions
+	(*Restore)(nil),      // 7: phaul.wire.Restore
+	(*FileInfo)(nil),     // 8: phaul.wire.FileInfo
+	(*Prepared)(nil),     // 9: phaul.wire.Prepared
+	(*Commit)(nil),       // 10: phaul.wire.Commit
+	(*Committed)(nil),    // 11: phaul.wire.Committed
+	(*Abort)(nil),        // 12: phaul.wire.Abort
+	(*Ping)(nil),         // 13: phaul.wire.Ping
+	(*Pong)(nil),         // 14: phaul.wire.Pong
+	(*PostcopyDone)(nil), // 15: phaul.wire.PostcopyDone
 }
 var file_control_proto_depIdxs = []int32{
 	2,  // 0: phaul.wire.Message.hello:type_name -> phaul.wire.Hello
@@ -1233,17 +1410,18 @@ var file_control_proto_depIdxs = []int32{
 	12, // 6: phaul.wire.Message.abort:type_name -> phaul.wire.Abort
 	13, // 7: phaul.wire.Message.ping:type_name -> phaul.wire.Ping
 	14, // 8: phaul.wire.Message.pong:type_name -> phaul.wire.Pong
-	0,  // 9: phaul.wire.Hello.mode:type_name -> phaul.wire.Mode
-	4,  // 10: phaul.wire.Hello.host:type_name -> phaul.wire.HostReport
-	6,  // 11: phaul.wire.Hello.criu:type_name -> phaul.wire.CriuOptions
-	4,  // 12: phaul.wire.HelloReply.host:type_name -> phaul.wire.HostReport
-	5,  // 13: phaul.wire.HostReport.items:type_name -> phaul.wire.CheckItem
-	8,  // 14: phaul.wire.Restore.files:type_name -> phaul.wire.FileInfo
-	15, // [15:15] is the sub-list for method output_type
-	15, // [15:15] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	15, // 9: phaul.wire.Message.postcopy_done:type_name -> phaul.wire.PostcopyDone
+	0,  // 10: phaul.wire.Hello.mode:type_name -> phaul.wire.Mode
+	4,  // 11: phaul.wire.Hello.host:type_name -> phaul.wire.HostReport
+	6,  // 12: phaul.wire.Hello.criu:type_name -> phaul.wire.CriuOptions
+	4,  // 13: phaul.wire.HelloReply.host:type_name -> phaul.wire.HostReport
+	5,  // 14: phaul.wire.HostReport.items:type_name -> phaul.wire.CheckItem
+	8,  // 15: phaul.wire.Restore.files:type_name -> phaul.wire.FileInfo
+	16, // [16:16] is the sub-list for method output_type
+	16, // [16:16] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -1261,6 +1439,7 @@ func file_control_proto_init() {
 		(*Message_Abort)(nil),
 		(*Message_Ping)(nil),
 		(*Message_Pong)(nil),
+		(*Message_PostcopyDone)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1268,7 +1447,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -150,6 +150,8 @@ func Name(m *Message) string {
 		return "committed"
 	case *Message_Abort:
 		return "abort"
+	case *Message_PostcopyDone:
+		return "postcopy_done"
 	case *Message_Ping:
 		return "ping"
 	case *Message_Pong:
