@@ -43,6 +43,7 @@ type precopyRow struct {
 	name                string
 	coldDown, preDown   time.Duration
 	coldStall, preStall time.Duration // the longest gap between the workload's own steps
+	coldTick, preTick   time.Duration // the longest gap of its 1 ms ticker from the migration on
 	coldTotal, preTotal time.Duration
 	coldWire, preWire   float64
 	preRounds           float64
@@ -64,21 +65,28 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 			w := testenv.StartWorkload(b, e.hosts.Src, opts)
 			w.WaitProgress(b, 2)
 			warmMemoryBytes(warm)
+			mark := time.Now()
 			r := e.migrateQuiet(w.PID(), "--mode", mode)
 			if r.code != 0 || r.str("result") != "ok" {
 				b.Fatalf("migrate --mode %s: exit %d\n%s", mode, r.code, r.out)
 			}
 			down := time.Duration(r.num("downtime_ms") * float64(time.Millisecond))
-			stall := workloadStall(b, w)
+			stall := workloadStall(b, w) // waits for steps of the restored copy
+			tick, err := w.LongestTickGap(mark)
+			if err != nil {
+				b.Fatal(err)
+			}
 			total := time.Duration(r.num("total_ms") * float64(time.Millisecond))
 			if mode == "cold" {
 				row.coldDown += down
 				row.coldStall += stall
+				row.coldTick += tick
 				row.coldTotal += total
 				row.coldWire += r.num("bytes_wire")
 			} else {
 				row.preDown += down
 				row.preStall += stall
+				row.preTick += tick
 				row.preTotal += total
 				row.preWire += r.num("bytes_wire")
 				rounds, _ := r.stats["rounds"].([]any)
@@ -95,6 +103,7 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 	row.coldDown, row.preDown, row.coldTotal, row.preTotal, row.floor = row.coldDown/d, row.preDown/d, row.coldTotal/d, row.preTotal/d, row.floor/d
 	row.predicted, row.criuPart = row.predicted/d, row.criuPart/d
 	row.coldStall, row.preStall = row.coldStall/d, row.preStall/d
+	row.coldTick, row.preTick = row.coldTick/d, row.preTick/d
 	row.coldWire /= float64(n)
 	row.preWire /= float64(n)
 	row.preRounds /= float64(n)
@@ -105,6 +114,8 @@ func benchPrecopy(b *testing.B, mib, rate int) precopyRow {
 	b.ReportMetric(msOf(row.preDown), "precopy-downtime-ms")
 	b.ReportMetric(msOf(row.coldStall), "cold-workload-stall-ms")
 	b.ReportMetric(msOf(row.preStall), "precopy-workload-stall-ms")
+	b.ReportMetric(msOf(row.coldTick), "cold-workload-tick-stall-ms")
+	b.ReportMetric(msOf(row.preTick), "precopy-workload-tick-stall-ms")
 	b.ReportMetric(msOf(row.floor), "precopy-floor-ms")
 	b.ReportMetric(msOf(row.predicted), "precopy-predicted-floor-ms")
 	b.ReportMetric(row.preRounds, "precopy-rounds")

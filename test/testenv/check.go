@@ -154,3 +154,23 @@ func (w *Workload) LongestStall() (time.Duration, error) {
 	st, err := w.state()
 	return st.longestStall(), err
 }
+
+// TickGaps returns every gap of the workload's ticker thread logged so far
+// (every copy, in log order): per step, the longest gap between its 1 ms
+// wakeups since the step before, if over 5 ms (see TickGap).
+func (w *Workload) TickGaps() ([]TickGap, error) {
+	st, err := w.state()
+	return st.ticks, err
+}
+
+// LongestTickGap returns the longest gap of the workload's ticker thread
+// that ended after since, such as a mark taken before a migration: the
+// longest time the process could not run from then on (a thread needing
+// only the CPU and its own page was not woken), measured apart from its
+// steps. A gap that spans a freeze ends only when the restored copy
+// runs again, so wait for its progress first (WaitProgress). Zero means no
+// gap over 5 ms; a gap under way is not logged yet.
+func (w *Workload) LongestTickGap(since time.Time) (time.Duration, error) {
+	st, err := w.state()
+	return st.longestTickGap(since).Gap, err
+}

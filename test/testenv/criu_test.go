@@ -46,9 +46,19 @@ func TestWorkloadMigratesWithCRIU(t *testing.T) {
 			tt.opts.ExtUnix = sink.Path
 			w := StartWorkload(t, h.Src, tt.opts)
 			w.WaitProgress(t, 10)
+			mark := time.Now()
 			dumped := migrate(t, criu, h, w, tt.flags)
+			restored := time.Since(mark)
 			w.WaitProgress(t, 25)
 			w.CheckHealthy(t)
+			// The ticker thread was restored too: a wakeup in the restored
+			// copy ended the gap that spans the dump and the restore.
+			tick, err := w.LongestTickGap(mark)
+			stall, _ := w.LongestStall()
+			t.Logf("dump and restore took %v; longest tick gap %v, step stall %v", restored, tick, stall)
+			if err != nil || tick <= tickReport || tick > time.Since(mark) {
+				t.Errorf("longest tick gap %v, %v; want the freeze: over %v, under %v", tick, err, tickReport, time.Since(mark))
+			}
 			for _, mode := range tt.modes {
 				if !checkedAfter(t, w, dumped, mode) {
 					t.Errorf("no %q line after step %d, the last before the dump", "ok "+mode, dumped)

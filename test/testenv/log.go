@@ -16,6 +16,20 @@ type Step struct {
 	Verified uint64    // full memory verifications finished so far
 }
 
+// TickGap is one "tick gap=G t=NS" line of a workload log: the longest gap
+// between two wakeups of the workload's ticker thread, which sleeps 1 ms at
+// a time, in the window since the step before (one line per step at most,
+// only gaps over 5 ms). The ticker touches no memory but its own page and
+// stack, so Gap is a time the process could not run, whatever its steps do:
+// a freeze, a restore, faults on those pages, the scheduler.
+type TickGap struct {
+	Gap time.Duration // CLOCK_MONOTONIC between the two wakeups
+	End time.Time     // CLOCK_REALTIME of the logging host at the second
+}
+
+// tickReport is the shortest gap the workload logs (TICK_REPORT_NS).
+const tickReport = 5 * time.Millisecond
+
 // ErrUnhealthy is wrapped by every health error: the workload reported a
 // CORRUPT or FAIL line, or its steps or verification count went wrong.
 var ErrUnhealthy = errors.New("workload unhealthy")
@@ -27,6 +41,7 @@ var errMalformed = errors.New("malformed workload log line")
 type logState struct {
 	lines []string // every complete line
 	steps []Step
+	ticks []TickGap
 	bad   []string // CORRUPT and FAIL lines
 }
 
@@ -50,6 +65,12 @@ func parseLog(data []byte) (logState, error) {
 				return st, fmt.Errorf("line %d: %w", i+1, err)
 			}
 			st.steps = append(st.steps, s)
+		case strings.HasPrefix(line, "tick "):
+			g, err := parseTick(line)
+			if err != nil {
+				return st, fmt.Errorf("line %d: %w", i+1, err)
+			}
+			st.ticks = append(st.ticks, g)
 		case strings.HasPrefix(line, "CORRUPT"), strings.HasPrefix(line, "FAIL"):
 			st.bad = append(st.bad, line)
 		}
@@ -77,6 +98,30 @@ func parseStep(line string) (Step, error) {
 		return Step{}, fmt.Errorf("%w: %q", errMalformed, line)
 	}
 	return Step{N: v[0], Time: time.Unix(0, int64(v[1])), PID: int(v[2]), Verified: v[3]}, nil
+}
+
+// parseTick parses exactly "tick gap=G t=NS", G and NS below 2^63.
+func parseTick(line string) (TickGap, error) {
+	f := strings.Split(line, " ")
+	keys := [...]string{"gap=", "t="}
+	if len(f) != 1+len(keys) || f[0] != "tick" {
+		return TickGap{}, fmt.Errorf("%w: %q", errMalformed, line)
+	}
+	var v [len(keys)]int64
+	for i, k := range keys {
+		num, ok := strings.CutPrefix(f[1+i], k)
+		n, err := strconv.ParseUint(num, 10, 63)
+		if !ok || err != nil {
+			return TickGap{}, fmt.Errorf("%w: %q", errMalformed, line)
+		}
+		v[i] = int64(n)
+	}
+	return TickGap{Gap: time.Duration(v[0]), End: time.Unix(0, v[1])}, nil
+}
+
+// formatTick is the workload's format, for tests.
+func formatTick(g TickGap) string {
+	return fmt.Sprintf("tick gap=%d t=%d", int64(g.Gap), g.End.UnixNano())
 }
 
 // formatStep is the workload's format, for tests.
@@ -140,6 +185,19 @@ func (st logState) longestStall() time.Duration {
 	var longest time.Duration
 	for i := 1; i < len(st.steps); i++ {
 		longest = max(longest, st.steps[i].Time.Sub(st.steps[i-1].Time))
+	}
+	return longest
+}
+
+// longestTickGap returns the longest gap of the ticker that ended after
+// since (so it overlaps the time from since on), zero if none over 5 ms was
+// logged.
+func (st logState) longestTickGap(since time.Time) TickGap {
+	var longest TickGap
+	for _, g := range st.ticks {
+		if g.End.After(since) && g.Gap > longest.Gap {
+			longest = g
+		}
 	}
 	return longest
 }

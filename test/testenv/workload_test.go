@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
 func TestWorkload(t *testing.T) {
@@ -251,4 +253,51 @@ func TestWorkloadSecondCopy(t *testing.T) {
 	if err := dup.Wait(); err == nil {
 		t.Error("second copy exited 0 after Kill")
 	}
+}
+
+// TestWorkloadTicker checks the ticker's measurement: a process stopped for
+// 200 ms logs a gap of about that, and small gaps otherwise. The machine is
+// shared and noisy, so the bounds are loose.
+func TestWorkloadTicker(t *testing.T) {
+	const stop = 200 * time.Millisecond
+	w := StartWorkload(t, nil, WorkloadOpts{MiB: 4})
+	w.WaitProgress(t, 10)
+	before, err := w.TickGaps()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range before {
+		if g.Gap <= tickReport || g.Gap > 100*time.Millisecond {
+			t.Errorf("running: gap %v logged, want none over 100ms and none under %v", g.Gap, tickReport)
+		}
+	}
+
+	mark := time.Now()
+	if err := syscall.Kill(w.PID(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	WaitFor(t, 10*time.Second, func() (bool, error) {
+		st, err := linux.ReadProcessStat(w.PID())
+		return err == nil && st.State == 'T', err
+	})
+	time.Sleep(stop) // the stall to measure, not a wait for an event
+	if err := syscall.Kill(w.PID(), syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	// The ticker's next wakeup ends the gap and the step after it logs it.
+	w.WaitProgress(t, 3)
+	got, err := w.LongestTickGap(mark)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("stopped %v: longest tick gap %v (%d gaps logged before)", stop, got, len(before))
+	// The gap began at most a tick before mark and ended before now.
+	if got < stop*3/4 || got > time.Since(mark)+100*time.Millisecond {
+		t.Errorf("stopped %v: longest tick gap %v, want at least %v and at most %v since the stop",
+			stop, got, stop*3/4, time.Since(mark))
+	}
+	if all, err := w.LongestTickGap(time.Time{}); err != nil || all != got {
+		t.Errorf("longest tick gap of the whole log %v, %v; want the stop's %v", all, err, got)
+	}
+	w.CheckHealthy(t)
 }

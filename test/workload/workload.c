@@ -18,11 +18,19 @@
 // Log (--log, O_APPEND, one write(2) per line):
 //   start pid=P pages=N region=0xADDR threads=T rate=R shm=0|1 fill=F once
 //   step=S t=<CLOCK_REALTIME ns> pid=<getpid()> verified=V   every ~50 ms
+//   tick gap=G t=<CLOCK_REALTIME ns>  after a step, if the ticker's longest
+//                                  gap since the step before is over 5 ms
 //   ok <mode> ...                  a mode's check passed (every 10 steps)
 //   CORRUPT page=I want=V got=W word=K                         then exit 3
 //   FAIL <mode> ...                                            then exit 4
 //   exit signal=TERM step=S                                    then exit 0
 // S and V (full verifications) live in memory: after a migration they go on.
+// The ticker, a thread of its own, sleeps 1 ms (CLOCK_MONOTONIC) at a time and
+// touches no memory but its own state (one page) and stack: G is the longest
+// CLOCK_MONOTONIC ns between two of its wakeups, t when that gap ended. A
+// freeze, a restore or faults on those pages stall it like any thread, so G
+// is the stall the process saw, however long a step or a verification takes.
+// Steps report and reset it: each window's longest gap, if over 5 ms.
 //
 // Modes, each holding state that needs a CRIU option:
 //   --tcp-pair       two threads ping-pong a counter over 127.0.0.1 TCP
@@ -89,6 +97,8 @@
 #define STEP_NS 50000000LL  // one step line per 50 ms
 #define CHECK_STEPS 10      // mode checks every 10 steps
 #define TCP_STALL_STEPS 200 // no TCP round trip in 200 running steps: FAIL
+#define TICK_NS 1000000LL   // the ticker's sleep
+#define TICK_REPORT_NS 5000000LL // longer ticker gaps are logged
 
 static struct {
 	long mib, threads, rate, verify_ms, ghost_kib, children, untouched_mib;
@@ -231,6 +241,42 @@ static void *writer(void *arg) {
 		sleep_ns(1000000);
 	}
 	return NULL;
+}
+
+// tick_state is the ticker's, a page of its own (the first member's
+// alignment pads it) that it shares with no other data.
+static struct {
+	_Alignas(PAGE) pthread_mutex_t mu;
+	int64_t gap, end; // guarded by mu: longest gap since the last report, its end (CLOCK_REALTIME)
+} tick_state = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+// ticker wakes every TICK_NS and records the longest gap between two
+// wakeups. It touches no memory but tick_state and its own stack (glibc
+// keeps the thread's control block there) and reads the clocks in the vDSO.
+// An early wakeup (EINTR: CRIU's restore interrupts the sleep) counts as one.
+static void *ticker(void *arg) {
+	const struct timespec d = ts_of(TICK_NS);
+	for (int64_t prev = now_ns(CLOCK_MONOTONIC);;) {
+		clock_nanosleep(CLOCK_MONOTONIC, 0, &d, NULL);
+		int64_t now = now_ns(CLOCK_MONOTONIC), gap = now - prev;
+		prev = now;
+		pthread_mutex_lock(&tick_state.mu);
+		if (gap > tick_state.gap)
+			tick_state.gap = gap, tick_state.end = now_ns(CLOCK_REALTIME);
+		pthread_mutex_unlock(&tick_state.mu);
+	}
+	return arg;
+}
+
+// report_tick logs the ticker's longest gap since the last call, if over
+// TICK_REPORT_NS, and starts a new window.
+static void report_tick(void) {
+	pthread_mutex_lock(&tick_state.mu);
+	int64_t gap = tick_state.gap, end = tick_state.end;
+	tick_state.gap = 0;
+	pthread_mutex_unlock(&tick_state.mu);
+	if (gap > TICK_REPORT_NS)
+		logline("tick gap=%ld t=%ld", gap, end);
 }
 
 static void *verifier(void *arg) {
@@ -635,12 +681,14 @@ int main(int argc, char **argv) {
 	for (long i = 0; i < o.threads; i++)
 		start(writer, i);
 	start(verifier, 0);
+	start(ticker, 0);
 	if (o.tcp && !child)
 		start(tcp_ping, 0), start(tcp_pong, 0);
 
 	for (int64_t next = now_ns(CLOCK_MONOTONIC);;) {
 		logline("step=%lu t=%ld pid=%d verified=%lu", ++step, now_ns(CLOCK_REALTIME),
 			getpid(), atomic_load(&verified));
+		report_tick();
 		if (o.ext_unix && !child)
 			tick_ext_unix();
 		if (step % CHECK_STEPS == 1 && !child)
