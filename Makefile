@@ -53,6 +53,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzHeader -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzServeFetch -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzFetchAnswers -fuzztime $(FUZZTIME) ./pageserver/
+	$(GO) test -run '^$$' -fuzz FuzzParseStep -fuzztime $(FUZZTIME) ./test/testenv/
+	$(GO) test -run '^$$' -fuzz FuzzParseTick -fuzztime $(FUZZTIME) ./test/testenv/
 	$(GO) test -run '^$$' -fuzz FuzzNftDecode -fuzztime $(FUZZTIME) ./core/linux/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeUffdMsg -fuzztime $(FUZZTIME) ./core/linux/
 	$(GO) test -run '^$$' -fuzz FuzzParseSmaps -fuzztime $(FUZZTIME) ./core/linux/
