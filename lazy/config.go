@@ -20,6 +20,16 @@ type Source interface {
 	ReadPages(ctx context.Context, id uint64, vaddr uint64, buf []byte) error
 }
 
+type faultReadKey struct{}
+
+// IsFaultRead reports whether a Source read is for a thread waiting on a
+// fault (else it is the background fill's): a Source over the network
+// sends those ahead of bulk reads.
+func IsFaultRead(ctx context.Context) bool {
+	v, _ := ctx.Value(faultReadKey{}).(bool)
+	return v
+}
+
 // SocketName is the socket CRIU's restore connects to, relative to its
 // work dir.
 const SocketName = "lazy-pages.socket"

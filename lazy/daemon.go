@@ -82,8 +82,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	l.ctrl, l.spawn = ctrlc, g.Go
 	g.Go(func() error { <-gctx.Done(); conn.Close(); return nil }) // unblocks control
 	g.Go(func() error { return d.control(gctx, conn, ctrlc) })
+	fctx := context.WithValue(gctx, faultReadKey{}, true)
 	for range d.cfg.FaultReads {
-		g.Go(func() error { return fetcher(gctx, d.cfg.Source, l.faultReq, l.faultDone) })
+		g.Go(func() error { return fetcher(fctx, d.cfg.Source, l.faultReq, l.faultDone) })
 	}
 	g.Go(func() error { return fetcher(gctx, d.cfg.Source, l.bgReq, l.bgDone) })
 	g.Go(func() error {

@@ -43,6 +43,9 @@ type MigrateConfig struct {
 	DowntimeTarget time.Duration
 	DowntimeFloor  time.Duration
 	MaxRounds      int
+	// HybridRounds bounds hybrid's pre-copy rounds (the dirty set left
+	// then moves after the resume).
+	HybridRounds int
 	// AutoConverge throttles a tree that dirties memory faster than the
 	// link carries it (cgroup v1 cpu controller, a group phaul creates):
 	// 20% of its CPU first, 10% more each time it stays too fast.
@@ -95,6 +98,7 @@ func DefaultMigrateConfig() MigrateConfig {
 		DowntimeTarget: 300 * time.Millisecond,
 		DowntimeFloor:  150 * time.Millisecond,
 		MaxRounds:      30,
+		HybridRounds:   5,
 		Prefault:       true,
 		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
 		DumpLock:       filepath.Join(os.TempDir(), "phaul-dump.lock"),
@@ -134,7 +138,7 @@ func (c MigrateConfig) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("--compress %q: want auto, on or off", c.Compress))
 	}
-	if c.Mode == ModePrecopy {
+	if c.Mode.rounds() {
 		if c.Tracker != dirty.KindAuto && c.Tracker != "" {
 			if err := dirty.Available(c.Tracker); err != nil {
 				errs = append(errs, fmt.Errorf("--tracker: %w", err))
@@ -143,8 +147,8 @@ func (c MigrateConfig) Validate() error {
 		if c.FinalDump != FinalDumpLazy && c.FinalDump != FinalDumpFull {
 			errs = append(errs, fmt.Errorf("--final-dump %q: want lazy or full", c.FinalDump))
 		}
-		if c.DowntimeTarget <= 0 || c.DowntimeFloor < 0 || c.MaxRounds < 1 {
-			errs = append(errs, errors.New("--downtime-target and --max-rounds must be positive"))
+		if c.DowntimeTarget <= 0 || c.DowntimeFloor < 0 || c.MaxRounds < 1 || c.HybridRounds < 1 {
+			errs = append(errs, errors.New("--downtime-target, --max-rounds and --hybrid-rounds must be positive"))
 		}
 	}
 	if c.PageStreams < 1 || c.PageStreams > pageserver.MaxLanes {

@@ -127,6 +127,10 @@ type incoming struct {
 	group *cgroup.Group // phaul/<id>: CRIU and the tree it restores until COMMIT
 	hold  *heldRestore  // the restore, held in post-restore until COMMIT
 	lazy  *lazyRestore  // its lazy-pages daemon; nil: the restore writes all memory
+	// postcopy: the tree resumes before its memory arrived; fetch is the
+	// source's end of the fetch streams it asks for the rest on.
+	postcopy bool
+	fetch    *fetchClients
 	pid   int           // restored root
 	// reserve is the memory a prefault filled, held until the restore
 	// starts (or the migration ends).
@@ -179,7 +183,17 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 	if !migrationIDRe.MatchString(h.GetMigrationId()) {
 		return nil, refuse("bad migration id")
 	}
-	if m := h.GetMode(); m != wire.Mode_MODE_COLD && m != wire.Mode_MODE_PRECOPY {
+	postcopy := false
+	switch h.GetMode() {
+	case wire.Mode_MODE_COLD, wire.Mode_MODE_PRECOPY:
+	case wire.Mode_MODE_POSTCOPY, wire.Mode_MODE_HYBRID:
+		// The tree resumes before its memory arrived: only a lazy
+		// restore can do that.
+		if err := linux.HaveUserfaultfd(); err != nil {
+			return nil, refuse(fmt.Sprintf("mode %v needs userfaultfd for the lazy restore: %v", h.GetMode(), err))
+		}
+		postcopy = true
+	default:
 		return nil, refuse(fmt.Sprintf("mode %v not supported", h.GetMode()))
 	}
 	opts := optionsFromWire(h.GetCriu())
@@ -206,7 +220,7 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 		reply(false, err.Error())
 		return nil, err
 	}
-	in := &incoming{id: h.GetMigrationId(), sess: sess, ctl: ctl, opts: opts,
+	in := &incoming{id: h.GetMigrationId(), sess: sess, ctl: ctl, opts: opts, postcopy: postcopy,
 		log: log.With("migration", h.GetMigrationId())}
 	if err := s.register(in); err != nil {
 		reply(false, err.Error())
@@ -262,9 +276,7 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 	defer func() {
 		switch {
 		case committed:
-			// The images are the lazy pages' source until the fill ends.
-			in.lazy.wait()
-			s.removeImages(in)
+			s.finishRestore(in)
 		case !prepared:
 			s.cleanup(in)
 		}
@@ -339,7 +351,7 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 		switch b := m.GetBody().(type) {
 		case *wire.Message_Ping:
 			pong := &wire.Pong{Seq: b.Ping.GetSeq()}
-			lazy := s.lazyRestore()
+			lazy := s.lazyRestore(in)
 			if b.Ping.GetProbePopulate() {
 				// A lazy restore writes no memory inside the freeze.
 				pong.PopulateNsPerMib = 1
@@ -483,6 +495,12 @@ func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File
 		}()
 		if st, err = in.sess.AcceptStream(ctx); err != nil {
 			return nil, errors.Join(fmt.Errorf("images stream: %w", err), <-pagesDone)
+		}
+		if in.postcopy {
+			// Then post-copy's fetch streams.
+			if in.fetch, st, err = acceptFetch(ctx, in.sess, st); err != nil {
+				return nil, errors.Join(err, <-pagesDone)
+			}
 		}
 	}
 	defer st.Close()
@@ -632,9 +650,10 @@ func (s *Server) receivePages(ctx context.Context, in *incoming, lanes []*transp
 	return nil
 }
 
-// lazyRestore reports whether restores here are lazy.
-func (s *Server) lazyRestore() bool {
-	return s.cfg.LazyRestore && linux.HaveUserfaultfd() == nil
+// lazyRestore reports whether in's restore is lazy: post-copy's always
+// is, the others with --lazy-restore.
+func (s *Server) lazyRestore(in *incoming) bool {
+	return in.postcopy || (s.cfg.LazyRestore && linux.HaveUserfaultfd() == nil)
 }
 
 // restore has CRIU rebuild the tree inside a cgroup this service owns
@@ -654,8 +673,8 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 		Options:   in.opts,
 		Hooks:     criu.Hooks{Started: g.Add},
 	}
-	if s.lazyRestore() {
-		if in.lazy, err = startLazyRestore(in.dir, req.ImagesDir, in.log); err != nil {
+	if s.lazyRestore(in) {
+		if in.lazy, err = startLazyRestore(in.dir, req.ImagesDir, in.fetch, in.log); err != nil {
 			return 0, fmt.Errorf("restore: %w", err)
 		}
 		req.LazyPages = true
@@ -697,6 +716,7 @@ func (s *Server) cleanup(in *incoming) {
 	}
 	in.lazy.abort() // after the tree is gone
 	in.lazy = nil
+	in.fetch.close()
 	if in.group != nil {
 		if err := in.group.Kill(5 * time.Second); err != nil {
 			in.log.Error("kill restored tree", "err", err)
@@ -710,6 +730,27 @@ func (s *Server) cleanup(in *incoming) {
 			in.log.Warn("remove work dir", "err", err)
 		}
 	}
+}
+
+// finishRestore waits for a committed tree's lazy pages (the images are
+// their source until the fill ends), tells a post-copy source that it may
+// drop its copy, and removes the migration's files.
+func (s *Server) finishRestore(in *incoming) {
+	st, err := in.lazy.wait()
+	if in.postcopy {
+		var remote *remoteSource
+		if in.lazy != nil {
+			remote = in.lazy.remote
+		}
+		if err == nil {
+			err = postcopyDone(in, st, remote)
+		}
+		if err != nil {
+			in.log.Error("post-copy failed: the tree runs here and lacks pages the source held", "err", err)
+		}
+		in.fetch.close()
+	}
+	s.removeImages(in)
 }
 
 // removeImages drops a committed migration's files.

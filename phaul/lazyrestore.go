@@ -17,6 +17,7 @@ import (
 type lazyRestore struct {
 	d      *lazy.Daemon
 	src    *lazy.ImageSource
+	remote *remoteSource // post-copy: pages still at the source; nil otherwise
 	cancel context.CancelFunc // ends Serve (abort only)
 	done   chan error         // Serve's result; buffered
 	t0     time.Time
@@ -24,8 +25,19 @@ type lazyRestore struct {
 }
 
 // startLazyRestore listens on workDir/lazy-pages.socket and serves the
-// restore from the images in imagesDir until every lazy page is in place.
-func startLazyRestore(workDir, imagesDir string, log *slog.Logger) (*lazyRestore, error) {
+// restore from the images in imagesDir until every lazy page is in place;
+// in post-copy (fetch set) the pages the final set left at the source come
+// from there.
+func startLazyRestore(workDir, imagesDir string, fetch *fetchClients, log *slog.Logger) (*lazyRestore, error) {
+	var remote *remoteSource
+	if fetch != nil {
+		spans, pages, err := remoteSpans(imagesDir)
+		if err != nil {
+			return nil, fmt.Errorf("lazy restore: pages at the source: %w", err)
+		}
+		remote = &remoteSource{fetch: fetch, remote: spans}
+		log.Info("post-copy: pages at the source", "pages", pages, "tasks", len(spans))
+	}
 	// phaul's store writes every page present; mark those CRIU may leave
 	// to the daemon, as its own dump would.
 	marked, err := lazy.MarkImages(imagesDir)
@@ -36,6 +48,10 @@ func startLazyRestore(workDir, imagesDir string, log *slog.Logger) (*lazyRestore
 	src := lazy.NewImageSource(imagesDir)
 	cfg := lazy.DefaultConfig()
 	cfg.WorkDir, cfg.ImagesDir, cfg.Source, cfg.Logger = workDir, imagesDir, src, log
+	if remote != nil {
+		remote.local = src
+		cfg.Source = remote
+	}
 	d, err := lazy.Listen(cfg)
 	if err != nil {
 		src.Close()
@@ -45,7 +61,7 @@ func startLazyRestore(workDir, imagesDir string, log *slog.Logger) (*lazyRestore
 	// runs, its pages must arrive whatever else happens; only abort ends
 	// it early.
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &lazyRestore{d: d, src: src, cancel: cancel, done: make(chan error, 1), t0: time.Now(), log: log}
+	l := &lazyRestore{d: d, src: src, remote: remote, cancel: cancel, done: make(chan error, 1), t0: time.Now(), log: log}
 	go func() { // owned by l: wait or abort collect it
 		err := d.Serve(ctx)
 		if err != nil && ctx.Err() == nil {
@@ -68,11 +84,11 @@ func (l *lazyRestore) abort() {
 	l.src.Close()
 }
 
-// wait returns once every lazy page is in place (or the daemon failed) and
-// logs what the fill took.
-func (l *lazyRestore) wait() error {
+// wait returns once every lazy page is in place (or the daemon failed),
+// logs what the fill took and returns the daemon's account.
+func (l *lazyRestore) wait() (lazy.Stats, error) {
 	if l == nil {
-		return nil
+		return lazy.Stats{}, nil
 	}
 	err := <-l.done
 	l.cancel()
@@ -83,10 +99,10 @@ func (l *lazyRestore) wait() error {
 		// thread that touches one waits, and say so.
 		l.log.Error("lazy restore failed: threads touching the missing pages wait; the tree is incomplete",
 			"err", err, "stats", fmt.Sprintf("%+v", st))
-		return fmt.Errorf("lazy restore: %w", err)
+		return st, fmt.Errorf("lazy restore: %w", err)
 	}
 	l.d.Close()
 	l.src.Close()
 	l.log.Info("lazy restore done", "stats", fmt.Sprintf("%+v", st), "dur", time.Since(l.t0))
-	return nil
+	return st, nil
 }

@@ -13,14 +13,15 @@ const (
 	PhaseTransfer               // images on the wire
 	PhaseRestore                // destination restoring the tree stopped
 	PhasePrepared               // destination holds a stopped copy
-	PhaseCommit                 // source tree killed, COMMIT sent
-	PhaseDone                   // destination runs the tree
+	PhaseCommit                 // source tree killed (post-copy: held), COMMIT sent
+	PhasePostcopy               // post-copy: the destination runs the tree and fetches what it lacks
+	PhaseDone                   // destination runs the tree, all of its memory there
 	PhaseRollback               // failure before commit: source resumes
 	PhaseInDoubt                // commit outcome unknown
 )
 
 var phaseNames = [...]string{"preflight", "connect", "rounds", "dump", "transfer", "restore", "prepared",
-	"commit", "done", "rollback", "in-doubt"}
+	"commit", "postcopy", "done", "rollback", "in-doubt"}
 
 func (p Phase) String() string {
 	if p >= 0 && int(p) < len(phaseNames) {
@@ -41,13 +42,26 @@ const (
 	// ModePrecopy moves memory in rounds while the tree runs, then freezes
 	// it and moves what is left.
 	ModePrecopy Mode = "precopy"
+	// ModePostcopy freezes the tree at once; the destination runs it
+	// before its memory arrived and fetches missing pages on fault, the
+	// rest in the background.
+	ModePostcopy Mode = "postcopy"
+	// ModeHybrid runs pre-copy rounds until the dirty set stops
+	// shrinking or HybridRounds are spent, then post-copy.
+	ModeHybrid Mode = "hybrid"
 )
+
+// postcopy reports whether m resumes the tree before its memory arrived.
+func (m Mode) postcopy() bool { return m == ModePostcopy || m == ModeHybrid }
+
+// rounds reports whether m copies memory while the tree runs.
+func (m Mode) rounds() bool { return m == ModePrecopy || m == ModeHybrid }
 
 // ParseMode checks a --mode value.
 func ParseMode(s string) (Mode, error) {
 	switch Mode(s) {
-	case ModeCold, ModePrecopy:
+	case ModeCold, ModePrecopy, ModePostcopy, ModeHybrid:
 		return Mode(s), nil
 	}
-	return "", fmt.Errorf("mode %q: want precopy or cold (post-copy is not built yet)", s)
+	return "", fmt.Errorf("mode %q: want precopy, hybrid, postcopy or cold", s)
 }

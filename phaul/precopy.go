@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
@@ -83,6 +84,10 @@ type precopy struct {
 	floorD      time.Duration
 	bandwidth   float64
 	lastCollect time.Time
+	// Post-copy: the final set sends what the destination lacks as lazy
+	// entries, recorded in remote, instead of their data.
+	postcopy bool
+	remote   *remoteSet
 }
 
 // progress reports the round in progress, at most every 100 ms.
@@ -456,6 +461,10 @@ func (p *precopy) rounds(ctx context.Context) (string, error) {
 			switch {
 			case expected <= cfg.DowntimeTarget:
 				reason = fmt.Sprintf("expected downtime %v fits the target %v", expected.Round(time.Millisecond), cfg.DowntimeTarget)
+			case cfg.Mode == ModeHybrid && round > cfg.HybridRounds:
+				reason = fmt.Sprintf("hybrid: %d rounds done; %d KiB left for post-copy", cfg.HybridRounds, dirtyBytes>>10)
+			case cfg.Mode == ModeHybrid && dirtyBytes >= last:
+				reason = fmt.Sprintf("hybrid: the dirty set stopped shrinking (%d KiB after %d KiB); the rest moves after the resume", dirtyBytes>>10, last>>10)
 			case round > cfg.MaxRounds:
 				reason = fmt.Sprintf("max rounds (%d) reached; expected downtime %v", cfg.MaxRounds, expected.Round(time.Millisecond))
 			case floor > cfg.DowntimeTarget && dirtyBytes >= last:
@@ -657,7 +666,10 @@ func (p *precopy) final(ctx context.Context) error {
 	p.findMarkers()
 	p.roundPages, p.roundBytes = 0, 0
 	wire0 := p.fw.Stats().WireBytes
-	if err := p.sendPending(ctx); err != nil {
+	if p.postcopy {
+		// Fetched from the held tree after the resume.
+		p.dropDirty()
+	} else if err := p.sendPending(ctx); err != nil {
 		return err
 	}
 	p.s.stats.Rounds = append(p.s.stats.Rounds, Round{Round: len(p.s.stats.Rounds) + 1, Kind: "frozen",
@@ -732,6 +744,9 @@ func (p *precopy) finalLazy(ctx context.Context, imagesDir string) error {
 		return err
 	}
 	var kept, added uint64
+	if p.postcopy {
+		p.remote = newRemoteSet()
+	}
 	for _, e := range ents {
 		k, ok := pagestore.ParsePagemapName(e.Name())
 		if !ok {
@@ -740,6 +755,9 @@ func (p *precopy) finalLazy(ctx context.Context, imagesDir string) error {
 		if err := p.finalPagemap(ctx, imagesDir, e.Name(), k, &kept, &added); err != nil {
 			return fmt.Errorf("final set from %s: %w", e.Name(), err)
 		}
+	}
+	if p.remote != nil {
+		p.s.log.Info("post-copy: pages left at the source", "pages", p.remote.pages, "tasks", len(p.remote.tasks))
 	}
 	// The local page images must not travel: the destination's store
 	// writes the complete set.
@@ -779,12 +797,7 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 	if _, err := p.fw.Open(k); err != nil {
 		return err
 	}
-	var pr *precopyProc
-	for _, x := range p.procs {
-		if x.key == k {
-			pr = x
-		}
-	}
+	pid := -1 // the process holding the lazy pages, looked up once
 	var off int64 // in the pages image
 	for _, e := range pm.Entries {
 		if err := ctx.Err(); err != nil {
@@ -818,12 +831,22 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 				*added += n
 			default:
 				// Lazy: the content is in the held tree.
-				if pr == nil || k.Kind != pagestore.KindTask {
-					return fmt.Errorf("lazy pages of %v, a pagemap phaul did not track", k)
+				if pid < 0 {
+					if pid, err = p.hostPid(k); err != nil {
+						return err
+					}
 				}
-				got, err := linux.ReadProcessMemory(pr.pid, vaddr, buf)
+				if p.postcopy {
+					// Fetched from there after the resume.
+					if err := p.fw.Add(k, vaddr, n, pagestore.FlagLazy, nil); err != nil {
+						return err
+					}
+					p.remote.add(k.ID, pid, vaddr, n)
+					break
+				}
+				got, err := linux.ReadProcessMemory(pid, vaddr, buf)
 				if err != nil || got != len(buf) {
-					return fmt.Errorf("read %d pages at %#x of %d: %d bytes, %v", n, vaddr, pr.pid, got, err)
+					return fmt.Errorf("read %d pages at %#x of %d: %d bytes, %v", n, vaddr, pid, got, err)
 				}
 				if err := p.fw.Add(k, vaddr, n, pagestore.FlagPresent, buf); err != nil {
 					return err
@@ -845,37 +868,56 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 // resumes).
 type lazyHolder struct {
 	conn *net.TCPConn
+	once sync.Once // release
 	done chan error
 }
 
 // holdLazy connects to the lazy dump's listener and ends the session
 // cleanly at once, which kills the source's tree: it runs only once the
 // destination has answered PREPARED, as CRIU kills a cold dump's tree when
-// post-dump succeeds. It sends EOF rather than CLOSE: CRIU corks its
-// lazy-serving socket, and its answer to CLOSE waits out the cork's 200 ms.
+// post-dump succeeds.
 func holdLazy(ctx context.Context, addr string) (*lazyHolder, error) {
+	h, err := holdLazyOpen(ctx, addr)
+	if err == nil {
+		h.release()
+	}
+	return h, err
+}
+
+// holdLazyOpen connects to the lazy dump's listener and keeps the session
+// open: CRIU holds the frozen tree until release. Post-copy serves the
+// destination from it meanwhile.
+func holdLazyOpen(ctx context.Context, addr string) (*lazyHolder, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("lazy dump's page server: %w", err)
 	}
-	conn := c.(*net.TCPConn)
-	// CRIU accepts once the notification is answered; if someone else's
-	// connection was taken instead, this one never sees CRIU's EOF.
-	conn.SetDeadline(time.Now().Add(time.Minute))
-	h := &lazyHolder{conn: conn, done: make(chan error, 1)}
-	go func() { // owned by h; wait collects it
-		err := conn.CloseWrite()
-		if err == nil {
-			// CRIU closes its end when it has ended the session.
-			_, err = io.Copy(io.Discard, conn)
-		}
-		h.done <- errors.Join(err, conn.Close())
-	}()
-	return h, nil
+	return &lazyHolder{conn: c.(*net.TCPConn), done: make(chan error, 1)}, nil
+}
+
+// release ends the session cleanly, which kills the tree. It sends EOF
+// rather than CLOSE: CRIU corks its lazy-serving socket, and its answer
+// to CLOSE waits out the cork's 200 ms. wait collects the result.
+func (h *lazyHolder) release() {
+	h.once.Do(func() {
+		// CRIU accepts once the notification is answered; if someone
+		// else's connection was taken instead, this one never sees
+		// CRIU's EOF.
+		h.conn.SetDeadline(time.Now().Add(time.Minute))
+		go func() { // owned by h; wait collects it
+			err := h.conn.CloseWrite()
+			if err == nil {
+				// CRIU closes its end when it has ended the session.
+				_, err = io.Copy(io.Discard, h.conn)
+			}
+			h.done <- errors.Join(err, h.conn.Close())
+		}()
+	})
 }
 
 func (h *lazyHolder) wait() error {
+	h.release()
 	if err := <-h.done; err != nil {
 		return fmt.Errorf("end the lazy dump: %w", err)
 	}

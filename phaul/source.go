@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/phaul/phaul/core/criu"
@@ -198,8 +199,13 @@ func (s *source) hello(ctx context.Context, stream *transport.Stream, local *wir
 }
 
 func modeToWire(m Mode) wire.Mode {
-	if m == ModePrecopy {
+	switch m {
+	case ModePrecopy:
 		return wire.Mode_MODE_PRECOPY
+	case ModePostcopy:
+		return wire.Mode_MODE_POSTCOPY
+	case ModeHybrid:
+		return wire.Mode_MODE_HYBRID
 	}
 	return wire.Mode_MODE_COLD
 }
@@ -274,9 +280,14 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	var (
 		pre        *precopy
 		filter     *finalFilter
-		lazy       = cfg.Mode == ModePrecopy && cfg.FinalDump == FinalDumpLazy
+		postcopy   = cfg.Mode.postcopy()
+		lazy       = postcopy || (cfg.Mode == ModePrecopy && cfg.FinalDump == FinalDumpLazy)
 		lazyListen string
 		holder     *lazyHolder
+		fetch      *fetchServer
+		// held: post-copy's tree is held by CRIU's lazy session, which
+		// stays open until the destination has every page.
+		held = make(chan struct{})
 		// gone reports that no process of the lazily dumped tree can run
 		// again after phaul ended CRIU's session (each has exited or is
 		// being killed): the commit need not wait for CRIU's cleanup nor
@@ -295,7 +306,15 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 			frozen = time.Now()
 			s.phase(PhaseDump)
 		case "status-ready":
-			if lazy && acked {
+			if postcopy && acked {
+				// The destination fetches from the held tree once it
+				// runs: keep CRIU's session open until it has all.
+				var err error
+				if holder, err = holdLazyOpen(ctx, lazyListen); err != nil {
+					return err
+				}
+				close(held)
+			} else if lazy && acked {
 				// CRIU listens for its lazy client, the tree held:
 				// connect before answering, so that no one else does
 				// first, then close cleanly once CRIU accepts, which
@@ -323,6 +342,9 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 					s.log.Warn("rolling back", "err", err)
 					return err
 				}
+				if postcopy {
+					fetch.serve(pre.remote, s.log)
+				}
 			}
 			var err error
 			sent, prepared, err = s.transfer(ctx, imagesDir, ctlStream)
@@ -338,10 +360,11 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	// CRIU's parasite ("Can't create a directory (-17)", seen with two
 	// migrations started together).
 	store := func(fw *pageserver.Forwarder) pageserver.Store {
-		if cfg.Mode != ModePrecopy {
+		if cfg.Mode == ModeCold {
 			return fw
 		}
 		pre = newPrecopy(s, fw, cfg.PID)
+		pre.postcopy = postcopy
 		filter = &finalFilter{p: pre, ctx: ctx}
 		return filter
 	}
@@ -349,10 +372,19 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	if err != nil {
 		return err
 	}
+	if postcopy {
+		if fetch, err = s.openFetch(ctx); err != nil {
+			pages.finish()
+			return err
+		}
+		defer fetch.close()
+	}
 	if pre != nil {
 		// Whatever the outcome: a killed source needs nothing undone, a
 		// resumed one runs untracked again.
 		defer pre.stop()
+	}
+	if pre != nil && cfg.Mode.rounds() {
 		if err := s.precopyRounds(ctx, pre); err != nil {
 			pages.finish()
 			s.phase(PhaseRollback)
@@ -362,13 +394,13 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	}
 	if lazy {
 		if why := lazyBlocker(cfg.PID); why != "" {
-			lazy = false
+			lazy, postcopy, pre.postcopy = false, false, false
 			s.cfg.FinalDump = FinalDumpFull // the final pass reads it
 			s.stats.FinalDumpWhy = why
 			s.log.Warn("final dump: full, not lazy", "why", why)
 		}
 	}
-	if pre != nil {
+	if pre != nil && cfg.Mode.rounds() {
 		s.stats.FinalDump = s.cfg.FinalDump
 	}
 	unlock, err := linux.LockFile(cfg.DumpLock)
@@ -399,9 +431,24 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		}
 		return err
 	}
+	heldTree := false
+	// endHeld ends a post-copy dump: phaul ends CRIU's session cleanly,
+	// which kills the held tree (never resumes it: from COMMIT on the
+	// destination's copy may run).
+	endHeld := sync.OnceFunc(func() {
+		holder.release()
+		if err := endDump(<-dumpDone); err != nil {
+			s.log.Warn("criu failed after post-copy", "err", err)
+		}
+	})
 	select {
 	case err = <-dumpDone:
 		err = endDump(err)
+	case <-held:
+		// Post-copy: CRIU holds the tree until the destination has
+		// every page; the dump ends after that.
+		heldTree = true
+		defer endHeld()
 	case gerr := <-gone:
 		if gerr == nil {
 			// The tree is dead: commit now, CRIU finishes meanwhile.
@@ -474,6 +521,17 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 		}
 	}
 	s.stats.DestPID = int(c.GetPid())
+	if cfg.Mode.postcopy() {
+		// The destination's tree runs: the source's must never run again,
+		// whatever happens to post-copy.
+		if err := s.awaitPostcopy(ctx, ctlStream, fetch, pre.remote, running); err != nil {
+			s.phase(PhaseInDoubt)
+			return fmt.Errorf("%w: %w", ErrInDoubt, s.postcopyLost(pre.remote, fetch, err))
+		}
+		if heldTree {
+			endHeld()
+		}
+	}
 	s.removeNetworkLock(imagesDir)
 	s.phase(PhaseDone)
 	s.log.Info("migrated", "dest_pid", c.GetPid(), "downtime_ms", s.stats.DowntimeMS,
@@ -496,7 +554,8 @@ func (s *source) precopyRounds(ctx context.Context, pre *precopy) error {
 		s.stats.Tracker = pr.tr.Kind()
 	}
 	s.log.Info("pre-copy rounds done", "rounds", len(s.stats.Rounds), "why", reason)
-	if !s.cfg.Prefault {
+	if !s.cfg.Prefault || s.cfg.Mode.postcopy() {
+		// Hybrid's restore is lazy: it writes no memory in the freeze.
 		return nil
 	}
 	if err := pre.prefault(ctx); err != nil {

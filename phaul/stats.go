@@ -61,8 +61,42 @@ type Stats struct {
 	PrefaultMS float64 `json:"prefault_ms,omitempty"`
 	// AutoConvergePct: the highest throttle --auto-converge applied.
 	AutoConvergePct int `json:"auto_converge_pct,omitempty"`
+	// Post-copy and hybrid: what moved after the resume.
+	Postcopy *PostcopyStats `json:"postcopy,omitempty"`
 
 	start time.Time // monotonic reference
+}
+
+// PostcopyStats describe post-copy, from the destination's resume
+// (COMMITTED) to every page there (PostcopyDone).
+type PostcopyStats struct {
+	// MS: resume to the last page in place (as the source sees it:
+	// COMMITTED to PostcopyDone).
+	MS float64 `json:"ms"`
+	// RemotePages: the pages the final set left at the source; the source
+	// served ServedFaultPages on the fault stream and ServedFillPages on
+	// the fill stream (RefusedRequests it could not), BytesWire in all.
+	RemotePages      uint64 `json:"remote_pages"`
+	ServedFaultPages uint64 `json:"served_fault_pages"`
+	ServedFillPages  uint64 `json:"served_fill_pages"`
+	RefusedRequests  uint64 `json:"refused_requests,omitempty"`
+	BytesWire        uint64 `json:"bytes_wire"`
+	// The destination's lazy-pages daemon: pages copied because a thread
+	// faulted (local or remote) and in the background, faults, and fault
+	// latency (fault read to the copy that resolved it) over every fault
+	// and over those that fetched from the source (its round trip).
+	FaultPages       uint64  `json:"fault_pages"`
+	PushedPages      uint64  `json:"pushed_pages"`
+	Faults           uint64  `json:"faults"`
+	FaultP50MS       float64 `json:"fault_p50_ms"`
+	FaultP99MS       float64 `json:"fault_p99_ms"`
+	FaultMaxMS       float64 `json:"fault_max_ms"`
+	RemoteFaultP50MS float64 `json:"remote_fault_p50_ms"`
+	RemoteFaultP99MS float64 `json:"remote_fault_p99_ms"`
+	RemoteFaultMaxMS float64 `json:"remote_fault_max_ms"`
+	// DestFillMS: the destination's own measure, its daemon's finish
+	// marker to the last page.
+	DestFillMS float64 `json:"dest_fill_ms"`
 }
 
 // PhaseMark records when a phase began.

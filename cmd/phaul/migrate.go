@@ -30,12 +30,13 @@ func migrateCommand() *cli.Command {
 			criuFlag(),
 			&cli.StringFlag{Name: "to", Required: true, Usage: "destination HOST:PORT; its certificate must name HOST"},
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
-			&cli.StringFlag{Name: "mode", Value: string(def.Mode), Usage: "precopy (memory moves in rounds while the tree runs) or cold (freeze, then move everything)"},
+			&cli.StringFlag{Name: "mode", Value: string(def.Mode), Usage: "precopy (memory moves in rounds while the tree runs, then the rest inside the freeze), hybrid (rounds, then the tree resumes on the destination and the rest follows), postcopy (the tree resumes on the destination at once; its memory follows, faulted pages first) or cold (freeze, then move everything)"},
 			&cli.StringFlag{Name: "tracker", Value: def.Tracker, Usage: "pre-copy dirty-page tracker: auto, uffd-wp, soft-dirty, hash (phaul check says which work here)"},
 			&cli.StringFlag{Name: "final-dump", Value: def.FinalDump, Usage: "pre-copy's freeze: lazy (CRIU dumps without copying memory; phaul reads the last dirty pages from the held tree) or full"},
 			&cli.DurationFlag{Name: "downtime-target", Value: def.DowntimeTarget, Usage: "pre-copy: freeze once the expected downtime fits this"},
 			&cli.DurationFlag{Name: "downtime-floor", Value: def.DowntimeFloor, Usage: "pre-copy: fixed part of the downtime floor (CRIU's dump and restore and the commit, whatever the memory; the memory part is measured on the destination)"},
 			&cli.IntFlag{Name: "max-rounds", Value: def.MaxRounds, Usage: "pre-copy: freeze after this many rounds at the latest"},
+			&cli.IntFlag{Name: "hybrid-rounds", Value: def.HybridRounds, Usage: "hybrid: pre-copy rounds at most before the freeze (fewer once the dirty set stops shrinking)"},
 			&cli.BoolFlag{Name: "prefault", Value: def.Prefault, Usage: "pre-copy: before the freeze, have the destination fill and free as much memory as the tree holds, so that the restore reuses memory instead of touching it first (--prefault=false to skip)"},
 			&cli.BoolFlag{Name: "auto-converge", Usage: "pre-copy: throttle the tree's CPU (a cgroup v1 cpu group phaul creates) while it dirties memory faster than half the link carries, 20% first, then 10% more each time"},
 			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "where the source writes images (removed afterwards)"},
@@ -74,6 +75,7 @@ func migrateCommand() *cli.Command {
 			cfg.DowntimeTarget = c.Duration("downtime-target")
 			cfg.DowntimeFloor = c.Duration("downtime-floor")
 			cfg.MaxRounds = c.Int("max-rounds")
+			cfg.HybridRounds = c.Int("hybrid-rounds")
 			cfg.AutoConverge = c.Bool("auto-converge")
 			cfg.Prefault = c.Bool("prefault")
 			cfg.CRIU = criu.Options{

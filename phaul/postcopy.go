@@ -1,0 +1,280 @@
+package phaul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/core/pagestore"
+	"github.com/phaul/phaul/core/transport"
+	"github.com/phaul/phaul/core/wire"
+	"github.com/phaul/phaul/pageserver"
+)
+
+// Post-copy on the source. The final set (precopy.finalLazy) sends the
+// pages the destination lacks not as data but as lazy entries, recorded
+// here as the remote set; the frozen tree stays held by CRIU's lazy dump
+// after COMMIT, and the fetch streams serve the destination's requests
+// from it (process_vm_readv) until the destination says it has every page.
+// Only then does phaul end CRIU's session, which kills the tree.
+
+// remoteSet is what the final set left at the source: by image id, the
+// host pid holding the pages and its ranges.
+type remoteSet struct {
+	mu    sync.Mutex // add runs before serving starts; read after
+	tasks map[uint64]*remoteTask
+	pages uint64
+}
+
+type remoteTask struct {
+	pid   int
+	spans []span // sorted, disjoint, adjacent ones merged
+}
+
+// span is [start, end) in bytes.
+type span struct{ start, end uint64 }
+
+func newRemoteSet() *remoteSet { return &remoteSet{tasks: make(map[uint64]*remoteTask)} }
+
+// add records n pages of image id at vaddr, read from pid. Ranges of one
+// id come in address order (a pagemap's).
+func (r *remoteSet) add(id uint64, pid int, vaddr, n uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	t := r.tasks[id]
+	if t == nil {
+		t = &remoteTask{pid: pid}
+		r.tasks[id] = t
+	}
+	end := vaddr + n*pagestore.PageSize
+	if k := len(t.spans); k > 0 && t.spans[k-1].end == vaddr {
+		t.spans[k-1].end = end
+	} else {
+		t.spans = append(t.spans, span{vaddr, end})
+	}
+	r.pages += n
+}
+
+// read serves a fetch request: only whole pages inside one remote range.
+func (r *remoteSet) read(id, vaddr uint64, buf []byte) error {
+	r.mu.Lock()
+	t := r.tasks[id]
+	r.mu.Unlock()
+	if t == nil {
+		return fmt.Errorf("task %d has no pages left at the source", id)
+	}
+	end := vaddr + uint64(len(buf))
+	i := sort.Search(len(t.spans), func(i int) bool { return t.spans[i].end > vaddr })
+	if i == len(t.spans) || t.spans[i].start > vaddr || t.spans[i].end < end {
+		return fmt.Errorf("task %d: %d pages at %#x are not all left at the source", id, len(buf)/pagestore.PageSize, vaddr)
+	}
+	got, err := linux.ReadProcessMemory(t.pid, vaddr, buf)
+	if err != nil || got != len(buf) {
+		return fmt.Errorf("read %d bytes at %#x of pid %d: got %d: %v", len(buf), vaddr, t.pid, got, err)
+	}
+	return nil
+}
+
+// remove takes pages out of the set (the uffd-wp tracker's pending ranges
+// are written since they were sent).
+func (s pageSet) remove(vaddr, n uint64) {
+	for pn := vaddr / pagestore.PageSize; n > 0; pn, n = pn+1, n-1 {
+		if w, ok := s[pn>>6]; ok {
+			if w &^= 1 << (pn & 63); w == 0 {
+				delete(s, pn>>6)
+			} else {
+				s[pn>>6] = w
+			}
+		}
+	}
+}
+
+// dropDirty forgets, as sent, what the trackers found written since the
+// last round: in post-copy those pages are fetched from the held tree.
+func (p *precopy) dropDirty() {
+	for _, pr := range p.procs {
+		set := p.sent[pr.key]
+		for _, r := range pr.pending {
+			if set != nil {
+				set.remove(r.Start, (r.End-r.Start)/pagestore.PageSize)
+			}
+		}
+		pr.pending = pr.pending[:0]
+	}
+}
+
+// hostPid returns the pid of the tree's process whose pagemap is k: a
+// tracked one, else one of the frozen tree (post-copy tracks nothing).
+func (p *precopy) hostPid(k pagestore.Key) (int, error) {
+	for _, pr := range p.procs {
+		if pr.key == k {
+			return pr.pid, nil
+		}
+	}
+	if k.Kind != pagestore.KindTask {
+		return 0, fmt.Errorf("lazy pages of %v, not a task's", k)
+	}
+	pids, err := treePids(p.root)
+	if err != nil {
+		return 0, err
+	}
+	for _, pid := range pids {
+		if vpid, err := nsPid(pid); err == nil && vpid == k.ID {
+			return pid, nil
+		}
+	}
+	return 0, fmt.Errorf("lazy pages of %v: no process of the tree has that pid", k)
+}
+
+// fetchServer is the source's end of the fetch streams.
+type fetchServer struct {
+	streams [2]*transport.Stream // by pageserver.FetchRole
+	stats   [2]pageserver.FetchServeStats
+	wg      sync.WaitGroup
+	errs    [2]error
+}
+
+// openFetch opens the fault and fill streams, right after the page
+// streams (the destination accepts them in that order).
+func (s *source) openFetch(ctx context.Context) (*fetchServer, error) {
+	fs := &fetchServer{}
+	for role := range fs.streams {
+		st, err := s.sess.OpenStream(ctx, transport.KindFetch)
+		if err == nil {
+			err = pageserver.WriteFetchPreface(st, pageserver.FetchRole(role))
+		}
+		if err != nil {
+			fs.close()
+			return nil, fmt.Errorf("fetch stream: %w", err)
+		}
+		fs.streams[role] = st
+	}
+	return fs, nil
+}
+
+// serve answers requests from the remote set until the destination closes
+// the streams or close is called.
+func (fs *fetchServer) serve(remote *remoteSet, log interface{ Warn(string, ...any) }) {
+	for role, st := range fs.streams {
+		fs.wg.Add(1)
+		go func() { // owned by fs: close waits
+			defer fs.wg.Done()
+			if err := pageserver.ServeFetch(st, remote.read, &fs.stats[role]); err != nil {
+				fs.errs[role] = err
+				log.Warn("fetch stream ended", "role", pageserver.FetchRole(role), "err", err)
+			}
+		}()
+	}
+}
+
+// close closes the streams and waits for their servers.
+func (fs *fetchServer) close() {
+	if fs == nil {
+		return
+	}
+	for _, st := range fs.streams {
+		if st != nil {
+			st.Close()
+		}
+	}
+	fs.wg.Wait()
+}
+
+// awaitPostcopy waits, after COMMITTED, for the destination to hold every
+// page, serving its fetches meanwhile, and records what moved.
+func (s *source) awaitPostcopy(ctx context.Context, ctlStream *transport.Stream, fs *fetchServer, remote *remoteSet, resumed time.Time) error {
+	s.phase(PhasePostcopy)
+	st := &PostcopyStats{}
+	s.stats.Postcopy = st
+	if remote != nil {
+		st.RemotePages = remote.pages
+	}
+	stopProgress := s.postcopyProgress(fs, st.RemotePages)
+	defer stopProgress()
+	stop := deadline(ctx, ctlStream, s.cfg.PrepareTimeout)
+	defer stop()
+	m, err := s.ctl.Recv()
+	st.MS = ms(time.Since(resumed))
+	if fs != nil {
+		st.ServedFaultPages = fs.stats[pageserver.FetchFaults].Pages.Load()
+		st.ServedFillPages = fs.stats[pageserver.FetchFill].Pages.Load()
+		st.RefusedRequests = fs.stats[0].Refused.Load() + fs.stats[1].Refused.Load()
+		st.BytesWire = (st.ServedFaultPages + st.ServedFillPages) * pagestore.PageSize
+	}
+	if err != nil {
+		return fmt.Errorf("wait for post-copy's end: %w", err)
+	}
+	done := m.GetPostcopyDone()
+	if done == nil {
+		return fmt.Errorf("destination answered %s during post-copy: %s", wire.Name(m), m.GetAbort().GetReason())
+	}
+	msOf := func(ns uint64) float64 { return ms(time.Duration(ns)) }
+	st.FaultPages, st.PushedPages, st.Faults = done.GetFaultPages(), done.GetPushedPages(), done.GetFaults()
+	st.FaultP50MS, st.FaultP99MS, st.FaultMaxMS = msOf(done.GetFaultP50Ns()), msOf(done.GetFaultP99Ns()), msOf(done.GetFaultMaxNs())
+	st.RemoteFaultP50MS, st.RemoteFaultP99MS = msOf(done.GetRemoteFaultP50Ns()), msOf(done.GetRemoteFaultP99Ns())
+	st.RemoteFaultMaxMS, st.DestFillMS = msOf(done.GetRemoteFaultMaxNs()), msOf(done.GetFillNanos())
+	s.log.Info("post-copy done", "ms", st.MS, "remote_pages", st.RemotePages, "served_fault_pages", st.ServedFaultPages,
+		"served_fill_pages", st.ServedFillPages, "fault_p99_ms", st.FaultP99MS, "remote_fault_p99_ms", st.RemoteFaultP99MS)
+	return nil
+}
+
+// postcopyProgress reports the pages served so far every 100 ms until the
+// returned func is called.
+func (s *source) postcopyProgress(fs *fetchServer, total uint64) func() {
+	if s.cfg.Progress == nil || fs == nil {
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // owned by the returned func
+		defer wg.Done()
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			served := fs.stats[0].Pages.Load() + fs.stats[1].Pages.Load()
+			s.cfg.Progress(Event{Phase: PhasePostcopy, Bytes: served * pagestore.PageSize, Elapsed: time.Since(s.stats.start),
+				Remaining: (total - min(total, served)) * pagestore.PageSize})
+		}
+	}()
+	return func() { cancel(); wg.Wait() }
+}
+
+// errPostcopyLost is a post-copy that lost its destination after the
+// resume: neither copy is whole.
+var errPostcopyLost = errors.New("post-copy interrupted after the destination resumed")
+
+// postcopyLost says exactly which copy holds what when post-copy fails
+// after the resume.
+func (s *source) postcopyLost(remote *remoteSet, fs *fetchServer, err error) error {
+	served := uint64(0)
+	if fs != nil {
+		served = fs.stats[0].Pages.Load() + fs.stats[1].Pages.Load()
+	}
+	total := uint64(0)
+	if remote != nil {
+		total = remote.pages
+	}
+	ids := make([]uint64, 0)
+	if remote != nil {
+		for id := range remote.tasks {
+			ids = append(ids, id)
+		}
+		slices.Sort(ids)
+	}
+	s.log.Error("post-copy interrupted: the destination runs the tree (pid "+fmt.Sprint(s.stats.DestPID)+
+		") and may lack pages only the source's frozen copy held; the source's copy is dropped when phaul ends "+
+		"(it must never run again: the destination's has run)",
+		"remote_pages", total, "served_pages", served, "tasks", ids, "err", err)
+	return fmt.Errorf("%w: %d of %d pages left at the source were served: %w", errPostcopyLost, served, total, err)
+}

@@ -1,0 +1,193 @@
+package phaul
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"sync/atomic"
+	"time"
+
+	"github.com/phaul/phaul/core/pagestore"
+	"github.com/phaul/phaul/core/transport"
+	"github.com/phaul/phaul/core/wire"
+	"github.com/phaul/phaul/lazy"
+	"github.com/phaul/phaul/pageserver"
+)
+
+// Post-copy on the destination: the final set marks the pages still at
+// the source as lazy entries without content; the lazy restore's daemon
+// fetches those from the source on the fetch streams (faults on one, the
+// fill on the other) and reads the rest from the images.
+
+// fetchClients are the destination's ends of the fetch streams.
+type fetchClients struct {
+	faults, fill *pageserver.FetchClient
+}
+
+// acceptFetch takes the two fetch streams, first (already accepted) and
+// the next, and returns the stream after them (the images).
+func acceptFetch(ctx context.Context, sess *transport.Session, first *transport.Stream) (*fetchClients, *transport.Stream, error) {
+	var got [2]*transport.Stream
+	closeAll := func() {
+		for _, st := range got {
+			if st != nil {
+				st.Close()
+			}
+		}
+	}
+	st := first
+	for range got {
+		if st.Kind() != transport.KindFetch {
+			st.Close()
+			closeAll()
+			return nil, nil, fmt.Errorf("fetch stream: got a %s stream", st.Kind())
+		}
+		stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
+		role, err := pageserver.ReadFetchPreface(st)
+		stop()
+		if err == nil && got[role] != nil {
+			err = fmt.Errorf("%w: two %s streams", pageserver.ErrFetch, role)
+		}
+		if err != nil {
+			st.Close()
+			closeAll()
+			return nil, nil, fmt.Errorf("fetch stream: %w", err)
+		}
+		got[role] = st
+		var aerr error
+		if st, aerr = sess.AcceptStream(ctx); aerr != nil {
+			closeAll()
+			return nil, nil, fmt.Errorf("images stream: %w", aerr)
+		}
+	}
+	return &fetchClients{faults: pageserver.NewFetchClient(got[pageserver.FetchFaults]),
+		fill: pageserver.NewFetchClient(got[pageserver.FetchFill])}, st, nil
+}
+
+func (f *fetchClients) close() {
+	if f != nil {
+		f.faults.Close()
+		f.fill.Close()
+	}
+}
+
+// remoteSource is a post-copy restore's lazy.Source: ranges the final set
+// left at the source are fetched from there, the rest read from the
+// images.
+type remoteSource struct {
+	local  *lazy.ImageSource
+	fetch  *fetchClients
+	remote map[uint64][]span // by image id: sorted, disjoint
+	pages  atomic.Uint64     // fetched
+}
+
+// ReadPages implements lazy.Source.
+func (r *remoteSource) ReadPages(ctx context.Context, id, vaddr uint64, buf []byte) error {
+	spans := r.remote[id]
+	for len(buf) > 0 {
+		n, remote := runAt(spans, vaddr, uint64(len(buf)))
+		b := buf[:n]
+		var err error
+		if remote {
+			c := r.fetch.fill
+			if lazy.IsFaultRead(ctx) {
+				c = r.fetch.faults
+			}
+			if err = c.Fetch(ctx, id, vaddr, b); err == nil {
+				r.pages.Add(n / pagestore.PageSize)
+			}
+		} else {
+			err = r.local.ReadPages(ctx, id, vaddr, b)
+		}
+		if err != nil {
+			return err
+		}
+		buf, vaddr = buf[n:], vaddr+n
+	}
+	return nil
+}
+
+// runAt returns how many of the want bytes at vaddr lie all inside or all
+// outside spans, and which.
+func runAt(spans []span, vaddr, want uint64) (uint64, bool) {
+	i := sort.Search(len(spans), func(i int) bool { return spans[i].end > vaddr })
+	switch {
+	case i == len(spans):
+		return want, false
+	case spans[i].start <= vaddr:
+		return min(want, spans[i].end-vaddr), true
+	default:
+		return min(want, spans[i].start-vaddr), false
+	}
+}
+
+// remoteSpans reads, before lazy.MarkImages changes them, the ranges of
+// dir's pagemaps that are lazy without content in any level: what the
+// final set left at the source. (A PE_PARENT range has its content in
+// parent/; a range the parent level lists but the top level marks lazy
+// was written since, and only the source has its content.)
+func remoteSpans(dir string) (map[uint64][]span, uint64, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, 0, err
+	}
+	out := make(map[uint64][]span)
+	var pages uint64
+	for _, e := range ents {
+		k, ok := pagestore.ParsePagemapName(e.Name())
+		if !ok || k.Kind != pagestore.KindTask {
+			continue
+		}
+		f, err := os.Open(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return nil, 0, err
+		}
+		m, err := pagestore.ReadPagemap(f)
+		f.Close()
+		if err != nil {
+			return nil, 0, fmt.Errorf("%s: %w", e.Name(), err)
+		}
+		var spans []span
+		for _, pe := range m.Entries {
+			if pe.Flags != pagestore.FlagLazy {
+				continue
+			}
+			end := pe.Vaddr + pe.NrPages*pagestore.PageSize // bounded by ReadPagemap
+			if n := len(spans); n > 0 && spans[n-1].end == pe.Vaddr {
+				spans[n-1].end = end
+			} else {
+				spans = append(spans, span{pe.Vaddr, end})
+			}
+			pages += pe.NrPages
+		}
+		if len(spans) > 0 {
+			slices.SortFunc(spans, func(a, b span) int { return cmp.Compare(a.start, b.start) })
+			out[k.ID] = spans
+		}
+	}
+	return out, pages, nil
+}
+
+// postcopyDone tells the source that every page is in place, with the
+// daemon's account.
+func postcopyDone(in *incoming, st lazy.Stats, src *remoteSource) error {
+	d := &wire.PostcopyDone{FaultPages: st.FaultPages, PushedPages: st.PushedPages, Faults: st.Faults,
+		FaultP50Ns: uint64(st.FaultP50), FaultP99Ns: uint64(st.FaultP99), FaultMaxNs: uint64(st.FaultMax),
+		FillNanos: uint64(st.FillTime)}
+	if src != nil {
+		d.RemotePages = src.pages.Load()
+		if lat := src.fetch.faults.Latencies(); len(lat) > 0 {
+			slices.Sort(lat)
+			n := len(lat)
+			d.RemoteFaultP50Ns, d.RemoteFaultP99Ns, d.RemoteFaultMaxNs = uint64(lat[(n-1)/2]), uint64(lat[(n-1)*99/100]), uint64(lat[n-1])
+		}
+	}
+	if err := in.ctl.Send(&wire.Message{Body: &wire.Message_PostcopyDone{PostcopyDone: d}}); err != nil {
+		return fmt.Errorf("send postcopy done: %w", err)
+	}
+	return nil
+}
