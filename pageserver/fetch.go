@@ -191,20 +191,24 @@ func ServeFetch(rw io.ReadWriter, read PageReader, st *FetchServeStats) error {
 	}
 }
 
-// FetchClient asks a source for pages on one fetch stream. Safe for
-// concurrent use; requests are pipelined.
+// FetchClient asks a source for pages on a fetch stream. Safe for
+// concurrent use; requests are pipelined. A stream that fails is lost, not
+// fatal, when SetRecoverTimeout allows: requests wait (a faulting thread
+// waits with them) until Attach hands over a new stream, where they are
+// asked again, or the timeout fails them.
 type FetchClient struct {
-	rw io.ReadWriteCloser
+	wmu sync.Mutex // requests are written in seq order, one at a time
 
-	wmu sync.Mutex // one request written at a time, in seq order
-
-	mu      sync.Mutex
-	queue   []*fetchCall // in flight, oldest first; guarded by mu
-	seq     uint64       // last seq sent; guarded by mu
-	err     error        // sticky: the stream failed; guarded by mu
-	lat     []time.Duration
-	done    chan struct{} // closed when readLoop ends
-	closing sync.Once
+	mu         sync.Mutex
+	rw         io.ReadWriteCloser // the current stream; nil while lost
+	gen        uint64             // streams attached so far
+	readerDone chan struct{}      // closed when the current stream's reader ends
+	queue      []*fetchCall       // in flight, oldest first
+	seq        uint64             // last seq sent on the current stream
+	err        error              // failed for good
+	grace      time.Duration      // how long a lost stream waits for Attach
+	lostAt     time.Time          // when the current loss began
+	lat        []time.Duration
 }
 
 // fetchCall is one request in flight; done receives its result once.
@@ -220,9 +224,63 @@ const maxFetchLatencies = 1 << 20
 
 // NewFetchClient starts reading answers from rw; Close ends it.
 func NewFetchClient(rw io.ReadWriteCloser) *FetchClient {
-	c := &FetchClient{rw: rw, done: make(chan struct{})}
-	go c.readLoop() // owned by c: Close waits for it
+	c := &FetchClient{}
+	c.Attach(rw)
 	return c
+}
+
+// SetRecoverTimeout lets a lost stream wait d for Attach before the
+// requests in flight fail (0, the default: they fail at once).
+func (c *FetchClient) SetRecoverTimeout(d time.Duration) {
+	c.mu.Lock()
+	c.grace = d
+	c.mu.Unlock()
+}
+
+// Attach makes rw the client's stream, closing the one before: the
+// requests in flight are asked again on it, in order.
+func (c *FetchClient) Attach(rw io.ReadWriteCloser) error {
+	c.mu.Lock()
+	old, oldDone := c.rw, c.readerDone
+	c.rw = nil // sends queue until the requests in flight are out again
+	err := c.err
+	c.mu.Unlock()
+	if old != nil {
+		old.Close()
+	}
+	if oldDone != nil {
+		<-oldDone // no reader writes into a call's buffer but the new one
+	}
+	if err != nil {
+		rw.Close()
+		return err
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		rw.Close()
+		return c.err
+	}
+	c.gen++
+	gen, done := c.gen, make(chan struct{})
+	c.rw, c.readerDone, c.seq, c.lostAt = rw, done, 0, time.Time{}
+	var b []byte
+	for _, call := range c.queue {
+		c.seq++
+		call.h.seq = c.seq
+		b = append(b, make([]byte, fetchHeaderSize)...)
+		call.h.encode(b[len(b)-fetchHeaderSize:])
+	}
+	c.mu.Unlock()
+	go c.readLoop(rw, gen, done) // owned by c: Attach and Close wait
+	if len(b) > 0 {
+		if _, err := rw.Write(b); err != nil {
+			c.lose(gen, fmt.Errorf("fetch request: %w", err))
+		}
+	}
+	return nil
 }
 
 // Fetch fills buf (whole pages) with task id's pages from vaddr on. If ctx
@@ -267,7 +325,7 @@ func (c *FetchClient) wait(ctx context.Context, calls []*fetchCall) error {
 	return first
 }
 
-// send queues call and writes its request.
+// send queues call and, unless the stream is lost, writes its request.
 func (c *FetchClient) send(call *fetchCall) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
@@ -277,45 +335,58 @@ func (c *FetchClient) send(call *fetchCall) error {
 		c.mu.Unlock()
 		return err
 	}
-	c.seq++
-	call.h.seq = c.seq
 	call.t0 = time.Now()
 	c.queue = append(c.queue, call)
+	rw, gen := c.rw, c.gen
+	if rw == nil {
+		c.mu.Unlock()
+		return nil // Attach asks it
+	}
+	c.seq++
+	call.h.seq = c.seq
 	c.mu.Unlock()
 	var b [fetchHeaderSize]byte
 	call.h.encode(b[:])
-	if _, err := c.rw.Write(b[:]); err != nil {
-		// The call is queued: the failure reaches it through fail.
-		c.fail(fmt.Errorf("fetch request: %w", err))
+	if _, err := rw.Write(b[:]); err != nil {
+		// Queued: the next stream asks it again, or it fails with the
+		// others.
+		c.lose(gen, fmt.Errorf("fetch request: %w", err))
 	}
 	return nil
 }
 
-// readLoop matches answers with the oldest call in flight.
-func (c *FetchClient) readLoop() {
-	defer close(c.done)
+// readLoop matches the answers on rw with the oldest call in flight.
+func (c *FetchClient) readLoop(rw io.ReadWriteCloser, gen uint64, done chan struct{}) {
+	defer close(done)
 	hdr := make([]byte, fetchHeaderSize)
 	for {
-		if _, err := io.ReadFull(c.rw, hdr); err != nil {
-			c.fail(fmt.Errorf("fetch answer: %w", err))
+		if _, err := io.ReadFull(rw, hdr); err != nil {
+			c.lose(gen, fmt.Errorf("fetch answer: %w", err))
 			return
 		}
-		if err := c.answer(hdr); err != nil {
-			c.fail(err)
+		if err := c.answer(rw, gen, hdr); err != nil {
+			if errors.Is(err, ErrFetch) {
+				c.fail(err) // a source out of step: nothing to recover
+			} else {
+				c.lose(gen, err)
+			}
 			return
 		}
 	}
 }
 
+// errStale: a stream was replaced while its answer was read.
+var errStale = errors.New("fetch stream replaced")
+
 // answer reads the frame whose header is hdr into the oldest call.
-func (c *FetchClient) answer(hdr []byte) error {
+func (c *FetchClient) answer(rw io.Reader, gen uint64, hdr []byte) error {
 	h, err := decodeFetchHeader(hdr)
 	if err != nil {
 		return err
 	}
 	c.mu.Lock()
 	var call *fetchCall
-	if len(c.queue) > 0 {
+	if len(c.queue) > 0 && c.gen == gen {
 		call = c.queue[0]
 	}
 	c.mu.Unlock()
@@ -332,12 +403,12 @@ func (c *FetchClient) answer(hdr []byte) error {
 	}
 	var result error
 	if h.typ == fetchPages {
-		if _, err := io.ReadFull(c.rw, call.buf); err != nil {
+		if _, err := io.ReadFull(rw, call.buf); err != nil {
 			return fmt.Errorf("fetch pages: %w", err)
 		}
 	} else {
 		msg := make([]byte, h.count)
-		if _, err := io.ReadFull(c.rw, msg); err != nil {
+		if _, err := io.ReadFull(rw, msg); err != nil {
 			return fmt.Errorf("fetch refusal: %w", err)
 		}
 		if !utf8.Valid(msg) {
@@ -346,10 +417,11 @@ func (c *FetchClient) answer(hdr []byte) error {
 		result = fmt.Errorf("%w: %d pages of task %d at %#x: %s", ErrRefused, call.h.count, h.id, h.vaddr, msg)
 	}
 	c.mu.Lock()
-	if len(c.queue) == 0 || c.queue[0] != call {
-		// fail took it meanwhile (Close): it has its result.
+	if c.gen != gen || len(c.queue) == 0 || c.queue[0] != call {
+		// Closed or replaced meanwhile: the call has its result, or is
+		// asked again.
 		c.mu.Unlock()
-		return errors.New("fetch client closed")
+		return errStale
 	}
 	c.queue = c.queue[1:]
 	if len(c.lat) < maxFetchLatencies {
@@ -360,15 +432,51 @@ func (c *FetchClient) answer(hdr []byte) error {
 	return nil
 }
 
-// fail makes err sticky and fails every call in flight.
+// lose handles the failure of stream gen: the calls wait for Attach up to
+// the recover timeout, or fail now without one.
+func (c *FetchClient) lose(gen uint64, err error) {
+	c.mu.Lock()
+	if c.gen != gen || c.err != nil || c.rw == nil {
+		c.mu.Unlock()
+		return // replaced, failed or lost already
+	}
+	rw, grace := c.rw, c.grace
+	c.rw, c.lostAt = nil, time.Now()
+	c.mu.Unlock()
+	rw.Close()
+	if grace <= 0 {
+		c.fail(err)
+		return
+	}
+	time.AfterFunc(grace, func() {
+		c.mu.Lock()
+		still := c.gen == gen && c.rw == nil
+		c.mu.Unlock()
+		if still {
+			c.fail(fmt.Errorf("no new fetch stream within %v: %w", grace, err))
+		}
+	})
+}
+
+// Lost reports since when the stream is lost (zero if it is not).
+func (c *FetchClient) Lost() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lostAt
+}
+
+// fail makes err final and fails every call in flight.
 func (c *FetchClient) fail(err error) {
 	c.mu.Lock()
 	if c.err == nil {
 		c.err = err
 	}
-	q := c.queue
-	c.queue = nil
+	q, rw := c.queue, c.rw
+	c.queue, c.rw = nil, nil
 	c.mu.Unlock()
+	if rw != nil {
+		rw.Close()
+	}
 	for _, call := range q {
 		call.done <- err
 	}
@@ -381,13 +489,14 @@ func (c *FetchClient) Latencies() []time.Duration {
 	return append([]time.Duration(nil), c.lat...)
 }
 
-// Close closes the stream and waits for the reader; calls in flight fail.
+// Close closes the stream and waits for its reader; calls in flight fail.
 func (c *FetchClient) Close() error {
-	var err error
-	c.closing.Do(func() {
-		err = c.rw.Close()
-		c.fail(errors.New("fetch client closed"))
-	})
-	<-c.done
-	return err
+	c.fail(errors.New("fetch client closed"))
+	c.mu.Lock()
+	done := c.readerDone
+	c.mu.Unlock()
+	if done != nil {
+		<-done
+	}
+	return nil
 }

@@ -222,3 +222,86 @@ func FuzzServeFetch(f *testing.F) {
 		}
 	})
 }
+
+// TestFetchRecover cuts the stream with requests in flight: they wait and
+// are asked again on the stream Attach hands over, which answers them.
+func TestFetchRecover(t *testing.T) {
+	read := func(id, vaddr uint64, buf []byte) error { fetchPattern(id, vaddr, buf); return nil }
+	a, b := net.Pipe()
+	stuck := make(chan struct{})
+	go ServeFetch(b, func(id, vaddr uint64, buf []byte) error { <-stuck; return errors.New("cut") }, &FetchServeStats{})
+	c := NewFetchClient(a)
+	defer c.Close()
+	c.SetRecoverTimeout(10 * time.Second)
+	errs := make(chan error, 8)
+	for i := range 8 {
+		go func() {
+			buf := make([]byte, (i+1)*PageSize)
+			vaddr := uint64(0x10000 * (i + 1))
+			err := c.Fetch(context.Background(), 3, vaddr, buf)
+			want := make([]byte, len(buf))
+			fetchPattern(3, vaddr, want)
+			if err == nil && !bytes.Equal(buf, want) {
+				err = fmt.Errorf("fetch %d: wrong content", i)
+			}
+			errs <- err
+		}()
+	}
+	time.Sleep(50 * time.Millisecond) // the requests go out
+	b.Close()                          // the cut
+	close(stuck)
+	testenvWait(t, func() bool { return !c.Lost().IsZero() })
+	a2, b2 := net.Pipe()
+	go ServeFetch(b2, read, &FetchServeStats{})
+	if err := c.Attach(a2); err != nil {
+		t.Fatal(err)
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if !c.Lost().IsZero() {
+		t.Error("still lost after Attach")
+	}
+}
+
+// TestFetchRecoverTimeout: without a new stream the requests in flight
+// fail once the recover timeout passes, and not before.
+func TestFetchRecoverTimeout(t *testing.T) {
+	a, b := net.Pipe()
+	release := make(chan struct{})
+	defer close(release)
+	go ServeFetch(b, func(id, vaddr uint64, buf []byte) error { <-release; return nil }, &FetchServeStats{})
+	c := NewFetchClient(a)
+	defer c.Close()
+	c.SetRecoverTimeout(300 * time.Millisecond)
+	done := make(chan error, 1)
+	go func() { done <- c.Fetch(context.Background(), 1, 0, make([]byte, PageSize)) }()
+	time.Sleep(50 * time.Millisecond)
+	t0 := time.Now()
+	b.Close()
+	err := <-done
+	if err == nil || time.Since(t0) < 250*time.Millisecond {
+		t.Fatalf("Fetch after a cut = %v after %v; want a failure after the 300ms recover timeout", err, time.Since(t0))
+	}
+	if err := c.Attach(nopRWC{}); err == nil {
+		t.Fatal("Attach after the client failed succeeded")
+	}
+}
+
+type nopRWC struct{}
+
+func (nopRWC) Read([]byte) (int, error)    { return 0, io.EOF }
+func (nopRWC) Write(p []byte) (int, error) { return len(p), nil }
+func (nopRWC) Close() error                { return nil }
+
+func testenvWait(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in 5s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
