@@ -66,6 +66,10 @@ type MigrateConfig struct {
 	HelloTimeout   time.Duration
 	PrepareTimeout time.Duration
 	CommitTimeout  time.Duration
+	// PostcopyRecoverTimeout: after the destination resumed, how long the
+	// source keeps its held tree and tries to reconnect when the
+	// connection is lost, before it gives post-copy up.
+	PostcopyRecoverTimeout time.Duration
 }
 
 // notSentLowat bounds what the kernel queues unsent on the migration's
@@ -106,6 +110,8 @@ func DefaultMigrateConfig() MigrateConfig {
 		HelloTimeout:   30 * time.Second,
 		PrepareTimeout: 10 * time.Minute,
 		CommitTimeout:  time.Minute,
+
+		PostcopyRecoverTimeout: time.Minute,
 	}
 }
 
@@ -154,7 +160,7 @@ func (c MigrateConfig) Validate() error {
 	if c.PageStreams < 1 || c.PageStreams > pageserver.MaxLanes {
 		errs = append(errs, fmt.Errorf("--page-streams %d: want 1 to %d", c.PageStreams, pageserver.MaxLanes))
 	}
-	if c.HelloTimeout <= 0 || c.PrepareTimeout <= 0 || c.CommitTimeout <= 0 {
+	if c.HelloTimeout <= 0 || c.PrepareTimeout <= 0 || c.CommitTimeout <= 0 || c.PostcopyRecoverTimeout <= 0 {
 		errs = append(errs, errors.New("timeouts must be positive"))
 	}
 	return errors.Join(errs...)
@@ -199,6 +205,10 @@ type ServeConfig struct {
 	// writes all of it. Off by default for now: the daemon of a tree held
 	// in doubt ends, so that tree could not be let run later.
 	LazyRestore bool
+	// PostcopyRecoverTimeout is how long a post-copy whose connection was
+	// lost waits for its source to reconnect; the restored tree's threads
+	// that touch a missing page wait meanwhile.
+	PostcopyRecoverTimeout time.Duration
 
 	// Ready, if set, is called once with the listening address.
 	Ready func(net.Addr)
@@ -217,6 +227,8 @@ func DefaultServeConfig() ServeConfig {
 		CommitWait:     30 * time.Second,
 		CgroupParent:   "/",
 		LazyRestore:    false,
+
+		PostcopyRecoverTimeout: time.Minute,
 	}
 }
 
@@ -235,7 +247,7 @@ func (c ServeConfig) Validate() error {
 	if c.MaxMigrations <= 0 {
 		errs = append(errs, errors.New("max migrations must be positive"))
 	}
-	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 {
+	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 || c.PostcopyRecoverTimeout <= 0 {
 		errs = append(errs, errors.New("timeouts must be positive"))
 	}
 	if !filepath.IsAbs(c.CgroupParent) || strings.Contains(c.CgroupParent, "..") {

@@ -131,6 +131,7 @@ type incoming struct {
 	// source's end of the fetch streams it asks for the rest on.
 	postcopy bool
 	fetch    *fetchClients
+	link     *postcopyLink // where PostcopyDone goes; a reconnect replaces it
 	pid   int           // restored root
 	// reserve is the memory a prefault filled, held until the restore
 	// starts (or the migration ends).
@@ -149,6 +150,9 @@ func (s *Server) handle(ctx context.Context, sess *transport.Session) {
 	defer stream.Close()
 	ctl := wire.NewConn(stream)
 	in, err := s.accept(ctx, sess, stream, ctl, log)
+	if errors.Is(err, errResumed) {
+		return
+	}
 	if err != nil {
 		log.Warn("migration refused", "err", err)
 		return
@@ -182,6 +186,9 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 	version := min(h.GetMaxVersion(), uint32(wire.MaxVersion))
 	if !migrationIDRe.MatchString(h.GetMigrationId()) {
 		return nil, refuse("bad migration id")
+	}
+	if h.GetResume() {
+		return nil, s.resume(ctx, sess, ctl, h, version, log)
 	}
 	postcopy := false
 	switch h.GetMode() {
@@ -222,6 +229,9 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 	}
 	in := &incoming{id: h.GetMigrationId(), sess: sess, ctl: ctl, opts: opts, postcopy: postcopy,
 		log: log.With("migration", h.GetMigrationId())}
+	if postcopy {
+		in.link = newPostcopyLink(ctl, sess.Peer())
+	}
 	if err := s.register(in); err != nil {
 		reply(false, err.Error())
 		return nil, err
@@ -498,7 +508,12 @@ func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File
 		}
 		if in.postcopy {
 			// Then post-copy's fetch streams.
-			if in.fetch, st, err = acceptFetch(ctx, in.sess, st); err != nil {
+			fst, err := acceptFetch(ctx, in.sess, st)
+			if err == nil {
+				in.fetch = newFetchClients(fst, s.cfg.PostcopyRecoverTimeout)
+				st, err = in.sess.AcceptStream(ctx)
+			}
+			if err != nil {
 				return nil, errors.Join(err, <-pagesDone)
 			}
 		}
@@ -736,6 +751,12 @@ func (s *Server) cleanup(in *incoming) {
 // their source until the fill ends), tells a post-copy source that it may
 // drop its copy, and removes the migration's files.
 func (s *Server) finishRestore(in *incoming) {
+	if in.postcopy {
+		// A source that lost its connection may come back until
+		// PostcopyDone is through.
+		in.link.setResumable(true)
+		defer in.link.end()
+	}
 	st, err := in.lazy.wait()
 	if in.postcopy {
 		var remote *remoteSource
@@ -743,7 +764,7 @@ func (s *Server) finishRestore(in *incoming) {
 			remote = in.lazy.remote
 		}
 		if err == nil {
-			err = postcopyDone(in, st, remote)
+			err = in.link.send(postcopyDoneMsg(st, remote), s.cfg.PostcopyRecoverTimeout)
 		}
 		if err != nil {
 			in.log.Error("post-copy failed: the tree runs here and lacks pages the source held", "err", err)

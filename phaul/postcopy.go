@@ -133,10 +133,10 @@ func (p *precopy) hostPid(k pagestore.Key) (int, error) {
 
 // fetchServer is the source's end of the fetch streams.
 type fetchServer struct {
-	streams [2]*transport.Stream // by pageserver.FetchRole
+	mu      sync.Mutex
+	streams [2]*transport.Stream // by pageserver.FetchRole; guarded by mu
 	stats   [2]pageserver.FetchServeStats
 	wg      sync.WaitGroup
-	errs    [2]error
 }
 
 // openFetch opens the fault and fill streams, right after the page
@@ -160,16 +160,27 @@ func (s *source) openFetch(ctx context.Context) (*fetchServer, error) {
 // serve answers requests from the remote set until the destination closes
 // the streams or close is called.
 func (fs *fetchServer) serve(remote *remoteSet, log interface{ Warn(string, ...any) }) {
-	for role, st := range fs.streams {
+	fs.mu.Lock()
+	streams := fs.streams
+	fs.mu.Unlock()
+	for role, st := range streams {
 		fs.wg.Add(1)
 		go func() { // owned by fs: close waits
 			defer fs.wg.Done()
 			if err := pageserver.ServeFetch(st, remote.read, &fs.stats[role]); err != nil {
-				fs.errs[role] = err
 				log.Warn("fetch stream ended", "role", pageserver.FetchRole(role), "err", err)
 			}
 		}()
 	}
+}
+
+// reattach serves a resumed session's fetch streams; the lost ones'
+// servers have ended or end with their session.
+func (fs *fetchServer) reattach(streams [2]*transport.Stream, remote *remoteSet, log interface{ Warn(string, ...any) }) {
+	fs.mu.Lock()
+	fs.streams = streams
+	fs.mu.Unlock()
+	fs.serve(remote, log)
 }
 
 // close closes the streams and waits for their servers.
@@ -177,7 +188,10 @@ func (fs *fetchServer) close() {
 	if fs == nil {
 		return
 	}
-	for _, st := range fs.streams {
+	fs.mu.Lock()
+	streams := fs.streams
+	fs.mu.Unlock()
+	for _, st := range streams {
 		if st != nil {
 			st.Close()
 		}
@@ -186,7 +200,8 @@ func (fs *fetchServer) close() {
 }
 
 // awaitPostcopy waits, after COMMITTED, for the destination to hold every
-// page, serving its fetches meanwhile, and records what moved.
+// page, serving its fetches meanwhile, and records what moved. A lost
+// connection is dialled again for PostcopyRecoverTimeout.
 func (s *source) awaitPostcopy(ctx context.Context, ctlStream *transport.Stream, fs *fetchServer, remote *remoteSet, resumed time.Time) error {
 	s.phase(PhasePostcopy)
 	st := &PostcopyStats{}
@@ -196,30 +211,115 @@ func (s *source) awaitPostcopy(ctx context.Context, ctlStream *transport.Stream,
 	}
 	stopProgress := s.postcopyProgress(fs, st.RemotePages)
 	defer stopProgress()
-	stop := deadline(ctx, ctlStream, s.cfg.PrepareTimeout)
-	defer stop()
-	m, err := s.ctl.Recv()
+	var done *wire.PostcopyDone
+	for done == nil {
+		stop := deadline(ctx, s.ctlStream, s.cfg.PrepareTimeout)
+		m, err := s.ctl.Recv()
+		stop()
+		switch {
+		case err == nil && m.GetPostcopyDone() != nil:
+			done = m.GetPostcopyDone()
+		case err == nil:
+			return fmt.Errorf("destination answered %s during post-copy: %s", wire.Name(m), m.GetAbort().GetReason())
+		case ctx.Err() != nil || fs == nil:
+			return fmt.Errorf("wait for post-copy's end: %w", err)
+		default:
+			s.log.Warn("post-copy: connection lost; reconnecting", "err", err, "for", s.cfg.PostcopyRecoverTimeout)
+			if rerr := s.reconnect(ctx, fs, remote); rerr != nil {
+				return fmt.Errorf("wait for post-copy's end: %w; reconnect: %w", err, rerr)
+			}
+			st.Recoveries++
+		}
+	}
 	st.MS = ms(time.Since(resumed))
-	if fs != nil {
-		st.ServedFaultPages = fs.stats[pageserver.FetchFaults].Pages.Load()
-		st.ServedFillPages = fs.stats[pageserver.FetchFill].Pages.Load()
-		st.RefusedRequests = fs.stats[0].Refused.Load() + fs.stats[1].Refused.Load()
-		st.BytesWire = (st.ServedFaultPages + st.ServedFillPages) * pagestore.PageSize
-	}
-	if err != nil {
-		return fmt.Errorf("wait for post-copy's end: %w", err)
-	}
-	done := m.GetPostcopyDone()
-	if done == nil {
-		return fmt.Errorf("destination answered %s during post-copy: %s", wire.Name(m), m.GetAbort().GetReason())
-	}
+	st.ServedFaultPages = fs.stats[pageserver.FetchFaults].Pages.Load()
+	st.ServedFillPages = fs.stats[pageserver.FetchFill].Pages.Load()
+	st.RefusedRequests = fs.stats[0].Refused.Load() + fs.stats[1].Refused.Load()
+	st.BytesWire = (st.ServedFaultPages + st.ServedFillPages) * pagestore.PageSize
 	msOf := func(ns uint64) float64 { return ms(time.Duration(ns)) }
 	st.FaultPages, st.PushedPages, st.Faults = done.GetFaultPages(), done.GetPushedPages(), done.GetFaults()
 	st.FaultP50MS, st.FaultP99MS, st.FaultMaxMS = msOf(done.GetFaultP50Ns()), msOf(done.GetFaultP99Ns()), msOf(done.GetFaultMaxNs())
 	st.RemoteFaultP50MS, st.RemoteFaultP99MS = msOf(done.GetRemoteFaultP50Ns()), msOf(done.GetRemoteFaultP99Ns())
 	st.RemoteFaultMaxMS, st.DestFillMS = msOf(done.GetRemoteFaultMaxNs()), msOf(done.GetFillNanos())
 	s.log.Info("post-copy done", "ms", st.MS, "remote_pages", st.RemotePages, "served_fault_pages", st.ServedFaultPages,
-		"served_fill_pages", st.ServedFillPages, "fault_p99_ms", st.FaultP99MS, "remote_fault_p99_ms", st.RemoteFaultP99MS)
+		"served_fill_pages", st.ServedFillPages, "fault_p99_ms", st.FaultP99MS, "remote_fault_p99_ms", st.RemoteFaultP99MS,
+		"recoveries", st.Recoveries)
+	return nil
+}
+
+// reconnect dials the destination again until PostcopyRecoverTimeout
+// passes, resumes the post-copy there and serves its fetches on the new
+// session's streams.
+func (s *source) reconnect(ctx context.Context, fs *fetchServer, remote *remoteSet) error {
+	deadline := time.Now().Add(s.cfg.PostcopyRecoverTimeout)
+	var last error
+	for attempt := 1; time.Now().Before(deadline); attempt++ {
+		if err := s.resumeSession(ctx, fs, remote, deadline); err != nil {
+			last = err
+			s.log.Info("post-copy: reconnect failed", "attempt", attempt, "err", err)
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(500 * time.Millisecond): // redial pace
+			}
+			continue
+		}
+		s.log.Info("post-copy: reconnected", "attempt", attempt)
+		return nil
+	}
+	return fmt.Errorf("no connection within %v: %w", s.cfg.PostcopyRecoverTimeout, last)
+}
+
+// resumeSession dials, asks the destination to resume the post-copy and
+// hands the new fetch streams to fs.
+func (s *source) resumeSession(ctx context.Context, fs *fetchServer, remote *remoteSet, deadline time.Time) error {
+	dctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	sess, err := transport.Dial(dctx, s.cfg.To, s.tcfg)
+	if err != nil {
+		return err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			sess.Close()
+		}
+	}()
+	stream, err := sess.OpenStream(dctx, transport.KindControl)
+	if err != nil {
+		return fmt.Errorf("control stream: %w", err)
+	}
+	ctl := wire.NewConn(stream)
+	stop := context.AfterFunc(dctx, func() { stream.SetDeadline(time.Now()) })
+	defer stop()
+	err = ctl.Send(&wire.Message{Body: &wire.Message_Hello{Hello: &wire.Hello{MinVersion: wire.MinVersion, MaxVersion: wire.MaxVersion,
+		MigrationId: s.stats.MigrationID, Mode: modeToWire(s.cfg.Mode), Resume: true}}})
+	if err != nil {
+		return err
+	}
+	m, err := ctl.Recv()
+	if err != nil {
+		return fmt.Errorf("resume hello: %w", err)
+	}
+	if r := m.GetHelloReply(); r == nil || !r.GetAccepted() {
+		return fmt.Errorf("%w: resume: %s", ErrRefused, m.GetHelloReply().GetReason())
+	}
+	var streams [2]*transport.Stream
+	for role := range streams {
+		st, err := sess.OpenStream(dctx, transport.KindFetch)
+		if err == nil {
+			err = pageserver.WriteFetchPreface(st, pageserver.FetchRole(role))
+		}
+		if err != nil {
+			return fmt.Errorf("fetch stream: %w", err)
+		}
+		streams[role] = st
+	}
+	ok = true
+	old := s.sess
+	s.sess, s.ctl, s.ctlStream = sess, ctl, stream
+	old.Close()
+	fs.reattach(streams, remote, s.log)
 	return nil
 }
 

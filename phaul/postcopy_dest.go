@@ -28,23 +28,31 @@ type fetchClients struct {
 	faults, fill *pageserver.FetchClient
 }
 
-// acceptFetch takes the two fetch streams, first (already accepted) and
-// the next, and returns the stream after them (the images).
-func acceptFetch(ctx context.Context, sess *transport.Session, first *transport.Stream) (*fetchClients, *transport.Stream, error) {
+// acceptFetch takes the two fetch streams: first (already accepted) and
+// the next one.
+func acceptFetch(ctx context.Context, sess *transport.Session, first *transport.Stream) ([2]*transport.Stream, error) {
 	var got [2]*transport.Stream
-	closeAll := func() {
-		for _, st := range got {
-			if st != nil {
-				st.Close()
+	fail := func(st *transport.Stream, err error) ([2]*transport.Stream, error) {
+		if st != nil {
+			st.Close()
+		}
+		for _, g := range got {
+			if g != nil {
+				g.Close()
 			}
 		}
+		return [2]*transport.Stream{}, fmt.Errorf("fetch stream: %w", err)
 	}
 	st := first
-	for range got {
+	for i := range got {
+		if i > 0 {
+			var err error
+			if st, err = sess.AcceptStream(ctx); err != nil {
+				return fail(nil, err)
+			}
+		}
 		if st.Kind() != transport.KindFetch {
-			st.Close()
-			closeAll()
-			return nil, nil, fmt.Errorf("fetch stream: got a %s stream", st.Kind())
+			return fail(st, fmt.Errorf("got a %s stream", st.Kind()))
 		}
 		stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
 		role, err := pageserver.ReadFetchPreface(st)
@@ -53,19 +61,21 @@ func acceptFetch(ctx context.Context, sess *transport.Session, first *transport.
 			err = fmt.Errorf("%w: two %s streams", pageserver.ErrFetch, role)
 		}
 		if err != nil {
-			st.Close()
-			closeAll()
-			return nil, nil, fmt.Errorf("fetch stream: %w", err)
+			return fail(st, err)
 		}
 		got[role] = st
-		var aerr error
-		if st, aerr = sess.AcceptStream(ctx); aerr != nil {
-			closeAll()
-			return nil, nil, fmt.Errorf("images stream: %w", aerr)
-		}
 	}
-	return &fetchClients{faults: pageserver.NewFetchClient(got[pageserver.FetchFaults]),
-		fill: pageserver.NewFetchClient(got[pageserver.FetchFill])}, st, nil
+	return got, nil
+}
+
+// newFetchClients starts the clients of a post-copy's fetch streams; a
+// lost stream waits recover for the source to reconnect.
+func newFetchClients(st [2]*transport.Stream, recover time.Duration) *fetchClients {
+	f := &fetchClients{faults: pageserver.NewFetchClient(st[pageserver.FetchFaults]),
+		fill: pageserver.NewFetchClient(st[pageserver.FetchFill])}
+	f.faults.SetRecoverTimeout(recover)
+	f.fill.SetRecoverTimeout(recover)
+	return f
 }
 
 func (f *fetchClients) close() {
@@ -172,9 +182,9 @@ func remoteSpans(dir string) (map[uint64][]span, uint64, error) {
 	return out, pages, nil
 }
 
-// postcopyDone tells the source that every page is in place, with the
+// postcopyDoneMsg tells the source that every page is in place, with the
 // daemon's account.
-func postcopyDone(in *incoming, st lazy.Stats, src *remoteSource) error {
+func postcopyDoneMsg(st lazy.Stats, src *remoteSource) *wire.Message {
 	d := &wire.PostcopyDone{FaultPages: st.FaultPages, PushedPages: st.PushedPages, Faults: st.Faults,
 		FaultP50Ns: uint64(st.FaultP50), FaultP99Ns: uint64(st.FaultP99), FaultMaxNs: uint64(st.FaultMax),
 		FillNanos: uint64(st.FillTime)}
@@ -186,8 +196,5 @@ func postcopyDone(in *incoming, st lazy.Stats, src *remoteSource) error {
 			d.RemoteFaultP50Ns, d.RemoteFaultP99Ns, d.RemoteFaultMaxNs = uint64(lat[(n-1)/2]), uint64(lat[(n-1)*99/100]), uint64(lat[n-1])
 		}
 	}
-	if err := in.ctl.Send(&wire.Message{Body: &wire.Message_PostcopyDone{PostcopyDone: d}}); err != nil {
-		return fmt.Errorf("send postcopy done: %w", err)
-	}
-	return nil
+	return &wire.Message{Body: &wire.Message_PostcopyDone{PostcopyDone: d}}
 }

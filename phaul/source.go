@@ -71,6 +71,7 @@ type source struct {
 	// ctlStream carries ctl; pings counts keepalive pings.
 	ctlStream *transport.Stream
 	pings     uint64
+	tcfg      transport.Config // with the identity: a post-copy reconnect dials again
 }
 
 func (s *source) progress(p Phase, bytes uint64) {
@@ -127,12 +128,13 @@ func (s *source) run(ctx context.Context) error {
 	tcfg := cfg.Transport
 	tcfg.Identity = id
 	tcfg.Logger = s.log
+	s.tcfg = tcfg
 	sess, err := transport.Dial(ctx, cfg.To, tcfg)
 	if err != nil {
 		return err
 	}
 	s.sess = sess
-	defer sess.Close()
+	defer func() { s.sess.Close() }() // a post-copy reconnect replaces it
 	stream, err := sess.OpenStream(ctx, transport.KindControl)
 	if err != nil {
 		return fmt.Errorf("control stream: %w", err)

@@ -97,6 +97,8 @@ type PostcopyStats struct {
 	// DestFillMS: the destination's own measure, its daemon's finish
 	// marker to the last page.
 	DestFillMS float64 `json:"dest_fill_ms"`
+	// Recoveries counts reconnects after a lost connection.
+	Recoveries int `json:"recoveries,omitempty"`
 }
 
 // PhaseMark records when a phase began.

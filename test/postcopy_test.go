@@ -1,6 +1,9 @@
 package test
 
 import (
+	"context"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -91,4 +94,54 @@ func TestPostcopy(t *testing.T) {
 				pc["fault_p99_ms"], pc["remote_fault_p99_ms"])
 		})
 	}
+}
+
+// TestPostcopyConnectionCut cuts the migration's TCP connection (ss -K,
+// the kernel aborts the socket and resets the peer) twice while the
+// destination's tree runs and still fetches its memory: the destination's
+// faulting threads wait, the source keeps its held tree and reconnects,
+// the fetches in flight are asked again, and the workload ends up whole on
+// the destination, one copy.
+func TestPostcopyConnectionCut(t *testing.T) {
+	testenv.RequireCommand(t, "ss")
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 2e8})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 128, PagesPerSec: 2000})
+	w.WaitProgress(t, 3)
+	m := e.startMigrate(w.PID(), "", "--mode", "postcopy", "--postcopy-recover-timeout", "30s")
+	cuts := 0
+	for cuts < 2 {
+		testenv.WaitFor(t, 2*time.Minute, func() (bool, error) {
+			select {
+			case <-m.done:
+				return false, fmt.Errorf("migrate exited before post-copy could be cut (%d cuts)\n%s", cuts, m.out)
+			default:
+			}
+			return strings.Count(m.out.String(), "phase=postcopy") > 0 &&
+				strings.Count(m.out.String(), "post-copy: reconnected") == cuts, nil
+		})
+		time.Sleep(700 * time.Millisecond) // some pages move first
+		out, err := e.hosts.Src.Command(context.Background(), "ss", "-K", "dst", e.hosts.Dst.Addr.String()).CombinedOutput()
+		if err != nil {
+			t.Fatalf("ss -K: %v\n%s", err, out)
+		}
+		if strings.Contains(m.out.String(), "post-copy done") {
+			t.Fatalf("post-copy ended before cut %d: make the workload larger or the link slower\n%s", cuts+1, m.out)
+		}
+		cuts++
+		t.Logf("cut %d:\n%s", cuts, out)
+	}
+	r := m.wait(3 * time.Minute)
+	root := e.assertMigrated(w, r)
+	pc := postcopyStats(t, r)
+	if pc["recoveries"] < 2 {
+		t.Fatalf("post-copy recovered %v times after 2 cuts: %v\n%s", pc["recoveries"], pc, r.out)
+	}
+	if served := pc["served_fault_pages"] + pc["served_fill_pages"]; served < pc["remote_pages"] {
+		t.Fatalf("the source served %v of the %v pages it left: %v", served, pc["remote_pages"], pc)
+	}
+	if !strings.Contains(e.readServeLog(), "post-copy resumed on a new connection") {
+		t.Fatalf("serve did not log the resume\n%s", e.readServeLog())
+	}
+	t.Logf("root %d; post-copy %.0f ms with %v recoveries; remote %v pages", root, pc["ms"], pc["recoveries"], pc["remote_pages"])
 }

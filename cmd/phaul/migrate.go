@@ -36,6 +36,7 @@ func migrateCommand() *cli.Command {
 			&cli.DurationFlag{Name: "downtime-target", Value: def.DowntimeTarget, Usage: "pre-copy: freeze once the expected downtime fits this"},
 			&cli.DurationFlag{Name: "downtime-floor", Value: def.DowntimeFloor, Usage: "pre-copy: fixed part of the downtime floor (CRIU's dump and restore and the commit, whatever the memory; the memory part is measured on the destination)"},
 			&cli.IntFlag{Name: "max-rounds", Value: def.MaxRounds, Usage: "pre-copy: freeze after this many rounds at the latest"},
+			&cli.DurationFlag{Name: "postcopy-recover-timeout", Value: def.PostcopyRecoverTimeout, Usage: "post-copy and hybrid: after the destination resumed, how long to keep the frozen source copy and try to reconnect when the connection is lost"},
 			&cli.IntFlag{Name: "hybrid-rounds", Value: def.HybridRounds, Usage: "hybrid: pre-copy rounds at most before the freeze (fewer once the dirty set stops shrinking)"},
 			&cli.BoolFlag{Name: "prefault", Value: def.Prefault, Usage: "pre-copy: before the freeze, have the destination fill and free as much memory as the tree holds, so that the restore reuses memory instead of touching it first (--prefault=false to skip)"},
 			&cli.BoolFlag{Name: "auto-converge", Usage: "pre-copy: throttle the tree's CPU (a cgroup v1 cpu group phaul creates) while it dirties memory faster than half the link carries, 20% first, then 10% more each time"},
@@ -76,6 +77,7 @@ func migrateCommand() *cli.Command {
 			cfg.DowntimeFloor = c.Duration("downtime-floor")
 			cfg.MaxRounds = c.Int("max-rounds")
 			cfg.HybridRounds = c.Int("hybrid-rounds")
+			cfg.PostcopyRecoverTimeout = c.Duration("postcopy-recover-timeout")
 			cfg.AutoConverge = c.Bool("auto-converge")
 			cfg.Prefault = c.Bool("prefault")
 			cfg.CRIU = criu.Options{

@@ -19,6 +19,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
 			&cli.DurationFlag{Name: "restore-timeout", Value: def.RestoreTimeout, Usage: "kill a CRIU restore that takes longer and abort the migration"},
+			&cli.DurationFlag{Name: "postcopy-recover-timeout", Value: def.PostcopyRecoverTimeout, Usage: "post-copy: how long to wait for a source whose connection was lost to reconnect (the restored tree's threads that touch a missing page wait meanwhile)"},
 			&cli.DurationFlag{Name: "commit-wait", Value: def.CommitWait, Usage: "on shutdown, how long a prepared migration waits for COMMIT"},
 			&cli.BoolFlag{Name: "lazy-restore", Value: def.LazyRestore, Usage: "restore without writing the memory the images mark lazy; phaul's lazy-pages daemon fills it once the tree runs"},
 			&cli.StringFlag{Name: "cgroup-parent", Value: def.CgroupParent, Usage: "cgroup (below the freezer v1 and cgroup v2 roots) that committed trees move to, unless --manage-cgroups puts them in their own"},
@@ -34,6 +35,7 @@ func serveCommand() *cli.Command {
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.MaxMigrations = c.Int("max-migrations")
 			cfg.CommitWait = c.Duration("commit-wait")
+			cfg.PostcopyRecoverTimeout = c.Duration("postcopy-recover-timeout")
 			cfg.CgroupParent = c.String("cgroup-parent")
 			cfg.LazyRestore = c.Bool("lazy-restore")
 			cfg.RestoreTimeout = c.Duration("restore-timeout")

@@ -298,13 +298,17 @@ func (*Message_PostcopyDone) isMessage_Body() {}
 
 // Hello opens a migration (source to destination).
 type Hello struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	MinVersion    uint32                 `protobuf:"varint,1,opt,name=min_version,json=minVersion,proto3" json:"min_version,omitempty"`   // lowest protocol version the source speaks
-	MaxVersion    uint32                 `protobuf:"varint,2,opt,name=max_version,json=maxVersion,proto3" json:"max_version,omitempty"`   // highest
-	MigrationId   string                 `protobuf:"bytes,3,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"` // 16 lowercase hex digits, chosen by the source
-	Mode          Mode                   `protobuf:"varint,4,opt,name=mode,proto3,enum=phaul.wire.Mode" json:"mode,omitempty"`
-	Host          *HostReport            `protobuf:"bytes,5,opt,name=host,proto3" json:"host,omitempty"` // the source's pre-flight report
-	Criu          *CriuOptions           `protobuf:"bytes,6,opt,name=criu,proto3" json:"criu,omitempty"` // carried to the restore
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	MinVersion  uint32                 `protobuf:"varint,1,opt,name=min_version,json=minVersion,proto3" json:"min_version,omitempty"`   // lowest protocol version the source speaks
+	MaxVersion  uint32                 `protobuf:"varint,2,opt,name=max_version,json=maxVersion,proto3" json:"max_version,omitempty"`   // highest
+	MigrationId string                 `protobuf:"bytes,3,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"` // 16 lowercase hex digits, chosen by the source
+	Mode        Mode                   `protobuf:"varint,4,opt,name=mode,proto3,enum=phaul.wire.Mode" json:"mode,omitempty"`
+	Host        *HostReport            `protobuf:"bytes,5,opt,name=host,proto3" json:"host,omitempty"` // the source's pre-flight report
+	Criu        *CriuOptions           `protobuf:"bytes,6,opt,name=criu,proto3" json:"criu,omitempty"` // carried to the restore
+	// resume: this session continues the post-copy of migration_id after
+	// its connection was lost (postcopy recovery); the destination attaches
+	// the new session's fetch streams and control stream to it.
+	Resume        bool `protobuf:"varint,7,opt,name=resume,proto3" json:"resume,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -379,6 +383,13 @@ func (x *Hello) GetCriu() *CriuOptions {
 		return x.Criu
 	}
 	return nil
+}
+
+func (x *Hello) GetResume() bool {
+	if x != nil {
+		return x.Resume
+	}
+	return false
 }
 
 // HelloReply accepts or refuses a migration (destination to source).
@@ -1278,7 +1289,7 @@ const file_control_proto_rawDesc = "" +
 	"\x04pong\x18\t \x01(\v2\x10.phaul.wire.PongH\x00R\x04pong\x12?\n" +
 	"\rpostcopy_done\x18\n" +
 	" \x01(\v2\x18.phaul.wire.PostcopyDoneH\x00R\fpostcopyDoneB\x06\n" +
-	"\x04body\"\xeb\x01\n" +
+	"\x04body\"\x83\x02\n" +
 	"\x05Hello\x12\x1f\n" +
 	"\vmin_version\x18\x01 \x01(\rR\n" +
 	"minVersion\x12\x1f\n" +
@@ -1287,7 +1298,8 @@ const file_control_proto_rawDesc = "" +
 	"\fmigration_id\x18\x03 \x01(\tR\vmigrationId\x12$\n" +
 	"\x04mode\x18\x04 \x01(\x0e2\x10.phaul.wire.ModeR\x04mode\x12*\n" +
 	"\x04host\x18\x05 \x01(\v2\x16.phaul.wire.HostReportR\x04host\x12+\n" +
-	"\x04criu\x18\x06 \x01(\v2\x17.phaul.wire.CriuOptionsR\x04criu\"\x86\x01\n" +
+	"\x04criu\x18\x06 \x01(\v2\x17.phaul.wire.CriuOptionsR\x04criu\x12\x16\n" +
+	"\x06resume\x18\a \x01(\bR\x06resume\"\x86\x01\n" +
 	"\n" +
 	"HelloReply\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1a\n" +
