@@ -248,7 +248,7 @@ func TestFetchRecover(t *testing.T) {
 		}()
 	}
 	time.Sleep(50 * time.Millisecond) // the requests go out
-	b.Close()                          // the cut
+	b.Close()                         // the cut
 	close(stuck)
 	testenvWait(t, func() bool { return !c.Lost().IsZero() })
 	a2, b2 := net.Pipe()

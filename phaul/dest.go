@@ -132,7 +132,7 @@ type incoming struct {
 	postcopy bool
 	fetch    *fetchClients
 	link     *postcopyLink // where PostcopyDone goes; a reconnect replaces it
-	pid   int           // restored root
+	pid      int           // restored root
 	// reserve is the memory a prefault filled, held until the restore
 	// starts (or the migration ends).
 	reserve *linux.Reserve

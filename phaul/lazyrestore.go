@@ -17,7 +17,7 @@ import (
 type lazyRestore struct {
 	d      *lazy.Daemon
 	src    *lazy.ImageSource
-	remote *remoteSource // post-copy: pages still at the source; nil otherwise
+	remote *remoteSource      // post-copy: pages still at the source; nil otherwise
 	cancel context.CancelFunc // ends Serve (abort only)
 	done   chan error         // Serve's result; buffered
 	t0     time.Time

@@ -797,7 +797,7 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 	if _, err := p.fw.Open(k); err != nil {
 		return err
 	}
-	pid := -1 // the process holding the lazy pages, looked up once
+	pid := -1     // the process holding the lazy pages, looked up once
 	var off int64 // in the pages image
 	for _, e := range pm.Entries {
 		if err := ctx.Err(); err != nil {
