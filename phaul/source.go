@@ -499,19 +499,20 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	s.phase(PhaseCommit)
 	stop := deadline(ctx, ctlStream, cfg.CommitTimeout)
 	defer stop()
-	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Commit{Commit: &wire.Commit{}}}); err != nil {
-		s.phase(PhaseInDoubt)
-		return fmt.Errorf("%w: send commit: %w", ErrInDoubt, err)
+	destPID, err := s.commit()
+	if err != nil && heldTree {
+		// Post-copy: the destination's tree may run and need the held
+		// one's pages. A resume is accepted only once it committed.
+		s.log.Warn("post-copy: commit outcome unknown; reconnecting", "err", err)
+		if rerr := s.reconnect(ctx, fetch, pre.remote); rerr == nil {
+			destPID, err = s.stats.DestPID, nil
+		} else {
+			err = fmt.Errorf("%w; reconnect: %w", err, rerr)
+		}
 	}
-	m, err := s.ctl.Recv()
 	if err != nil {
 		s.phase(PhaseInDoubt)
-		return fmt.Errorf("%w: wait for committed: %w", ErrInDoubt, err)
-	}
-	c := m.GetCommitted()
-	if c == nil {
-		s.phase(PhaseInDoubt)
-		return fmt.Errorf("%w: destination answered %s to commit: %s", ErrInDoubt, wire.Name(m), m.GetAbort().GetReason())
+		return fmt.Errorf("%w: %w", ErrInDoubt, err)
 	}
 	running := time.Now()
 	rtt := time.Duration(s.stats.RTTMS * float64(time.Millisecond))
@@ -522,7 +523,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 			s.stats.DowntimeCRIUMS = s.stats.DowntimeMS - r.DurationMS
 		}
 	}
-	s.stats.DestPID = int(c.GetPid())
+	s.stats.DestPID = destPID
 	if cfg.Mode.postcopy() {
 		// The destination's tree runs: the source's must never run again,
 		// whatever happens to post-copy.
@@ -536,9 +537,26 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	}
 	s.removeNetworkLock(imagesDir)
 	s.phase(PhaseDone)
-	s.log.Info("migrated", "dest_pid", c.GetPid(), "downtime_ms", s.stats.DowntimeMS,
+	s.log.Info("migrated", "dest_pid", s.stats.DestPID, "downtime_ms", s.stats.DowntimeMS,
 		"bytes", s.stats.BytesImages)
 	return nil
+}
+
+// commit sends COMMIT and returns the running tree's root pid from
+// COMMITTED.
+func (s *source) commit() (int, error) {
+	if err := s.ctl.Send(&wire.Message{Body: &wire.Message_Commit{Commit: &wire.Commit{}}}); err != nil {
+		return 0, fmt.Errorf("send commit: %w", err)
+	}
+	m, err := s.ctl.Recv()
+	if err != nil {
+		return 0, fmt.Errorf("wait for committed: %w", err)
+	}
+	c := m.GetCommitted()
+	if c == nil {
+		return 0, fmt.Errorf("destination answered %s to commit: %s", wire.Name(m), m.GetAbort().GetReason())
+	}
+	return int(c.GetPid()), nil
 }
 
 // precopyRounds runs pre-copy's rounds; with --prefault then the
