@@ -20,6 +20,13 @@ type Source interface {
 	ReadPages(ctx context.Context, id uint64, vaddr uint64, buf []byte) error
 }
 
+// Remoter is a Source some of whose pages come from far away (another
+// host): the daemon accounts faults on those apart (Stats.RemoteFault*).
+type Remoter interface {
+	// Remote reports whether page vaddr of image id is read from afar.
+	Remote(id, vaddr uint64) bool
+}
+
 type faultReadKey struct{}
 
 // IsFaultRead reports whether a Source read is for a thread waiting on a

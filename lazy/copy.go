@@ -88,9 +88,19 @@ func (l *loop) placed(t *task, s, e uint64, fault bool) {
 	pages := t.pend.cut(s, e)
 	now := time.Now()
 	var lat []time.Duration
+	var origin []int
+	remoter, _ := l.d.cfg.Source.(Remoter)
 	for addr, at := range t.waiting {
 		if s <= addr && addr < e {
 			lat = append(lat, now.Sub(at))
+			o := -1
+			if remoter != nil {
+				o = 0
+				if remoter.Remote(t.id, addr) {
+					o = 1
+				}
+			}
+			origin = append(origin, o)
 			delete(t.waiting, addr)
 		}
 	}
@@ -101,8 +111,8 @@ func (l *loop) placed(t *task, s, e uint64, fault bool) {
 			st.s.PushedPages += pages
 		}
 		st.lastAt = now
-		for _, d := range lat {
-			st.fault(d)
+		for i, d := range lat {
+			st.fault(d, origin[i])
 		}
 	})
 }

@@ -30,6 +30,11 @@ type Stats struct {
 	// resolved it.
 	Faults                       uint64
 	FaultP50, FaultP99, FaultMax time.Duration
+	// With a Source that says which pages are remote (Remoter), the
+	// same split: faults served locally and those fetched from afar.
+	LocalFaults, RemoteFaults                      uint64
+	LocalFaultP50, LocalFaultP99, LocalFaultMax    time.Duration
+	RemoteFaultP50, RemoteFaultP99, RemoteFaultMax time.Duration
 	// FillTime runs from the restore's finish marker to the last page
 	// copied (0 before both).
 	FillTime time.Duration
@@ -47,24 +52,47 @@ type stats struct {
 	finishAt time.Time // the finish marker
 	lastAt   time.Time // the last page copied
 	lat      []time.Duration
+	// by origin: [0] local, [1] remote (a Remoter Source only)
+	originLat [2][]time.Duration
+	originMax [2]time.Duration
+	originN   [2]uint64
 }
 
-func (st *stats) fault(d time.Duration) {
+// fault records a fault's latency; origin is 0 (local), 1 (remote) or -1
+// (the Source does not say).
+func (st *stats) fault(d time.Duration, origin int) {
 	st.s.Faults++
 	st.s.FaultMax = max(st.s.FaultMax, d)
 	if len(st.lat) < maxLatencySamples {
 		st.lat = append(st.lat, d)
 	}
+	if origin >= 0 {
+		st.originN[origin]++
+		st.originMax[origin] = max(st.originMax[origin], d)
+		if len(st.originLat[origin]) < maxLatencySamples {
+			st.originLat[origin] = append(st.originLat[origin], d)
+		}
+	}
+}
+
+// percentiles returns the p50 and p99 of lat.
+func percentiles(lat []time.Duration) (p50, p99 time.Duration) {
+	n := len(lat)
+	if n == 0 {
+		return 0, 0
+	}
+	lat = slices.Clone(lat)
+	slices.Sort(lat)
+	return lat[(n-1)/2], lat[(n-1)*99/100]
 }
 
 func (st *stats) snapshot() Stats {
 	s := st.s
-	if n := len(st.lat); n > 0 {
-		lat := slices.Clone(st.lat)
-		slices.Sort(lat)
-		s.FaultP50 = lat[(n-1)/2]
-		s.FaultP99 = lat[(n-1)*99/100]
-	}
+	s.FaultP50, s.FaultP99 = percentiles(st.lat)
+	s.LocalFaultP50, s.LocalFaultP99 = percentiles(st.originLat[0])
+	s.RemoteFaultP50, s.RemoteFaultP99 = percentiles(st.originLat[1])
+	s.LocalFaultMax, s.RemoteFaultMax = st.originMax[0], st.originMax[1]
+	s.LocalFaults, s.RemoteFaults = st.originN[0], st.originN[1]
 	if !st.finishAt.IsZero() && st.lastAt.After(st.finishAt) {
 		s.FillTime = st.lastAt.Sub(st.finishAt)
 	}

@@ -202,7 +202,7 @@ func (fs *fetchServer) close() {
 // awaitPostcopy waits, after COMMITTED, for the destination to hold every
 // page, serving its fetches meanwhile, and records what moved. A lost
 // connection is dialled again for PostcopyRecoverTimeout.
-func (s *source) awaitPostcopy(ctx context.Context, ctlStream *transport.Stream, fs *fetchServer, remote *remoteSet, resumed time.Time) error {
+func (s *source) awaitPostcopy(ctx context.Context, fs *fetchServer, remote *remoteSet, resumed time.Time) error {
 	s.phase(PhasePostcopy)
 	st := &PostcopyStats{}
 	s.stats.Postcopy = st
@@ -241,6 +241,8 @@ func (s *source) awaitPostcopy(ctx context.Context, ctlStream *transport.Stream,
 	st.FaultP50MS, st.FaultP99MS, st.FaultMaxMS = msOf(done.GetFaultP50Ns()), msOf(done.GetFaultP99Ns()), msOf(done.GetFaultMaxNs())
 	st.RemoteFaultP50MS, st.RemoteFaultP99MS = msOf(done.GetRemoteFaultP50Ns()), msOf(done.GetRemoteFaultP99Ns())
 	st.RemoteFaultMaxMS, st.DestFillMS = msOf(done.GetRemoteFaultMaxNs()), msOf(done.GetFillNanos())
+	st.LocalFaultP50MS, st.LocalFaultP99MS = msOf(done.GetLocalFaultP50Ns()), msOf(done.GetLocalFaultP99Ns())
+	st.LocalFaultMaxMS, st.RemoteFaults, st.LocalFaults = msOf(done.GetLocalFaultMaxNs()), done.GetRemoteFaults(), done.GetLocalFaults()
 	s.log.Info("post-copy done", "ms", st.MS, "remote_pages", st.RemotePages, "served_fault_pages", st.ServedFaultPages,
 		"served_fill_pages", st.ServedFillPages, "fault_p99_ms", st.FaultP99MS, "remote_fault_p99_ms", st.RemoteFaultP99MS,
 		"recoveries", st.Recoveries)

@@ -121,6 +121,12 @@ func (r *remoteSource) ReadPages(ctx context.Context, id, vaddr uint64, buf []by
 	return nil
 }
 
+// Remote implements lazy.Remoter.
+func (r *remoteSource) Remote(id, vaddr uint64) bool {
+	_, remote := runAt(r.remote[id], vaddr, pagestore.PageSize)
+	return remote
+}
+
 // runAt returns how many of the want bytes at vaddr lie all inside or all
 // outside spans, and which.
 func runAt(spans []span, vaddr, want uint64) (uint64, bool) {
@@ -190,11 +196,9 @@ func postcopyDoneMsg(st lazy.Stats, src *remoteSource) *wire.Message {
 		FillNanos: uint64(st.FillTime)}
 	if src != nil {
 		d.RemotePages = src.pages.Load()
-		if lat := src.fetch.faults.Latencies(); len(lat) > 0 {
-			slices.Sort(lat)
-			n := len(lat)
-			d.RemoteFaultP50Ns, d.RemoteFaultP99Ns, d.RemoteFaultMaxNs = uint64(lat[(n-1)/2]), uint64(lat[(n-1)*99/100]), uint64(lat[n-1])
-		}
 	}
+	d.RemoteFaultP50Ns, d.RemoteFaultP99Ns, d.RemoteFaultMaxNs = uint64(st.RemoteFaultP50), uint64(st.RemoteFaultP99), uint64(st.RemoteFaultMax)
+	d.LocalFaultP50Ns, d.LocalFaultP99Ns, d.LocalFaultMaxNs = uint64(st.LocalFaultP50), uint64(st.LocalFaultP99), uint64(st.LocalFaultMax)
+	d.RemoteFaults, d.LocalFaults = st.RemoteFaults, st.LocalFaults
 	return &wire.Message{Body: &wire.Message_PostcopyDone{PostcopyDone: d}}
 }

@@ -527,7 +527,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	if cfg.Mode.postcopy() {
 		// The destination's tree runs: the source's must never run again,
 		// whatever happens to post-copy.
-		if err := s.awaitPostcopy(ctx, ctlStream, fetch, pre.remote, running); err != nil {
+		if err := s.awaitPostcopy(ctx, fetch, pre.remote, running); err != nil {
 			s.phase(PhaseInDoubt)
 			return fmt.Errorf("%w: %w", ErrInDoubt, s.postcopyLost(pre.remote, fetch, err))
 		}

@@ -82,18 +82,24 @@ type PostcopyStats struct {
 	RefusedRequests  uint64 `json:"refused_requests,omitempty"`
 	BytesWire        uint64 `json:"bytes_wire"`
 	// The destination's lazy-pages daemon: pages copied because a thread
-	// faulted (local or remote) and in the background, faults, and fault
-	// latency (fault read to the copy that resolved it) over every fault
-	// and over those that fetched from the source (its round trip).
+	// faulted and in the background, faults, and fault latency (the
+	// fault read to the copy that woke the thread): over every fault, over
+	// faults on pages fetched from the source, and over those on pages
+	// the destination had.
 	FaultPages       uint64  `json:"fault_pages"`
 	PushedPages      uint64  `json:"pushed_pages"`
 	Faults           uint64  `json:"faults"`
 	FaultP50MS       float64 `json:"fault_p50_ms"`
 	FaultP99MS       float64 `json:"fault_p99_ms"`
 	FaultMaxMS       float64 `json:"fault_max_ms"`
+	RemoteFaults     uint64  `json:"remote_faults"`
 	RemoteFaultP50MS float64 `json:"remote_fault_p50_ms"`
 	RemoteFaultP99MS float64 `json:"remote_fault_p99_ms"`
 	RemoteFaultMaxMS float64 `json:"remote_fault_max_ms"`
+	LocalFaults      uint64  `json:"local_faults"`
+	LocalFaultP50MS  float64 `json:"local_fault_p50_ms"`
+	LocalFaultP99MS  float64 `json:"local_fault_p99_ms"`
+	LocalFaultMaxMS  float64 `json:"local_fault_max_ms"`
 	// DestFillMS: the destination's own measure, its daemon's finish
 	// marker to the last page.
 	DestFillMS float64 `json:"dest_fill_ms"`

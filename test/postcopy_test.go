@@ -81,6 +81,13 @@ func TestPostcopy(t *testing.T) {
 				t.Fatalf("the source served %v pages of the %v it left for the destination: %v", served, pc["remote_pages"], pc)
 			case pc["refused_requests"] != 0:
 				t.Fatalf("the source refused %v requests: %v", pc["refused_requests"], pc)
+			case pc["remote_faults"]+pc["local_faults"] != pc["faults"]:
+				t.Fatalf("faults %v, remote %v + local %v: every fault is one or the other", pc["faults"], pc["remote_faults"], pc["local_faults"])
+			case tc.mode == "postcopy" && (pc["remote_faults"] == 0 || pc["served_fault_pages"] == 0):
+				// The workload writes its memory at once: some of it
+				// before the fill got there.
+				t.Fatalf("post-copy: %v remote faults, %v pages served on the fault stream; want some of each: %v",
+					pc["remote_faults"], pc["served_fault_pages"], pc)
 			}
 			if tc.mode == "postcopy" && pc["remote_pages"] < float64((1+tc.children)*64<<20/4096)*0.9 {
 				t.Fatalf("post-copy left %v pages at the source, want about the tree's %d MiB per process", pc["remote_pages"], 64)
@@ -89,9 +96,9 @@ func TestPostcopy(t *testing.T) {
 				t.Fatalf("hybrid ran no pre-copy round: %v", r.stats["rounds"])
 			}
 			stall, _ := w.LongestTickGap(mark)
-			t.Logf("%s: downtime %.0f ms, workload stall %v, post-copy %.0f ms, remote %v pages (faults %v, fill %v), fault p99 %.2f ms, remote fault p99 %.2f ms",
+			t.Logf("%s: downtime %.0f ms, workload stall %v, post-copy %.0f ms, remote %v pages (faults %v, fill %v), fault p99 %.2f ms, remote fault p99 %.2f ms (%v faults), local fault p99 %.2f ms (%v)",
 				tc.mode, r.num("downtime_ms"), stall, pc["ms"], pc["remote_pages"], pc["served_fault_pages"], pc["served_fill_pages"],
-				pc["fault_p99_ms"], pc["remote_fault_p99_ms"])
+				pc["fault_p99_ms"], pc["remote_fault_p99_ms"], pc["remote_faults"], pc["local_fault_p99_ms"], pc["local_faults"])
 		})
 	}
 }

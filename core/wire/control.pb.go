@@ -1147,20 +1147,27 @@ func (x *Pong) GetPopulateNsPerMib() uint64 {
 // and hybrid only). The source then ends its held tree. The counts are
 // the destination's lazy-pages daemon's.
 type PostcopyDone struct {
-	state            protoimpl.MessageState `protogen:"open.v1"`
-	FaultPages       uint64                 `protobuf:"varint,1,opt,name=fault_pages,json=faultPages,proto3" json:"fault_pages,omitempty"`    // copied because a thread faulted on them
-	PushedPages      uint64                 `protobuf:"varint,2,opt,name=pushed_pages,json=pushedPages,proto3" json:"pushed_pages,omitempty"` // copied in the background
-	RemotePages      uint64                 `protobuf:"varint,3,opt,name=remote_pages,json=remotePages,proto3" json:"remote_pages,omitempty"` // of those, fetched from the source
-	Faults           uint64                 `protobuf:"varint,4,opt,name=faults,proto3" json:"faults,omitempty"`
-	FaultP50Ns       uint64                 `protobuf:"varint,5,opt,name=fault_p50_ns,json=faultP50Ns,proto3" json:"fault_p50_ns,omitempty"` // fault to copy, every fault
-	FaultP99Ns       uint64                 `protobuf:"varint,6,opt,name=fault_p99_ns,json=faultP99Ns,proto3" json:"fault_p99_ns,omitempty"`
-	FaultMaxNs       uint64                 `protobuf:"varint,7,opt,name=fault_max_ns,json=faultMaxNs,proto3" json:"fault_max_ns,omitempty"`
-	RemoteFaultP50Ns uint64                 `protobuf:"varint,8,opt,name=remote_fault_p50_ns,json=remoteFaultP50Ns,proto3" json:"remote_fault_p50_ns,omitempty"` // fetch round trip of faulted pages
-	RemoteFaultP99Ns uint64                 `protobuf:"varint,9,opt,name=remote_fault_p99_ns,json=remoteFaultP99Ns,proto3" json:"remote_fault_p99_ns,omitempty"`
-	RemoteFaultMaxNs uint64                 `protobuf:"varint,10,opt,name=remote_fault_max_ns,json=remoteFaultMaxNs,proto3" json:"remote_fault_max_ns,omitempty"`
-	FillNanos        uint64                 `protobuf:"varint,11,opt,name=fill_nanos,json=fillNanos,proto3" json:"fill_nanos,omitempty"` // resume to the last page in place
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	FaultPages  uint64                 `protobuf:"varint,1,opt,name=fault_pages,json=faultPages,proto3" json:"fault_pages,omitempty"`    // copied because a thread faulted on them
+	PushedPages uint64                 `protobuf:"varint,2,opt,name=pushed_pages,json=pushedPages,proto3" json:"pushed_pages,omitempty"` // copied in the background
+	RemotePages uint64                 `protobuf:"varint,3,opt,name=remote_pages,json=remotePages,proto3" json:"remote_pages,omitempty"` // of those, fetched from the source
+	Faults      uint64                 `protobuf:"varint,4,opt,name=faults,proto3" json:"faults,omitempty"`
+	FaultP50Ns  uint64                 `protobuf:"varint,5,opt,name=fault_p50_ns,json=faultP50Ns,proto3" json:"fault_p50_ns,omitempty"` // fault to copy, every fault
+	FaultP99Ns  uint64                 `protobuf:"varint,6,opt,name=fault_p99_ns,json=faultP99Ns,proto3" json:"fault_p99_ns,omitempty"`
+	FaultMaxNs  uint64                 `protobuf:"varint,7,opt,name=fault_max_ns,json=faultMaxNs,proto3" json:"fault_max_ns,omitempty"`
+	// faults on pages fetched from the source, fault to copy
+	RemoteFaultP50Ns uint64 `protobuf:"varint,8,opt,name=remote_fault_p50_ns,json=remoteFaultP50Ns,proto3" json:"remote_fault_p50_ns,omitempty"`
+	RemoteFaultP99Ns uint64 `protobuf:"varint,9,opt,name=remote_fault_p99_ns,json=remoteFaultP99Ns,proto3" json:"remote_fault_p99_ns,omitempty"`
+	RemoteFaultMaxNs uint64 `protobuf:"varint,10,opt,name=remote_fault_max_ns,json=remoteFaultMaxNs,proto3" json:"remote_fault_max_ns,omitempty"`
+	FillNanos        uint64 `protobuf:"varint,11,opt,name=fill_nanos,json=fillNanos,proto3" json:"fill_nanos,omitempty"` // the daemon's finish marker to the last page
+	// faults on pages the destination had (its images), fault to copy
+	LocalFaultP50Ns uint64 `protobuf:"varint,12,opt,name=local_fault_p50_ns,json=localFaultP50Ns,proto3" json:"local_fault_p50_ns,omitempty"`
+	LocalFaultP99Ns uint64 `protobuf:"varint,13,opt,name=local_fault_p99_ns,json=localFaultP99Ns,proto3" json:"local_fault_p99_ns,omitempty"`
+	LocalFaultMaxNs uint64 `protobuf:"varint,14,opt,name=local_fault_max_ns,json=localFaultMaxNs,proto3" json:"local_fault_max_ns,omitempty"`
+	RemoteFaults    uint64 `protobuf:"varint,15,opt,name=remote_faults,json=remoteFaults,proto3" json:"remote_faults,omitempty"`
+	LocalFaults     uint64 `protobuf:"varint,16,opt,name=local_faults,json=localFaults,proto3" json:"local_faults,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *PostcopyDone) Reset() {
@@ -1270,6 +1277,41 @@ func (x *PostcopyDone) GetFillNanos() uint64 {
 	return 0
 }
 
+func (x *PostcopyDone) GetLocalFaultP50Ns() uint64 {
+	if x != nil {
+		return x.LocalFaultP50Ns
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetLocalFaultP99Ns() uint64 {
+	if x != nil {
+		return x.LocalFaultP99Ns
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetLocalFaultMaxNs() uint64 {
+	if x != nil {
+		return x.LocalFaultMaxNs
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetRemoteFaults() uint64 {
+	if x != nil {
+		return x.RemoteFaults
+	}
+	return 0
+}
+
+func (x *PostcopyDone) GetLocalFaults() uint64 {
+	if x != nil {
+		return x.LocalFaults
+	}
+	return 0
+}
+
 var File_control_proto protoreflect.FileDescriptor
 
 const file_control_proto_rawDesc = "" +
@@ -1354,7 +1396,7 @@ const file_control_proto_rawDesc = "" +
 	"\x10release_prefault\x18\x04 \x01(\bR\x0freleasePrefault\"G\n" +
 	"\x04Pong\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12-\n" +
-	"\x13populate_ns_per_mib\x18\x02 \x01(\x04R\x10populateNsPerMib\"\x9f\x03\n" +
+	"\x13populate_ns_per_mib\x18\x02 \x01(\x04R\x10populateNsPerMib\"\xee\x04\n" +
 	"\fPostcopyDone\x12\x1f\n" +
 	"\vfault_pages\x18\x01 \x01(\x04R\n" +
 	"faultPages\x12!\n" +
@@ -1372,7 +1414,12 @@ const file_control_proto_rawDesc = "" +
 	"\x13remote_fault_max_ns\x18\n" +
 	" \x01(\x04R\x10remoteFaultMaxNs\x12\x1d\n" +
 	"\n" +
-	"fill_nanos\x18\v \x01(\x04R\tfillNanos*a\n" +
+	"fill_nanos\x18\v \x01(\x04R\tfillNanos\x12+\n" +
+	"\x12local_fault_p50_ns\x18\f \x01(\x04R\x0flocalFaultP50Ns\x12+\n" +
+	"\x12local_fault_p99_ns\x18\r \x01(\x04R\x0flocalFaultP99Ns\x12+\n" +
+	"\x12local_fault_max_ns\x18\x0e \x01(\x04R\x0flocalFaultMaxNs\x12#\n" +
+	"\rremote_faults\x18\x0f \x01(\x04R\fremoteFaults\x12!\n" +
+	"\flocal_faults\x18\x10 \x01(\x04R\vlocalFaults*a\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tMODE_COLD\x10\x01\x12\x10\n" +
