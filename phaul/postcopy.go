@@ -325,18 +325,23 @@ func (s *source) resumeSession(ctx context.Context, fs *fetchServer, remote *rem
 	return nil
 }
 
-// postcopyProgress reports the pages served so far every 100 ms until the
-// returned func is called.
+// postcopyProgress reports the pages served so far, every 100 ms to
+// Progress, or every second in the log without one, until the returned
+// func is called.
 func (s *source) postcopyProgress(fs *fetchServer, total uint64) func() {
-	if s.cfg.Progress == nil || fs == nil {
+	if fs == nil {
 		return func() {}
+	}
+	every := time.Second
+	if s.cfg.Progress != nil {
+		every = 100 * time.Millisecond
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { // owned by the returned func
 		defer wg.Done()
-		t := time.NewTicker(100 * time.Millisecond)
+		t := time.NewTicker(every)
 		defer t.Stop()
 		for {
 			select {
@@ -345,8 +350,13 @@ func (s *source) postcopyProgress(fs *fetchServer, total uint64) func() {
 			case <-t.C:
 			}
 			served := fs.stats[0].Pages.Load() + fs.stats[1].Pages.Load()
+			left := (total - min(total, served)) * pagestore.PageSize
+			if s.cfg.Progress == nil {
+				s.log.Info("post-copy", "served_mib", served>>8, "at_source_mib", left>>20)
+				continue
+			}
 			s.cfg.Progress(Event{Phase: PhasePostcopy, Bytes: served * pagestore.PageSize, Elapsed: time.Since(s.stats.start),
-				Remaining: (total - min(total, served)) * pagestore.PageSize})
+				Remaining: left})
 		}
 	}()
 	return func() { cancel(); wg.Wait() }

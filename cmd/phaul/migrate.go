@@ -114,6 +114,10 @@ func migrateCommand() *cli.Command {
 			case err == nil:
 				fmt.Fprintf(os.Stderr, "migrated pid %d to %s: destination pid %d, downtime %.1f ms, %d image bytes, total %.0f ms\n",
 					pid, cfg.To, stats.DestPID, stats.DowntimeMS, stats.BytesImages, stats.TotalMS)
+				if pc := stats.Postcopy; pc != nil {
+					fmt.Fprintf(os.Stderr, "post-copy: %.0f ms after the resume until every page was there; %d pages fetched (%d on fault), fault p99 %.2f ms\n",
+						pc.MS, pc.ServedFaultPages+pc.ServedFillPages, pc.ServedFaultPages, pc.FaultP99MS)
+				}
 				return nil
 			case errors.Is(err, phaul.ErrInDoubt):
 				return cli.Exit(err.Error(), exitInDoubt)

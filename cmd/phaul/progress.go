@@ -48,6 +48,10 @@ func (p *progressBar) update(e phaul.Event) {
 		rate := float64(e.Bytes) / time.Since(p.since).Seconds() / (1 << 20)
 		line += fmt.Sprintf("  %8.1f MiB  %7.1f MiB/s", float64(e.Bytes)/(1<<20), rate)
 	}
+	if e.Phase == phaul.PhasePostcopy {
+		// The destination runs the tree: what it still lacks.
+		line += fmt.Sprintf("  at the source %.1f MiB", float64(e.Remaining)/(1<<20))
+	}
 	if e.Round > 0 {
 		line += fmt.Sprintf("  remaining %.1f MiB", float64(e.Remaining)/(1<<20))
 		if e.ExpectedDowntime > 0 {
