@@ -1,0 +1,387 @@
+package phaul
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/images"
+	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/core/pagestore"
+	"github.com/phaul/phaul/core/transport"
+	"github.com/phaul/phaul/core/wire"
+	"github.com/phaul/phaul/pageserver"
+)
+
+// dumpRun is the source's migration from the page streams on: the rounds,
+// the freeze (CRIU's dump and its notifications), the commit and, in
+// post-copy, serving the destination until it has every page. Its steps
+// follow the states of machine.go; each method is one of them.
+type dumpRun struct {
+	s         *source
+	bin       *criu.Binary
+	imagesDir string
+	ctlStream *transport.Stream
+
+	pages  *pageStream
+	pre    *precopy     // every mode but cold
+	filter *finalFilter // the store CRIU's full final dump writes into
+	fetch  *fetchServer // post-copy's fetch streams
+
+	// How the freeze runs: a lazy dump (CRIU copies no anonymous memory
+	// and holds the tree), and post-copy on top (the held tree outlives
+	// the commit).
+	lazy, postcopy bool
+	lazyListen     string      // CRIU's lazy page server, on loopback
+	holder         *lazyHolder // phaul's session with it
+
+	// Set by CRIU's notifications (on CRIU's RPC goroutine, before the
+	// dump returns or held/gone fire).
+	frozen, dumped time.Time
+	acked          bool // post-dump answered with success: CRIU ends the tree
+	prepared       *wire.Prepared
+	sent           []images.File
+
+	dumpDone chan error    // CRIU's dump returned
+	held     chan struct{} // post-copy: the tree is held by phaul's open session
+	// gone reports that no process of the lazily dumped tree can run
+	// again after phaul ended CRIU's session (each has exited or is being
+	// killed): the commit need not wait for CRIU's cleanup nor for the
+	// kernel to free the tree's memory.
+	gone     chan error
+	heldTree bool         // the dump outlives the commit (post-copy)
+	endHeld  func()       // ends it: the held tree is killed, never resumed
+	cleanup  []func()     // run by close, last first
+	unlock   func() error // the host's dump lock
+}
+
+func newDumpRun(s *source, bin *criu.Binary, imagesDir string, ctlStream *transport.Stream) *dumpRun {
+	postcopy := s.cfg.Mode.postcopy()
+	r := &dumpRun{s: s, bin: bin, imagesDir: imagesDir, ctlStream: ctlStream,
+		postcopy: postcopy, lazy: postcopy || (s.cfg.Mode == ModePrecopy && s.cfg.FinalDump == FinalDumpLazy),
+		dumpDone: make(chan error, 1), held: make(chan struct{}), gone: make(chan error, 1)}
+	r.endHeld = sync.OnceFunc(func() {
+		r.holder.release()
+		if err := r.endDump(<-r.dumpDone); err != nil {
+			s.log.Warn("criu failed after post-copy", "err", err)
+		}
+	})
+	return r
+}
+
+// close undoes what the run set up, last first.
+func (r *dumpRun) close() {
+	for i := len(r.cleanup) - 1; i >= 0; i-- {
+		r.cleanup[i]()
+	}
+}
+
+// dumpAndCommit runs the migration from the page streams on.
+func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir string, ctlStream *transport.Stream) error {
+	r := newDumpRun(s, bin, imagesDir, ctlStream)
+	defer r.close()
+	if err := r.start(ctx); err != nil {
+		return err
+	}
+	if err := r.settle(r.dump(ctx)); err != nil {
+		return err
+	}
+	running, err := r.commit(ctx)
+	if err != nil {
+		return err
+	}
+	if s.cfg.Mode.postcopy() {
+		// The destination's tree runs: the source's must never run again,
+		// whatever happens to post-copy.
+		if err := s.awaitPostcopy(ctx, r.fetch, r.pre.remote, running); err != nil {
+			s.phase(PhaseInDoubt)
+			return fmt.Errorf("%w: %w", ErrInDoubt, s.postcopyLost(r.pre.remote, r.fetch, err))
+		}
+		if r.heldTree {
+			r.endHeld()
+		}
+	}
+	s.removeNetworkLock(imagesDir)
+	s.phase(PhaseDone)
+	s.log.Info("migrated", "dest_pid", s.stats.DestPID, "downtime_ms", s.stats.DowntimeMS,
+		"bytes", s.stats.BytesImages)
+	return nil
+}
+
+// start opens the page (and fetch) streams, runs the pre-copy rounds, and
+// decides how the freeze runs. A failure rolls back: the tree runs on.
+func (r *dumpRun) start(ctx context.Context) error {
+	s, cfg := r.s, r.s.cfg
+	// Cold: CRIU dumps into the forwarder; else the final pass filters
+	// what the rounds sent.
+	store := func(fw *pageserver.Forwarder) pageserver.Store {
+		if cfg.Mode == ModeCold {
+			return fw
+		}
+		r.pre = newPrecopy(s, fw, cfg.PID)
+		r.pre.postcopy = r.postcopy
+		r.filter = &finalFilter{p: r.pre, ctx: ctx}
+		return r.filter
+	}
+	var err error
+	if r.pages, err = s.startPages(ctx, store); err != nil {
+		return err
+	}
+	fail := func(err error) error {
+		r.pages.finish()
+		return err
+	}
+	if r.postcopy {
+		if r.fetch, err = s.openFetch(ctx); err != nil {
+			return fail(err)
+		}
+		r.cleanup = append(r.cleanup, r.fetch.close)
+	}
+	if r.pre != nil {
+		// Whatever the outcome: a killed source needs nothing undone, a
+		// resumed one runs untracked again.
+		r.cleanup = append(r.cleanup, r.pre.stop)
+	}
+	if r.pre != nil && cfg.Mode.rounds() {
+		if err := s.precopyRounds(ctx, r.pre); err != nil {
+			r.pages.finish()
+			s.phase(PhaseRollback)
+			s.abort(fmt.Sprintf("pre-copy failed: %v", err))
+			return s.rolledBack(fmt.Errorf("pre-copy: %w", err))
+		}
+	}
+	if r.lazy {
+		if why := lazyBlocker(cfg.PID); why != "" {
+			r.lazy, r.postcopy, r.pre.postcopy = false, false, false
+			s.cfg.FinalDump = FinalDumpFull // the final pass reads it
+			s.stats.FinalDumpWhy = why
+			s.log.Warn("final dump: full, not lazy", "why", why)
+		}
+	}
+	if r.pre != nil && cfg.Mode.rounds() {
+		s.stats.FinalDump = s.cfg.FinalDump
+	}
+	// One CRIU dump at a time on this host: concurrent dumps collide in
+	// CRIU's parasite ("Can't create a directory (-17)", seen with two
+	// migrations started together).
+	unlock, err := linux.LockFile(cfg.DumpLock)
+	if err != nil {
+		return fail(fmt.Errorf("dump lock: %w", err))
+	}
+	r.cleanup = append(r.cleanup, func() { unlock() })
+	if r.lazy {
+		if r.lazyListen, err = freeLoopbackPort(); err != nil {
+			return fail(err)
+		}
+	}
+	return nil
+}
+
+// notify answers CRIU's dump notifications: the freeze (pre-dump), the
+// dump written (post-dump: the final set, the images, PREPARED) and, after
+// a lazy dump, its page server listening (status-ready).
+func (r *dumpRun) notify(ctx context.Context, script string, _ int32) error {
+	switch script {
+	case "pre-dump":
+		return r.onFreeze()
+	case "post-dump":
+		return r.onDumped(ctx)
+	case "status-ready":
+		return r.onLazyServer(ctx)
+	}
+	return nil
+}
+
+// onFreeze: CRIU is about to freeze the tree.
+func (r *dumpRun) onFreeze() error {
+	if r.pre != nil {
+		// CRIU must find the tree in the cgroups it came from.
+		if err := r.pre.releaseThrottle(); err != nil {
+			return fmt.Errorf("auto-converge: %w", err)
+		}
+	}
+	r.frozen = time.Now()
+	r.s.phase(PhaseDump)
+	return nil
+}
+
+// onDumped: the tree is frozen and its images written; after a lazy dump
+// the final set is built from the held tree. The images go, the
+// destination restores; success (PREPARED) lets CRIU end the tree, a
+// failure resumes it.
+func (r *dumpRun) onDumped(ctx context.Context) error {
+	s := r.s
+	r.dumped = time.Now()
+	s.stats.CRIUDumpMS = ms(r.dumped.Sub(r.frozen))
+	if r.lazy {
+		if err := r.pre.finalLazy(ctx, r.imagesDir); err != nil {
+			s.log.Warn("rolling back", "err", err)
+			return err
+		}
+		if r.postcopy {
+			r.fetch.serve(r.pre.remote, s.log)
+		}
+	}
+	var err error
+	r.sent, r.prepared, err = s.transfer(ctx, r.imagesDir, r.ctlStream)
+	if err != nil {
+		s.log.Warn("rolling back", "err", err)
+		return err
+	}
+	r.acked = true
+	return nil
+}
+
+// onLazyServer: CRIU's lazy page server listens and holds the tree. phaul
+// connects before answering, so that no one else does first. Post-copy
+// keeps the session open (the destination fetches from the tree);
+// otherwise it ends it cleanly once CRIU accepts, which kills the tree
+// (the destination holds it, PREPARED).
+func (r *dumpRun) onLazyServer(ctx context.Context) error {
+	if !r.acked || !r.lazy {
+		return nil
+	}
+	var err error
+	if r.postcopy {
+		if r.holder, err = holdLazyOpen(ctx, r.lazyListen); err != nil {
+			return err
+		}
+		close(r.held)
+		return nil
+	}
+	// The tree is frozen: its pids are stable and cannot be reused before
+	// the pidfds below hold them.
+	pfds, err := openTree(r.s.cfg.PID)
+	if err != nil {
+		return err
+	}
+	if r.holder, err = holdLazy(ctx, r.lazyListen); err != nil {
+		closeAll(pfds)
+		return err
+	}
+	go func() { // owned by the run, which drains gone
+		defer closeAll(pfds)
+		r.gone <- linux.WaitDoomed(pfds, r.s.cfg.CommitTimeout)
+	}()
+	return nil
+}
+
+// endDump adds phaul's end of CRIU's lazy session to CRIU's result.
+func (r *dumpRun) endDump(err error) error {
+	if r.holder != nil {
+		if herr := r.holder.wait(); herr != nil && err == nil {
+			err = herr
+		}
+	}
+	return err
+}
+
+// dump runs CRIU's dump until the tree is gone (or, in post-copy, held
+// for good) or the dump failed.
+func (r *dumpRun) dump(ctx context.Context) error {
+	s := r.s
+	req := criu.DumpRequest{Pid: s.cfg.PID, ImagesDir: r.imagesDir, Options: s.cfg.CRIU}
+	if r.lazy {
+		req.LazyListen = r.lazyListen
+	} else {
+		req.PageServer = r.pages.criuEnd
+		r.pages.start()
+	}
+	go func() { r.dumpDone <- r.bin.Dump(ctx, req, criu.NotifyFunc(r.notify)) }() // owned by the run: drained below or by close
+	select {
+	case err := <-r.dumpDone:
+		return r.endDump(err)
+	case <-r.held:
+		// Post-copy: CRIU holds the tree until the destination has
+		// every page; the dump ends after that.
+		r.heldTree = true
+		r.cleanup = append(r.cleanup, r.endHeld)
+		return nil
+	case gerr := <-r.gone:
+		if gerr != nil {
+			s.log.Warn("source tree after the lazy session", "err", gerr)
+			return r.endDump(<-r.dumpDone)
+		}
+		// The tree is dead: commit now, CRIU finishes meanwhile.
+		s.log.Debug("source tree killed; committing before CRIU's cleanup ends")
+		r.cleanup = append(r.cleanup, func() {
+			if err := r.endDump(<-r.dumpDone); err != nil {
+				s.log.Warn("criu failed after the tree exited", "err", err)
+			}
+		})
+		return nil
+	}
+}
+
+// settle decides, from the dump's outcome, whether the migration goes on
+// to COMMIT or rolls back: one copy must run.
+func (r *dumpRun) settle(err error) error {
+	s := r.s
+	pstats, perr := r.pages.finish()
+	if err != nil && r.filter != nil && r.filter.err != nil {
+		// The root cause: CRIU only saw its page server go away.
+		err = fmt.Errorf("pre-copy final phase: %w (criu: %w)", r.filter.err, err)
+	}
+	if err == nil && perr != nil {
+		s.log.Warn("page stream ended badly after a good dump", "err", perr)
+	}
+	if err != nil && !r.acked {
+		s.phase(PhaseRollback)
+		s.abort(fmt.Sprintf("source dump failed: %v", err))
+		return s.rolledBack(fmt.Errorf("dump: %w", err))
+	}
+	if err != nil {
+		// CRIU failed after post-dump succeeded. Whether the tree died
+		// decides.
+		if alive, _ := linux.ProcessExists(s.cfg.PID); alive {
+			s.phase(PhaseRollback)
+			s.abort(fmt.Sprintf("source dump failed after post-dump: %v", err))
+			return s.rolledBack(fmt.Errorf("dump: %w", err))
+		}
+		s.log.Warn("criu failed after killing the tree; committing", "err", err)
+	}
+	s.stats.DestPID = int(r.prepared.GetPid())
+	s.stats.CRIURestoreMS = ms(time.Duration(r.prepared.GetRestoreNanos()))
+	s.stats.BytesImages = images.Total(r.sent) + pstats.Pages*pagestore.PageSize
+	s.stats.Rounds = append(s.stats.Rounds, Round{Round: len(s.stats.Rounds) + 1, Kind: "final", BytesImages: s.stats.BytesImages,
+		Files: len(r.sent), DurationMS: ms(time.Since(r.frozen)), Pages: &pstats})
+	return nil
+}
+
+// commit sends COMMIT: from here on the destination's copy may run, and
+// the source's never does again. It returns when the destination's tree
+// runs, and records the downtime.
+func (r *dumpRun) commit(ctx context.Context) (time.Time, error) {
+	s := r.s
+	s.phase(PhaseCommit)
+	stop := deadline(ctx, r.ctlStream, s.cfg.CommitTimeout)
+	defer stop()
+	destPID, err := s.commit()
+	if err != nil && r.heldTree {
+		// Post-copy: the destination's tree may run and need the held
+		// one's pages. A resume is accepted only once it committed.
+		s.log.Warn("post-copy: commit outcome unknown; reconnecting", "err", err)
+		if rerr := s.reconnect(ctx, r.fetch, r.pre.remote); rerr == nil {
+			destPID, err = s.stats.DestPID, nil
+		} else {
+			err = fmt.Errorf("%w; reconnect: %w", err, rerr)
+		}
+	}
+	if err != nil {
+		s.phase(PhaseInDoubt)
+		return time.Time{}, fmt.Errorf("%w: %w", ErrInDoubt, err)
+	}
+	running := time.Now()
+	rtt := time.Duration(s.stats.RTTMS * float64(time.Millisecond))
+	s.stats.DowntimeMS = ms(running.Sub(r.frozen) - rtt/2)
+	for _, rd := range s.stats.Rounds {
+		if rd.Kind == "frozen" {
+			s.stats.DowntimeDirtyMS = rd.DurationMS
+			s.stats.DowntimeCRIUMS = s.stats.DowntimeMS - rd.DurationMS
+		}
+	}
+	s.stats.DestPID = destPID
+	return running, nil
+}
