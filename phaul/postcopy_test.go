@@ -4,9 +4,9 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
-	"unsafe"
 
 	"github.com/phaul/phaul/core/pagestore"
 )
@@ -18,7 +18,7 @@ func TestRemoteSetRead(t *testing.T) {
 	for i := range mem {
 		mem[i] = byte(i * 7)
 	}
-	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
+	base := uint64(reflect.ValueOf(&mem[0]).Pointer())
 	start := (base + pagestore.PageSize - 1) &^ (pagestore.PageSize - 1) // page aligned inside mem
 	r := newRemoteSet()
 	r.add(5, os.Getpid(), start, 2)

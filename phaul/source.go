@@ -40,7 +40,7 @@ func Migrate(ctx context.Context, cfg MigrateConfig) (*Stats, error) {
 	st := newStats(id, cfg.Mode, cfg.To, cfg.PID)
 	st.mark(PhasePreflight)
 	log := discardIfNil(cfg.Logger).With("migration", id)
-	s := &source{cfg: cfg, log: log, stats: st}
+	s := &source{cfg: cfg, log: log, stats: st, m: machine{log: log}}
 	err := s.run(ctx)
 	switch {
 	case err == nil:
@@ -70,6 +70,7 @@ type source struct {
 	ctlStream *transport.Stream
 	pings     uint64
 	tcfg      transport.Config // with the identity: a post-copy reconnect dials again
+	m         machine          // starts in PhasePreflight
 }
 
 func (s *source) progress(p Phase, bytes uint64) {
@@ -79,6 +80,7 @@ func (s *source) progress(p Phase, bytes uint64) {
 }
 
 func (s *source) phase(p Phase) {
+	s.m.enter(p)
 	s.stats.mark(p)
 	s.log.Info("phase", "phase", p)
 	s.progress(p, 0)

@@ -418,6 +418,7 @@ func (m *bgMigrate) wait(timeout time.Duration) result {
 		}
 	}
 	m.t.Logf("phaul migrate exit %d (%v)\n%s", r.code, m.cmd.ProcessState, r.out)
+	checkPhases(m.t, r)
 	return r
 }
 

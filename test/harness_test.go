@@ -22,6 +22,7 @@ import (
 
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -303,7 +304,39 @@ func (e *env) migrateQuiet(pid int, extra ...string) result {
 	if id := r.str("migration_id"); id != "" {
 		e.t.Cleanup(func() { removeCgroup(e.t, id) })
 	}
+	checkPhases(e.t, r)
 	return r
+}
+
+// checkPhases fails the test if the phases a migration recorded are not a
+// path through the state machine (phaul/machine.go) from preflight.
+func checkPhases(t testing.TB, r result) {
+	if r.stats == nil {
+		return
+	}
+	marks, _ := r.stats["phases"].([]any)
+	var names []string
+	prev := phaul.PhasePreflight
+	for i, m := range marks {
+		name, _ := m.(map[string]any)["phase"].(string)
+		names = append(names, name)
+		p, err := phaul.ParsePhase(name)
+		switch {
+		case err != nil:
+			t.Errorf("stats phases %v: %v", names, err)
+			return
+		case i == 0 && p != phaul.PhasePreflight:
+			t.Errorf("stats phases %v: the first is not preflight", names)
+			return
+		case i > 0 && !phaul.ValidTransition(prev, p):
+			t.Errorf("stats phases %v: %s -> %s is not a transition of the state machine", names, prev, p)
+			return
+		}
+		prev = p
+	}
+	if res := r.str("result"); res == "ok" && prev != phaul.PhaseDone {
+		t.Errorf("stats phases %v: result ok, yet the last phase is %s", names, prev)
+	}
 }
 
 // testCgroup makes cgroup /name in the freezer v1 and the cgroup v2
