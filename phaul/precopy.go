@@ -31,15 +31,6 @@ import (
 // destination lacks and names the rest with keep frames, so that the
 // destination's images hold exactly the pages of the frozen tree.
 
-// faultDropCollect is a fault injection for tests only: with
-// PHAUL_FAULT_DROP_COLLECT=N, what round N collects is thrown away, as a
-// tracker that missed writes would; the end-to-end check of the workload
-// must then fail (test/precopy_test.go). 0: off.
-func faultDropCollect() int {
-	n, _ := strconv.Atoi(os.Getenv("PHAUL_FAULT_DROP_COLLECT"))
-	return n
-}
-
 // precopyProc is one process of the tree being tracked.
 type precopyProc struct {
 	pid     int

@@ -1,6 +1,8 @@
 package test
 
 import (
+	"bytes"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -96,5 +98,33 @@ func TestFenceHandWrittenWire(t *testing.T) {
 			continue
 		}
 		t.Errorf("%s imports unsafe", f)
+	}
+}
+
+// TestFenceNoFaultSwitches: the binary `make build` ships knows none of
+// the test-only fault switches (they are compiled only with -tags
+// phaulfaults), while the test build does (the negative control: the
+// check would find them).
+func TestFenceNoFaultSwitches(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		tags string
+		want bool
+	}{{"", false}, {"phaulfaults", true}} {
+		bin := filepath.Join(dir, "phaul"+tc.tags)
+		args := []string{"build", "-o", bin}
+		if tc.tags != "" {
+			args = append(args, "-tags", tc.tags)
+		}
+		if out, err := exec.Command("go", append(args, module+"/cmd/phaul")...).CombinedOutput(); err != nil {
+			t.Fatalf("go build: %v\n%s", err, out)
+		}
+		b, err := os.ReadFile(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := bytes.Contains(b, []byte("PHAUL_FAULT_")); got != tc.want {
+			t.Errorf("binary built with tags %q holds the fault switches: %v, want %v", tc.tags, got, tc.want)
+		}
 	}
 }

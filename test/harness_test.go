@@ -39,7 +39,7 @@ var buildPhaul = sync.OnceValues(func() (string, error) {
 		return "", err
 	}
 	bin := filepath.Join(dir, "phaul")
-	out, err := exec.Command("go", "build", "-o", bin, "github.com/phaul/phaul/cmd/phaul").CombinedOutput()
+	out, err := exec.Command("go", "build", "-tags", "phaulfaults", "-o", bin, "github.com/phaul/phaul/cmd/phaul").CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("go build phaul: %v\n%s", err, out)
 	}

@@ -1,0 +1,22 @@
+//go:build phaulfaults
+
+package phaul
+
+import (
+	"os"
+	"strconv"
+)
+
+// Fault injection for the end-to-end tests, built only with -tags
+// phaulfaults (test/harness_test.go builds phaul so; `make build` does
+// not, and test/fence_test.go checks that the shipped binary knows none of
+// these switches).
+
+// faultDropCollect: with PHAUL_FAULT_DROP_COLLECT=N, what pre-copy round N
+// collects is thrown away, as a tracker that missed writes would; the
+// end-to-end check of the workload must then fail
+// (test/precopy_test.go). 0: off.
+func faultDropCollect() int {
+	n, _ := strconv.Atoi(os.Getenv("PHAUL_FAULT_DROP_COLLECT"))
+	return n
+}
