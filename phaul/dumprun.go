@@ -215,6 +215,12 @@ func (r *dumpRun) onDumped(ctx context.Context) error {
 	s := r.s
 	r.dumped = time.Now()
 	s.stats.CRIUDumpMS = ms(r.dumped.Sub(r.frozen))
+	if t := networkLockTable(r.imagesDir); t != "" {
+		// CRIU's lock: kept after a dump that kills the tree.
+		if err := s.j.record(func(e *JournalEntry) { e.NftTable = t }); err != nil {
+			return err
+		}
+	}
 	if r.lazy {
 		if err := r.pre.finalLazy(ctx, r.imagesDir); err != nil {
 			s.log.Warn("rolling back", "err", err)

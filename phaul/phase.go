@@ -33,6 +33,16 @@ func (p Phase) String() string {
 // MarshalText makes phases readable in JSON.
 func (p Phase) MarshalText() ([]byte, error) { return []byte(p.String()), nil }
 
+// UnmarshalText reads a phase's name (journal entries).
+func (p *Phase) UnmarshalText(b []byte) error {
+	q, err := ParsePhase(string(b))
+	if err != nil {
+		return err
+	}
+	*p = q
+	return nil
+}
+
 // Mode is how memory moves.
 type Mode string
 

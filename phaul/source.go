@@ -57,6 +57,13 @@ func Migrate(ctx context.Context, cfg MigrateConfig) (*Stats, error) {
 	if s.sess != nil {
 		st.BytesWire = s.sess.BytesWire()
 	}
+	if st.Result != ResultInDoubt {
+		// Done or rolled back: nothing left to resolve. In doubt, the
+		// entry stays for an operator or `phaul gc`.
+		if jerr := s.j.remove(); jerr != nil {
+			log.Error("journal", "err", jerr)
+		}
+	}
 	return st, err
 }
 
@@ -71,6 +78,7 @@ type source struct {
 	pings     uint64
 	tcfg      transport.Config // with the identity: a post-copy reconnect dials again
 	m         machine          // starts in PhasePreflight
+	j         *journal         // this end's journal entry; nil before the work dir exists
 }
 
 func (s *source) progress(p Phase, bytes uint64) {
@@ -80,6 +88,9 @@ func (s *source) progress(p Phase, bytes uint64) {
 }
 
 func (s *source) phase(p Phase) {
+	if err := s.j.record(func(e *JournalEntry) { e.Phase = p }); err != nil {
+		s.log.Error("journal", "phase", p, "err", err)
+	}
 	s.m.enter(p)
 	s.stats.mark(p)
 	s.log.Info("phase", "phase", p)
@@ -123,6 +134,11 @@ func (s *source) run(ctx context.Context) error {
 			s.log.Warn("remove images", "dir", imagesDir, "err", err)
 		}
 	}()
+	s.j, err = openJournal(JournalDir(cfg.WorkDir), s.stats.MigrationID, RoleSource,
+		JournalEntry{Phase: PhasePreflight, Mode: cfg.Mode, Root: cfg.PID, ImagesDir: imagesDir})
+	if err != nil {
+		return err
+	}
 
 	s.phase(PhaseConnect)
 	tcfg := cfg.Transport
@@ -603,15 +619,11 @@ func lazyBlocker(root int) string {
 // lock inside it, gone with the tree; phaul then finds no such table in
 // its own namespace, the tree's former host one.
 func (s *source) removeNetworkLock(imagesDir string) {
-	inv, err := images.ReadInventory(imagesDir)
-	if err != nil {
-		s.log.Warn("network lock: cannot name CRIU's table", "err", err)
+	name := networkLockTable(imagesDir)
+	if name == "" {
 		return
 	}
-	if inv.NetworkLock != 1 || inv.RunID == "" { // 1: nftables, in the image's enum
-		return
-	}
-	t := linux.NftTable{Family: "inet", Name: images.NftLockTable(inv.RunID)}
+	t := linux.NftTable{Family: "inet", Name: name}
 	switch err := linux.DeleteNftTable(t); {
 	case err == nil:
 		s.log.Info("removed CRIU's network lock", "table", t.String())
@@ -619,4 +631,14 @@ func (s *source) removeNetworkLock(imagesDir string) {
 	default:
 		s.log.Warn("network lock: remove CRIU's table", "table", t.String(), "err", err)
 	}
+}
+
+// networkLockTable names the nftables table (family inet) CRIU's dump in
+// imagesDir locked the tree's network with; "" if none or unknown.
+func networkLockTable(imagesDir string) string {
+	inv, err := images.ReadInventory(imagesDir)
+	if err != nil || inv.NetworkLock != 1 || inv.RunID == "" { // 1: nftables, in the image's enum
+		return ""
+	}
+	return images.NftLockTable(inv.RunID)
 }

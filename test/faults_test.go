@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/core/dirty"
+	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -295,10 +296,15 @@ func TestFaultInDoubt(t *testing.T) {
 	}
 	w.CheckHealthy(t)
 	// Killed -9, migrate could not remove its images: a job for a future
-	// `phaul gc` on the source.
+	// `phaul gc` on the source. Its journal says where it stopped.
 	if left := dirNames(t, e.srcWork); len(left) > 0 {
 		t.Logf("source leftover for phaul gc: %s/%v", e.srcWork, left)
 	}
+	ents, err := phaul.ReadJournal(phaul.JournalDir(e.srcWork))
+	if err != nil || len(ents) != 1 || ents[0].ID != id || ents[0].Phase != phaul.PhasePrepared || ents[0].OwnerAlive() {
+		t.Fatalf("source journal after migrate was killed at prepared: %+v, %v; want one entry of %s at prepared, owner gone", ents, err, id)
+	}
+	t.Logf("source journal: %v", ents[0])
 }
 
 // bgMigrate is phaul migrate running in the background in the source
@@ -550,7 +556,8 @@ func dirBytes(dir string) int64 {
 	return n
 }
 
-// dirNames lists dir, nil if it does not exist.
+// dirNames lists a work dir, nil if it does not exist. Its journal
+// directory, phaul's own, counts by its entries: journal/<entry> each.
 func dirNames(t testing.TB, dir string) []string {
 	t.Helper()
 	ents, err := os.ReadDir(dir)
@@ -559,6 +566,16 @@ func dirNames(t testing.TB, dir string) []string {
 	}
 	var names []string
 	for _, e := range ents {
+		if e.Name() == "journal" && e.IsDir() {
+			js, err := os.ReadDir(filepath.Join(dir, e.Name()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, j := range js {
+				names = append(names, "journal/"+j.Name())
+			}
+			continue
+		}
 		names = append(names, e.Name())
 	}
 	return names

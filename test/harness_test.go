@@ -481,18 +481,7 @@ func (e *env) assertNoImagesLeft() {
 	for _, dir := range []string{e.srcWork, e.dstWork} {
 		// The destination cleans up after it answered; give it a moment.
 		testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
-			ents, err := os.ReadDir(dir)
-			if errors.Is(err, os.ErrNotExist) {
-				return true, nil
-			}
-			var names []string
-			for _, e := range ents {
-				names = append(names, e.Name())
-			}
-			if len(names) > 0 {
-				return false, nil
-			}
-			return true, err
+			return len(dirNames(t, dir)) == 0, nil
 		})
 	}
 }

@@ -105,10 +105,7 @@ func snapshotHost(t *testing.T, e *env, srcPID int) hostState {
 		})
 	}
 	for name, dir := range map[string]string{"source work dir": e.srcWork, "destination work dir": e.dstWork} {
-		ents, _ := os.ReadDir(dir)
-		for _, d := range ents {
-			st[name] = append(st[name], d.Name())
-		}
+		st[name] = dirNames(t, dir)
 	}
 	procs, _ := os.ReadDir("/proc")
 	for _, p := range procs {
