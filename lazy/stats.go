@@ -30,8 +30,8 @@ type Stats struct {
 	// resolved it.
 	Faults                       uint64
 	FaultP50, FaultP99, FaultMax time.Duration
-	// FillTime runs from the restore's finish marker to the last page
-	// copied (0 before both).
+	// FillTime runs from the restore's finish marker (or Detach, if
+	// first) to the last page copied (0 before both).
 	FillTime time.Duration
 	// Done is set once every lazy page is in place and Serve returned nil.
 	Done bool
