@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
 )
 
@@ -25,6 +28,7 @@ var errRestoreAborted = errors.New("migration aborted: drop the restored tree")
 // tree stays held, not killed, as a migration in doubt must.
 type heldRestore struct {
 	criuPID int // set by the start hook before the restore request
+	peerFD  int // CRIU's copy of phaul's RPC end, in CRIU's fd table
 	reached chan int
 	decide  chan bool
 	done    chan error // Restore's result; buffered, read once
@@ -45,6 +49,7 @@ func startRestore(ctx context.Context, bin *criu.Binary, req criu.RestoreRequest
 		return nil
 	}
 	req.Hooks.KeepPeer = true
+	h.peerFD = req.Hooks.PeerFD()
 	// Until the hold, the caller's context and the timeout bound the
 	// restore; after it, nothing but a decision does.
 	held := make(chan struct{})
@@ -104,4 +109,59 @@ func (h *heldRestore) Resume() error {
 func (h *heldRestore) Kill() {
 	h.decide <- false
 	<-h.done
+}
+
+// What an in-doubt tree's memory is (the state file's memory=).
+const (
+	memoryComplete   = "complete"   // it may resume: nothing is missing
+	memoryFilling    = "filling"    // a lazy restore's fill is under way
+	memoryIncomplete = "incomplete" // pages are missing: CRIU kills it at resume
+)
+
+// record writes the in-doubt state of a held tree to <dir>/state,
+// atomically: `in-doubt pid=… criu=… criu_rpc_fd=… cgroup=… memory=…
+// reason=…`. A failure is logged: the log line says it all too.
+func (h *heldRestore) record(in *incoming, why error, memory string) {
+	state := fmt.Sprintf("in-doubt pid=%d criu=%d criu_rpc_fd=%d cgroup=%s/%s memory=%s reason=%q\n",
+		in.pid, h.criuPID, h.peerFD, cgroup.Parent, in.id, memory, why.Error())
+	if err := writeAtomic(filepath.Join(in.dir, "state"), []byte(state)); err != nil {
+		in.log.Error("record in-doubt state", "err", err)
+	}
+}
+
+// writeAtomic replaces path with data: a synced temporary file renamed
+// over it, then the directory synced.
+func writeAtomic(path string, data []byte) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, ".state-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			os.Remove(f.Name())
+		}
+	}()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
 }
