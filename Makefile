@@ -61,6 +61,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzRecordReader -fuzztime $(FUZZTIME) ./lazy/
 	$(GO) test -run '^$$' -fuzz FuzzReadLazyVMAs -fuzztime $(FUZZTIME) ./lazy/
 	$(GO) test -run '^$$' -fuzz FuzzReadStackPointer -fuzztime $(FUZZTIME) ./lazy/
+	$(GO) test -run '^$$' -fuzz FuzzReadTaskCount -fuzztime $(FUZZTIME) ./lazy/
 
 # A host setting, the operator's choice: raises fs.pipe-max-size to 4 MiB
 # (deploy/sysctl.d). Undo: bash deploy/install-sysctl.sh --undo.

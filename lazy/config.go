@@ -134,4 +134,6 @@ var (
 	ErrNoPage = errors.New("lazy: page not in the images")
 	// ErrServed: Serve was called twice, or after Close.
 	ErrServed = errors.New("lazy: daemon already served or closed")
+	// ErrDetached: Detach was called twice.
+	ErrDetached = errors.New("lazy: daemon already detached")
 )

@@ -121,9 +121,11 @@ func closeAll(files []*os.File) {
 	}
 }
 
-// ctrl is what the control reader hands the loop, in the restore's order.
+// ctrl is what the control reader hands the loop, in the restore's order:
+// a task, a zombie or the finish marker.
 type ctrl struct {
-	task   *task // a task with its ranges; nil with finish
+	task   *task // a task with its ranges; nil for the others
+	zombie bool
 	finish bool
 }
 
@@ -151,7 +153,7 @@ func (d *Daemon) control(ctx context.Context, conn *net.UnixConn, out chan<- ctr
 		switch rec.kind {
 		case recZombie:
 			d.log.Debug("zombie", "pid", rec.pid)
-			continue
+			m.zombie = true
 		case recFinish:
 			m.finish = true
 		case recTask:

@@ -9,8 +9,11 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"golang.org/x/sync/errgroup"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
 // Daemon is a lazy-pages daemon for one restore: Listen, start the
@@ -20,12 +23,14 @@ type Daemon struct {
 	cfg Config
 	log *slog.Logger
 	ln  *net.UnixListener // closed once Serve accepted, or by Close
+	det chan int          // Detach -> the loop: room for one
 
-	mu     sync.Mutex
-	used   bool    // guarded by mu: Serve ran or Close was called
-	kept   []*task // guarded by mu: userfaultfds a failed Serve left for Close
-	closed bool    // guarded by mu
-	st     stats   // guarded by mu
+	mu       sync.Mutex
+	used     bool    // guarded by mu: Serve ran or Close was called
+	detached bool    // guarded by mu: Detach was called
+	kept     []*task // guarded by mu: userfaultfds a failed Serve left for Close
+	closed   bool    // guarded by mu
+	st       stats   // guarded by mu
 }
 
 // Listen validates cfg and listens on WorkDir/lazy-pages.socket, replacing
@@ -46,7 +51,7 @@ func Listen(cfg Config) (*Daemon, error) {
 	if err != nil {
 		return nil, fmt.Errorf("lazy: listen: %w", err)
 	}
-	return &Daemon{cfg: cfg, log: cfg.Logger, ln: ln}, nil
+	return &Daemon{cfg: cfg, log: cfg.Logger, ln: ln, det: make(chan int, 1)}, nil
 }
 
 // Serve accepts the restore's connection, takes every task's userfaultfd,
@@ -55,6 +60,10 @@ func Listen(cfg Config) (*Daemon, error) {
 // first, following the tasks' fork, mremap, munmap and madvise. It returns
 // nil once every lazy page is in place, having closed the userfaultfds (the
 // kernel then serves later faults as for any anonymous memory).
+//
+// After Detach it fills every missing page at once and returns nil once the
+// restore has announced every task and none misses a page, with the
+// userfaultfds closed and the restore's connection kept open (see Detach).
 //
 // On an error, or when ctx ends first, the tasks may still miss pages, which
 // would read as zeros once the userfaultfds are closed: Serve leaves them
@@ -79,8 +88,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	l := newLoop(d)
 	ctrlc := make(chan ctrl)
-	l.ctrl, l.spawn = ctrlc, g.Go
-	g.Go(func() error { <-gctx.Done(); conn.Close(); return nil }) // unblocks control
+	l.ctrl, l.detC, l.spawn = ctrlc, d.det, g.Go
+	// The deadline unblocks control and leaves conn open for park.
+	g.Go(func() error { <-gctx.Done(); conn.SetReadDeadline(time.Unix(1, 0)); return nil })
 	g.Go(func() error { return d.control(gctx, conn, ctrlc) })
 	fctx := context.WithValue(gctx, faultReadKey{}, true)
 	for range d.cfg.FaultReads {
@@ -95,8 +105,56 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		err = fmt.Errorf("lazy: serve: %w", err)
 	}
+	if err == nil && l.detached {
+		if err = park(conn); err != nil {
+			err = fmt.Errorf("lazy: detach: keep the restore's connection: %w", err)
+		}
+	}
 	d.finish(l.tasks, err)
 	return err
+}
+
+// Detach readies the restore of a tree that stays held, rebuilt but not
+// resumed (CRIU waits in its post-restore notification, so the finish
+// marker is not coming), to outlive the daemon. Serve then fills every
+// lazy page still missing at once, without waiting for the marker, and
+// returns nil once the restore has announced every task pstree.img lists
+// (it does before post-restore) and none misses a page. It closes the
+// userfaultfds, which the complete tree no longer needs, and keeps its end
+// of the restore's connection open for as long as the restore's end is:
+// the restore's finish marker, sent if the tree is resumed later, then
+// succeeds, where a closed connection would fail CRIU's restore and have
+// it kill the tree. If Serve fails instead, its end closes with it, and
+// a tree whose pages are missing can never resume: CRIU kills it at the
+// marker. Detach returns at once (an error if pstree.img cannot be read,
+// or ErrDetached if called before); wait for Serve's result.
+func (d *Daemon) Detach() error {
+	n, err := readImage(filepath.Join(d.cfg.ImagesDir, "pstree.img"), readTaskCount)
+	if err != nil {
+		return fmt.Errorf("lazy: detach: %w", err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.detached {
+		return ErrDetached
+	}
+	d.detached = true
+	d.det <- n // room for one, and only one is sent
+	return nil
+}
+
+// park sends conn's own descriptor over conn to the restore, which never
+// reads the socket: the descriptor stays queued at the restore's end, and
+// with it this end stays open, until the restore's end closes (it lives in
+// CRIU's fdstore until CRIU exits). Closing conn's descriptor afterwards
+// only drops this process's reference.
+func park(conn *net.UnixConn) error {
+	f, err := conn.File()
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return linux.SendFD(conn, []byte{0}, f)
 }
 
 // accept takes the restore's one connection and stops listening.

@@ -79,4 +79,22 @@
 // anonymous memory. After an error it keeps them open, since a missing page
 // would read as zeros once they are closed: the caller kills the restored
 // tree, then calls Close.
+//
+// # A tree that stays held
+//
+// A restore can hold its tree rebuilt but not resumed for as long as it
+// likes (CRIU's post-restore notification); it sends the finish marker only
+// once the tree resumes. If the daemon is to end first, Detach has it fill
+// every lazy page at once (UFFDIO_COPY works while the tasks wait in CRIU's
+// restorer), count the tasks in from pstree.img (each sends its record
+// before post-restore), close the userfaultfds and keep its end of the
+// connection open: it sends that end's descriptor to the restore's end,
+// which never reads, so it stays queued there until the restore's end
+// closes (it sits in CRIU's fdstore until CRIU exits). Were it closed,
+// the marker's send would fail with EPIPE and CRIU would kill the tree
+// (criu/cr-restore.c: lazy_pages_finish_restore, out_kill_network_unlocked):
+// safe, as no page reads as zero, but the tree is lost. A Serve that fails
+// after Detach closes its end (keeping the userfaultfds until Close, as
+// after any error), so a tree with missing pages can only die that way,
+// never run.
 package lazy

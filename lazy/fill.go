@@ -6,7 +6,7 @@ import (
 )
 
 // fill runs one step of the background fill: it takes arrived data, asks
-// for more once the restore finished, and copies one slice. It reports
+// for more once the restore finished (or Detach), and copies one slice. It reports
 // whether it did any work, so the loop polls again before blocking.
 func (l *loop) fill() (busy bool, err error) {
 	for more := true; more; {
@@ -19,7 +19,7 @@ func (l *loop) fill() (busy bool, err error) {
 			more = false
 		}
 	}
-	if l.finished {
+	if l.filling() {
 		l.request()
 	}
 	if len(l.arrived) == 0 {

@@ -13,6 +13,7 @@ import (
 
 	mmimg "github.com/checkpoint-restore/go-criu/v8/crit/images/mm"
 	pmimg "github.com/checkpoint-restore/go-criu/v8/crit/images/pagemap"
+	pstreeimg "github.com/checkpoint-restore/go-criu/v8/crit/images/pstree"
 	vmaimg "github.com/checkpoint-restore/go-criu/v8/crit/images/vma"
 	"google.golang.org/protobuf/proto"
 
@@ -116,6 +117,18 @@ func mmImage(vmas []testVMA) []byte {
 	return appendRecord(b, mm)
 }
 
+// pstreeImage encodes pstree.img listing the tasks pids, each its own
+// process group and session.
+func pstreeImage(pids ...uint32) []byte {
+	b := binary.LittleEndian.AppendUint32(nil, magicImgCommon)
+	b = binary.LittleEndian.AppendUint32(b, magicPstree)
+	for _, pid := range pids {
+		b = appendRecord(b, &pstreeimg.PstreeEntry{Pid: proto.Uint32(pid), Ppid: proto.Uint32(0),
+			Pgid: proto.Uint32(pid), Sid: proto.Uint32(pid), Threads: []uint32{pid}})
+	}
+	return b
+}
+
 // pagemapImage encodes a pagemap image as CRIU 4.2 writes it.
 func pagemapImage(pagesID uint32, entries []pagestore.Entry) []byte {
 	b := binary.LittleEndian.AppendUint32(nil, magicImgCommon)
@@ -172,6 +185,7 @@ func (w tWriter) Write(b []byte) (int, error) {
 // kill the served processes).
 type server struct {
 	d      *Daemon
+	cancel context.CancelFunc // ends Serve early
 	served chan error
 	err    error
 	got    bool
@@ -179,7 +193,7 @@ type server struct {
 
 func startServe(t testing.TB, d *Daemon, timeout time.Duration) *server {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	s := &server{d: d, served: make(chan error, 1)}
+	s := &server{d: d, cancel: cancel, served: make(chan error, 1)}
 	go func() { s.served <- d.Serve(ctx) }()
 	t.Cleanup(func() {
 		cancel()

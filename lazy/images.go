@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	mmimg "github.com/checkpoint-restore/go-criu/v8/crit/images/mm"
+	pstreeimg "github.com/checkpoint-restore/go-criu/v8/crit/images/pstree"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/phaul/phaul/core/pagestore"
@@ -19,11 +20,16 @@ import (
 const (
 	magicImgCommon uint32 = 0x54564319
 	magicMM        uint32 = 0x57492820
+	magicPstree    uint32 = 0x50273030
 )
 
 // maxMMBytes bounds the one record of mm-<id>.img: CRIU's entry takes
 // about 60 bytes a VMA, and the kernel allows 65530 VMAs by default.
 const maxMMBytes = 32 << 20
+
+// maxPstreeBytes bounds one record of pstree.img: a task's ids and a
+// varint per thread, so 1 MiB holds some 200 000 threads.
+const maxPstreeBytes = 1 << 20
 
 // VMA bits CRIU stores: flags are MAP_* (x86_64 values), status is
 // VMA_AREA_* and VMA_* of criu/include/image.h.
@@ -80,15 +86,41 @@ func readLazyVMAs(r io.Reader) ([]vma, error) {
 // magic, the image's magic, a u32 length (at most max) and the record.
 // Anything else is an error wrapping ErrImage, naming the image what.
 func readRecord(r io.Reader, magic, max uint32, what string) ([]byte, error) {
-	var hdr [12]byte
+	if err := readMagic(r, magic, what); err != nil {
+		return nil, err
+	}
+	rec, err := readSized(r, max, what)
+	if errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("%w: %s entry: %w", ErrImage, what, io.ErrUnexpectedEOF)
+	}
+	return rec, err
+}
+
+// readMagic reads an image's header: the common magic and then magic.
+func readMagic(r io.Reader, magic uint32, what string) error {
+	var hdr [8]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return nil, fmt.Errorf("%w: %s header: %w", ErrImage, what, err)
+		return fmt.Errorf("%w: %s header: %w", ErrImage, what, err)
 	}
 	le := binary.LittleEndian
 	if c, m := le.Uint32(hdr[0:]), le.Uint32(hdr[4:]); c != magicImgCommon || m != magic {
-		return nil, fmt.Errorf("%w: %s magic %#x %#x", ErrImage, what, c, m)
+		return fmt.Errorf("%w: %s magic %#x %#x", ErrImage, what, c, m)
 	}
-	n := le.Uint32(hdr[8:])
+	return nil
+}
+
+// readSized reads one record: a u32 length (at most max) and the record.
+// It returns io.EOF, unwrapped, if r ends before the length; anything
+// else that is wrong is an error wrapping ErrImage.
+func readSized(r io.Reader, max uint32, what string) ([]byte, error) {
+	var w [4]byte
+	if _, err := io.ReadFull(r, w[:]); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, io.EOF
+		}
+		return nil, fmt.Errorf("%w: %s entry size: %w", ErrImage, what, err)
+	}
+	n := binary.LittleEndian.Uint32(w[:])
 	if n > max {
 		return nil, fmt.Errorf("%w: %s entry of %d bytes, at most %d", ErrImage, what, n, max)
 	}
@@ -97,6 +129,40 @@ func readRecord(r io.Reader, magic, max uint32, what string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %s entry: %w", ErrImage, what, unexpected(err))
 	}
 	return rec, nil
+}
+
+// readTaskCount decodes pstree.img and returns how many tasks it lists:
+// the restore sends one record per task, a zombie's too. Every entry
+// must decode and name a pid in 1..maxPid, and there must be one;
+// anything else is an error wrapping ErrImage.
+func readTaskCount(r io.Reader) (int, error) {
+	if err := readMagic(r, magicPstree, "pstree"); err != nil {
+		return 0, err
+	}
+	n := 0
+	for {
+		rec, err := readSized(r, maxPstreeBytes, "pstree")
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return 0, err
+		}
+		var e pstreeimg.PstreeEntry
+		if err := proto.Unmarshal(rec, &e); err != nil {
+			return 0, fmt.Errorf("%w: pstree entry %d: %w", ErrImage, n, err)
+		}
+		if pid := e.GetPid(); pid == 0 || pid > maxPid {
+			return 0, fmt.Errorf("%w: pstree entry %d: pid %d", ErrImage, n, pid)
+		}
+		if n++; n > maxPid {
+			return 0, fmt.Errorf("%w: pstree: more than %d tasks", ErrImage, maxPid)
+		}
+	}
+	if n == 0 {
+		return 0, fmt.Errorf("%w: pstree: no task", ErrImage)
+	}
+	return n, nil
 }
 
 func unexpected(err error) error {

@@ -3,7 +3,9 @@ package lazy
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 
@@ -112,4 +114,39 @@ func TestImageSource(t *testing.T) {
 	if err := src.ReadPages(ctx, id, 0x10001, buf[:pageSize]); err == nil {
 		t.Error("unaligned read succeeded")
 	}
+}
+
+func TestReadTaskCount(t *testing.T) {
+	good := pstreeImage(1, 7, 9)
+	if n, err := readTaskCount(bytes.NewReader(good)); err != nil || n != 3 {
+		t.Fatalf("tasks %d, %v; want 3", n, err)
+	}
+	bad := map[string][]byte{
+		"no task":   pstreeImage(),
+		"pid 0":     pstreeImage(1, 0),
+		"pid range": pstreeImage(maxPid + 1),
+		"mm magic":  append(binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, magicImgCommon), magicMM), good[8:]...),
+		"huge":      binary.LittleEndian.AppendUint32(pstreeImage(1), maxPstreeBytes+1),
+		"garbage":   append(binary.LittleEndian.AppendUint32(pstreeImage(1), 2), 0xff, 0xff),
+	}
+	for _, cut := range []int{0, 7, 10, len(good) - 1} {
+		bad[fmt.Sprintf("cut at %d", cut)] = good[:cut]
+	}
+	for name, img := range bad {
+		if _, err := readTaskCount(bytes.NewReader(img)); !errors.Is(err, ErrImage) {
+			t.Errorf("%s: %v, want ErrImage", name, err)
+		}
+	}
+}
+
+func FuzzReadTaskCount(f *testing.F) {
+	f.Add(pstreeImage(1, 7))
+	f.Add(pstreeImage())
+	f.Add(binary.LittleEndian.AppendUint32(pstreeImage(1), 0xffffffff))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		n, err := readTaskCount(bytes.NewReader(in))
+		if err == nil && (n < 1 || n > maxPid) {
+			t.Fatalf("accepted %d tasks", n)
+		}
+	})
 }

@@ -38,6 +38,7 @@ type loop struct {
 	ctx   context.Context    // run's, for the waiters it spawns
 	spawn func(func() error) // starts a goroutine owned by Serve
 	ctrl  <-chan ctrl        // control -> loop
+	detC  <-chan int         // Detach -> loop: the tasks the restore announces
 	ready chan *task         // waiters -> loop: events pending
 	tasks []*task
 
@@ -53,6 +54,9 @@ type loop struct {
 	bufs     [][]byte  // free background buffers
 
 	finished bool   // the restore sent its finish marker
+	records  int    // task and zombie records read
+	detached bool   // Detach: fill now, done once want records came
+	want     int    // with detached
 	chunk    uint64 // the next background read's size
 	maxChunk uint64
 	hint     *task  // where the fill goes on: the task of the last fault,
@@ -124,6 +128,8 @@ func (l *loop) run(ctx context.Context) (err error) {
 		case <-ctx.Done():
 		case m := <-l.ctrl:
 			err = l.control(m)
+		case n := <-l.detC:
+			l.detach(n)
 		case t := <-l.ready:
 			err = l.serve(t)
 		case f := <-l.faultDone:
@@ -148,6 +154,8 @@ func (l *loop) poll() error {
 		select {
 		case m := <-l.ctrl:
 			err = l.control(m)
+		case n := <-l.detC:
+			l.detach(n)
 		case t := <-l.ready:
 			err = l.serve(t)
 		case f := <-l.faultDone:
@@ -163,20 +171,49 @@ func (l *loop) poll() error {
 }
 
 func (l *loop) control(m ctrl) error {
-	if m.finish {
+	switch {
+	case m.finish:
 		l.finished = true
-		l.d.account(func(st *stats) { st.finishAt = time.Now() })
+		l.startFill()
 		l.log.Info("restore finished", "tasks", len(l.tasks))
-		return nil
+	case m.zombie:
+		l.records++
+	default:
+		l.records++
+		l.add(m.task, true)
 	}
-	l.add(m.task, true)
 	return nil
 }
 
+// detach starts the background fill without the finish marker, and
+// lets Serve end once want task records came and no page is missing.
+func (l *loop) detach(want int) {
+	l.detached, l.want = true, want
+	l.startFill()
+	l.log.Info("detaching: filling every lazy page now", "tasks", want, "records", l.records)
+}
+
+// startFill records when the background fill started, once.
+func (l *loop) startFill() {
+	l.d.account(func(st *stats) {
+		if st.finishAt.IsZero() {
+			st.finishAt = time.Now()
+		}
+	})
+}
+
+// filling reports whether the background fill runs: after the finish
+// marker, or once detached.
+func (l *loop) filling() bool { return l.finished || l.detached }
+
 // complete reports whether every lazy page is in place (or no longer
-// wanted) and nothing is in flight.
+// wanted) and nothing is in flight, after the finish marker or, detached,
+// once every task the restore announces has come.
 func (l *loop) complete() bool {
-	if !l.finished || len(l.inflight)+len(l.faultQ)+len(l.retry)+len(l.zeros) > 0 {
+	if !l.finished && !(l.detached && l.records >= l.want) {
+		return false
+	}
+	if len(l.inflight)+len(l.faultQ)+len(l.retry)+len(l.zeros) > 0 {
 		return false
 	}
 	for _, t := range l.tasks {

@@ -1,6 +1,7 @@
 package lazy
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 type harness struct {
 	*server
 	lay layout
+	dir string // images and work dir
 	c   *child
 }
 
@@ -32,7 +34,7 @@ func newHarness(t *testing.T, lay layout, src Source) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{server: startServe(t, d, answerTimeout), lay: lay}
+	h := &harness{server: startServe(t, d, answerTimeout), lay: lay, dir: dir}
 	h.c = startChild(t, bin, filepath.Join(dir, SocketName), childID, lay.args())
 	return h
 }
@@ -153,6 +155,58 @@ func TestChild(t *testing.T) {
 			tt.run(t, newHarness(t, newLayout(tt.r3), &patternSource{}))
 		})
 	}
+}
+
+// TestChildDetach: a task that stays held (it never touches its memory
+// and sends no finish marker) gets every lazy page at Detach, and Serve
+// ends with the userfaultfd closed; the task's later finish marker still
+// goes through (the daemon kept its end of the connection) and it finds
+// its memory complete without a daemon. Without Detach, a daemon that
+// ends leaves the finish marker nowhere to go: CRIU's restore fails there
+// and kills the tree, rather than run it with pages missing. Detach waits
+// for every task pstree.img lists.
+func TestChildDetach(t *testing.T) {
+	t.Run("detached", func(t *testing.T) {
+		h := newHarness(t, newLayout(16*mib), &patternSource{})
+		writeFile(t, h.dir, "pstree.img", pstreeImage(childID))
+		if err := h.d.Detach(); err != nil {
+			t.Fatal(err)
+		}
+		if s := h.done(t, 0); s.FaultPages != 0 || s.PushedPages != s.LazyPages {
+			t.Fatalf("stats %+v: want every lazy page pushed, none faulted", s)
+		}
+		if err := h.d.Detach(); !errors.Is(err, ErrDetached) {
+			t.Fatalf("second Detach: %v, want ErrDetached", err)
+		}
+		h.c.do(t, "finish")
+		h.c.do(t, "check")
+	})
+	t.Run("not detached", func(t *testing.T) {
+		h := newHarness(t, newLayout(4*mib), &patternSource{})
+		h.cancel()
+		if err := h.wait(); err == nil {
+			t.Fatal("serve ended early without an error")
+		}
+		if got := h.c.ask(t, "finish"); !strings.HasPrefix(got, "FAIL send finish") {
+			t.Fatalf("finish after the daemon ended: %q, want FAIL send finish", got)
+		}
+	})
+	t.Run("waits for every task", func(t *testing.T) {
+		h := newHarness(t, newLayout(4*mib), &patternSource{})
+		writeFile(t, h.dir, "pstree.img", pstreeImage(childID, childID+1))
+		if err := h.d.Detach(); err != nil {
+			t.Fatal(err)
+		}
+		testenv.WaitFor(t, answerTimeout, func() (bool, error) {
+			s := h.d.Stats()
+			return s.PushedPages == s.LazyPages && s.LazyPages > 0, nil
+		})
+		select {
+		case err := <-h.served:
+			t.Fatalf("serve ended (%v) with a task pstree.img lists missing", err)
+		default:
+		}
+	})
 }
 
 // TestChildMadviseDuringFill drops pages (MADV_DONTNEED) while the

@@ -35,8 +35,8 @@ type Stats struct {
 	LocalFaults, RemoteFaults                      uint64
 	LocalFaultP50, LocalFaultP99, LocalFaultMax    time.Duration
 	RemoteFaultP50, RemoteFaultP99, RemoteFaultMax time.Duration
-	// FillTime runs from the restore's finish marker to the last page
-	// copied (0 before both).
+	// FillTime runs from the restore's finish marker (or Detach, if
+	// first) to the last page copied (0 before both).
 	FillTime time.Duration
 	// Done is set once every lazy page is in place and Serve returned nil.
 	Done bool

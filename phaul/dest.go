@@ -466,18 +466,28 @@ func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transpor
 
 // inDoubtHold leaves a prepared tree held inside CRIU's restore and
 // records it. CRIU keeps its own copy of the RPC socket, so the tree stays
-// held (rebuilt, never run) even after this service exits.
+// held (rebuilt, never run) even after this service exits. A lazily
+// restored tree gets all of its memory first, so that it no longer needs
+// this service's lazy-pages daemon.
 func (s *Server) inDoubtHold(in *incoming, why error) {
 	s.mu.Lock()
 	s.inDoubt[in.id] = in.pid
 	s.mu.Unlock()
-	state := fmt.Sprintf("in-doubt pid=%d criu=%d cgroup=%s/%s reason=%q\n", in.pid, in.hold.criuPID, cgroup.Parent, in.id, why.Error())
-	if err := os.WriteFile(filepath.Join(in.dir, "state"), []byte(state), 0o600); err != nil {
-		in.log.Error("record in-doubt state", "err", err)
+	memory := memoryComplete
+	if in.lazy != nil {
+		// Recorded first: if this service dies during the fill, the
+		// tree misses pages for good.
+		in.hold.record(in, why, memoryFilling)
+		if err := in.lazy.detach(s.cfg.RestoreTimeout); err != nil {
+			memory = memoryIncomplete
+			in.log.Error("in-doubt tree misses memory: if told to resume it, CRIU kills it", "err", err)
+		}
 	}
-	in.log.Error("migration in doubt: restored tree held inside CRIU's restore, never run; resolve by hand "+
-		"(kill CRIU and the cgroup's processes to drop it)",
-		"pid", in.pid, "criu", in.hold.criuPID, "cgroup", cgroup.Parent+"/"+in.id, "reason", why)
+	in.hold.record(in, why, memory)
+	in.log.Error("migration in doubt: restored tree held inside CRIU's restore, never run; resolve by hand: "+
+		"kill CRIU and the cgroup's processes to drop it, or answer CRIU's post-restore notification on its fd criu_rpc_fd",
+		"pid", in.pid, "criu", in.hold.criuPID, "criu_rpc_fd", in.hold.peerFD, "cgroup", cgroup.Parent+"/"+in.id,
+		"memory", memory, "reason", why)
 }
 
 func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File, error) {

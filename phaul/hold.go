@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
 )
 
@@ -25,6 +27,7 @@ var errRestoreAborted = errors.New("migration aborted: drop the restored tree")
 // tree stays held, not killed, as a migration in doubt must.
 type heldRestore struct {
 	criuPID int // set by the start hook before the restore request
+	peerFD  int // CRIU's copy of phaul's RPC end, in CRIU's fd table
 	reached chan int
 	decide  chan bool
 	done    chan error // Restore's result; buffered, read once
@@ -45,6 +48,7 @@ func startRestore(ctx context.Context, bin *criu.Binary, req criu.RestoreRequest
 		return nil
 	}
 	req.Hooks.KeepPeer = true
+	h.peerFD = req.Hooks.PeerFD()
 	// Until the hold, the caller's context and the timeout bound the
 	// restore; after it, nothing but a decision does.
 	held := make(chan struct{})
@@ -104,4 +108,22 @@ func (h *heldRestore) Resume() error {
 func (h *heldRestore) Kill() {
 	h.decide <- false
 	<-h.done
+}
+
+// What an in-doubt tree's memory is (the state file's memory=).
+const (
+	memoryComplete   = "complete"   // it may resume: nothing is missing
+	memoryFilling    = "filling"    // a lazy restore's fill is under way
+	memoryIncomplete = "incomplete" // pages are missing: CRIU kills it at resume
+)
+
+// record writes the in-doubt state of a held tree to <dir>/state,
+// atomically: `in-doubt pid=… criu=… criu_rpc_fd=… cgroup=… memory=…
+// reason=…`. A failure is logged: the log line says it all too.
+func (h *heldRestore) record(in *incoming, why error, memory string) {
+	state := fmt.Sprintf("in-doubt pid=%d criu=%d criu_rpc_fd=%d cgroup=%s/%s memory=%s reason=%q\n",
+		in.pid, h.criuPID, h.peerFD, cgroup.Parent, in.id, memory, why.Error())
+	if err := writeAtomic(filepath.Join(in.dir, "state"), []byte(state)); err != nil {
+		in.log.Error("record in-doubt state", "err", err)
+	}
 }

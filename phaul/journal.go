@@ -165,4 +165,3 @@ func (e JournalEntry) String() string {
 	b.WriteString(")")
 	return b.String()
 }
-

@@ -84,6 +84,39 @@ func (l *lazyRestore) abort() {
 	l.src.Close()
 }
 
+// detach readies the tree of a restore held in doubt to outlive this
+// service (lazy.Daemon.Detach): every lazy page is filled now, within
+// timeout, and the daemon ends, leaving a tree that needs no daemon when
+// it resumes. An error means the tree misses pages: CRIU kills it if told
+// to resume it (the finish marker has nowhere to go), and the
+// userfaultfds stay open until this process exits.
+func (l *lazyRestore) detach(timeout time.Duration) error {
+	t0 := time.Now()
+	err := l.d.Detach()
+	if err != nil {
+		l.cancel()
+		<-l.done
+	} else {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		select {
+		case err = <-l.done:
+		case <-t.C:
+			l.cancel()
+			err = fmt.Errorf("fill took longer than %v: %w", timeout, <-l.done)
+		}
+	}
+	l.cancel()
+	l.src.Close()
+	st := l.d.Stats()
+	if err != nil {
+		return fmt.Errorf("lazy restore: detach: %w (stats %+v)", err, st)
+	}
+	l.d.Close()
+	l.log.Info("lazy restore detached: every page in place", "stats", fmt.Sprintf("%+v", st), "dur", time.Since(t0))
+	return nil
+}
+
 // wait returns once every lazy page is in place (or the daemon failed),
 // logs what the fill took and returns the daemon's account.
 func (l *lazyRestore) wait() (lazy.Stats, error) {

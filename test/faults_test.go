@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,7 +21,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/checkpoint-restore/go-criu/v8/rpc"
+
 	"github.com/phaul/phaul/core/dirty"
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
 )
@@ -99,7 +103,7 @@ func TestFaultPrecopyConnectionCut(t *testing.T) {
 	e.startServe()
 	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
 	w.WaitProgress(t, 3)
-	m := e.startMigrate(w.PID(), "", "--mode", "precopy", "--tracker", "uffd-wp")
+	m := e.startMigrate(w.PID(), "--mode", "precopy", "--tracker", "uffd-wp")
 	var id string
 	testenv.WaitFor(t, 60*time.Second, func() (bool, error) {
 		out := m.out.String()
@@ -179,101 +183,88 @@ func TestFaultMigrateSIGTERMDuringTransfer(t *testing.T) {
 }
 
 // TestFaultInDoubt loses the connection while the destination holds the
-// restored tree PREPARED: phaul migrate is SIGKILLed the moment it logs
-// phase=prepared. Depending on the race the source CRIU either saw its RPC
-// socket close before the post-dump answer and resumed the tree, or had the
-// answer and killed it. Either way at most one copy runs, and the
-// destination keeps its copy held inside CRIU's restore (rebuilt, never
-// run), records the migration in doubt, and keeps holding it after the
-// service stops.
+// restored tree PREPARED: phaul migrate is stopped while the destination
+// restores and killed once the destination is prepared, so PREPARED never
+// reaches it; its CRIU, whose post-dump notification is never answered,
+// resumes the source copy (case a). In the "source lost" runs the source
+// copy is killed too (the source host died): no copy runs (case b). Either
+// way the destination keeps its copy held inside CRIU's restore (rebuilt,
+// never run), records the migration in doubt, and keeps holding it after
+// the service stops. The test then resolves it as an operator would,
+// through CRIU's own copy of the service's RPC socket end: in (a) CRIU
+// drops the held copy; in (b) it resumes it, and the copy must run and
+// verify all of its memory. With --lazy-restore the destination fills the
+// held copy's memory before it records the migration in doubt: the copy
+// resumes without the service's lazy-pages daemon, none of its pages
+// reading as zeros.
 func TestFaultInDoubt(t *testing.T) {
+	lazy := []string{"--lazy-restore"}
+	for _, tc := range []struct {
+		name       string
+		serve      []string
+		sourceLost bool
+	}{
+		{"eager", nil, false},
+		{"lazy", lazy, false},
+		{"eager source lost", nil, true},
+		{"lazy source lost", lazy, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testInDoubt(t, tc.serve, tc.sourceLost) })
+	}
+}
+
+// inDoubt is one TestFaultInDoubt run once the destination holds its copy.
+type inDoubt struct {
+	e         *env
+	w         *testenv.Workload
+	id        string
+	statePath string
+	state     string       // the destination's state file
+	src, dest int          // the source copy, the destination's held copy
+	frozen    testenv.Step // the workload's last step before the dump
+	resumed   bool         // case (a): the source CRIU resumed the source copy
+}
+
+func testInDoubt(t *testing.T, serve []string, sourceLost bool) {
 	e := newEnv(t, testenv.HostsOpts{})
-	e.startServe("--commit-wait", "2s")
+	e.startServe(append([]string{"--commit-wait", "2s"}, serve...)...)
 	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
 	w.WaitProgress(t, 3)
-
-	m := e.startMigrate(w.PID(), "phase=prepared")
-	r := m.wait(2 * time.Minute)
-	if !m.killed() {
-		t.Fatalf("migrate exited %d before it logged phase=prepared\n%s", r.code, r.out)
-	}
-	id := migrationID(t, r.out)
-	t.Cleanup(func() { removeCgroup(t, id) }) // kills the held copy and its CRIU
-	if strings.Contains(r.out, "phase=commit") {
-		// Not seen in practice: the kill follows the log line within
-		// microseconds, COMMIT needs CRIU to kill the tree and answer.
-		t.Skipf("SKIP: race lost: migrate reached COMMIT before the kill landed; in doubt not reached\n%s", r.out)
-	}
-	// The source was frozen before the dump: no step after this one can
-	// come from the source unless CRIU resumed it.
+	src := w.PID()
+	m := e.startMigrate(src)
+	e.stopMigrateInRestore(m)
+	// The source was frozen for the dump: no step after this one can
+	// come from the source unless CRIU resumes it.
 	frozen, err := w.LastStep()
 	if err != nil {
 		t.Fatal(err)
 	}
-
-	// The destination notices the lost connection and records it.
-	statePath := filepath.Join(e.dstWork, id, "state")
-	var state string
-	testenv.WaitFor(t, 30*time.Second, func() (bool, error) {
-		b, err := os.ReadFile(statePath)
-		state = string(b)
-		return err == nil && strings.Contains(e.readServeLog(), "in doubt"), nil
-	})
-	if !strings.HasPrefix(state, "in-doubt ") {
-		t.Fatalf("%s: %q, want in-doubt pid=… cgroup=…", statePath, state)
+	if sourceLost {
+		syscall.Kill(src, syscall.SIGKILL) // the source host dies with migrate
 	}
-	destPID := statePID(t, state, "pid")
-
-	// The source CRIU either resumes the tree (a) or kills it (b).
-	src := w.PID()
-	var resumed bool
-	testenv.WaitFor(t, 30*time.Second, func() (bool, error) {
-		if !slices.Contains(w.Running(t), src) {
-			return true, nil
-		}
-		last, err := w.LastStep()
-		resumed = err == nil && last.N >= frozen.N+3
-		return resumed, err
-	})
-	if resumed {
-		t.Logf("case (a): the source CRIU lost its RPC socket before answering post-dump and resumed pid %d", src)
-	} else {
-		t.Logf("case (b): the source CRIU had the post-dump answer and killed pid %d", src)
-	}
-
-	assertInDoubtCopy := func(when string) {
-		t.Helper()
-		if !slices.Contains(w.Running(t), destPID) {
-			t.Fatalf("%s: the in-doubt copy %d does not exist; copies: %v; cgroup: %v; threads:\n%s", when, destPID, w.Running(t), cgroupProcs(t, id), threadReport(destPID))
-		}
-		if in, err := e.hosts.Dst.Contains(destPID); err != nil || !in {
-			t.Fatalf("%s: pid %d is not in the destination namespace: %v", when, destPID, err)
-		}
-		if criuPID := statePID(t, state, "criu"); !heldInRestore(t, destPID) || !isCRIU(criuPID) {
-			t.Fatalf("%s: the in-doubt copy %d is not held inside the restore of the CRIU the state names (%q): threads %q, criu alive %v",
-				when, destPID, state, threadStates(t, destPID), isCRIU(criuPID))
-		}
-		if procs := cgroupProcs(t, id); !slices.Contains(procs, destPID) {
-			t.Fatalf("%s: the in-doubt copy %d is not in cgroup phaul/%s: %v", when, destPID, id, procs)
-		}
-		running := runningCopies(t, w)
-		switch {
-		case resumed && !slices.Equal(running, []int{src}):
-			t.Fatalf("%s: want only the source %d running, got %v", when, src, running)
-		case !resumed && len(running) != 0:
-			t.Fatalf("%s: the source copy is gone and the destination's is in doubt, yet %v run", when, running)
+	m.cmd.Process.Kill()
+	r := m.wait(time.Minute)
+	id := migrationID(t, r.out)
+	t.Cleanup(func() { removeCgroup(t, id) }) // kills the held copy and its CRIU
+	if strings.Contains(r.out, "phase=prepared") {
+		// Stopped too late: PREPARED reached migrate, which may have
+		// sent COMMIT. Not seen: the restore outlasts the poll by far.
+		waitServeLog(t, e, regexp.MustCompile(`committed: tree runs|msg="migration in doubt`), time.Minute, nil)
+		if strings.Contains(e.readServeLog(), "committed: tree runs") {
+			t.Skipf("SKIP: race lost: PREPARED reached migrate before it was stopped, and it committed\n%s", r.out)
 		}
 	}
-	assertInDoubtCopy("in doubt")
-	if resumed {
-		if in, err := e.hosts.Src.Contains(src); err != nil || !in {
-			t.Fatalf("pid %d is not in the source namespace: %v", src, err)
-		}
-		w.WaitProgress(t, 5)
+	d := &inDoubt{e: e, w: w, id: id, src: src, frozen: frozen,
+		statePath: filepath.Join(e.dstWork, id, "state")}
+	d.waitState(t)
+	d.waitSource(t)
+	if sourceLost && d.resumed {
+		t.Fatalf("the source copy %d runs after it was killed", src)
 	}
+	d.assertHeld(t, "in doubt")
 	w.CheckHealthy(t)
 
-	// The service's shutdown leaves the copy as it is: stopped, recorded.
+	// The service's shutdown leaves the copy as it is: held, recorded.
 	if err := e.serve.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -285,26 +276,273 @@ func TestFaultInDoubt(t *testing.T) {
 	if code := e.serve.ProcessState.ExitCode(); code != 0 {
 		t.Fatalf("serve exited %d after SIGTERM, want 0\n%s", code, e.readServeLog())
 	}
-	assertInDoubtCopy("after serve stopped")
-	if b, err := os.ReadFile(statePath); err != nil || string(b) != state {
-		t.Fatalf("after serve stopped: %s: %q, %v; was %q", statePath, b, err, state)
-	}
-	if !resumed {
-		if last, err := w.LastStep(); err != nil || last.N != frozen.N {
-			t.Fatalf("the workload stepped from %d to %d with no copy running (%v)", frozen.N, last.N, err)
-		}
+	d.assertHeld(t, "after serve stopped")
+	if b, err := os.ReadFile(d.statePath); err != nil || string(b) != d.state {
+		t.Fatalf("after serve stopped: %s: %q, %v; was %q", d.statePath, b, err, d.state)
 	}
 	w.CheckHealthy(t)
+	d.resolve(t)
 	// Killed -9, migrate could not remove its images: a job for a future
 	// `phaul gc` on the source. Its journal says where it stopped.
 	if left := dirNames(t, e.srcWork); len(left) > 0 {
 		t.Logf("source leftover for phaul gc: %s/%v", e.srcWork, left)
 	}
 	ents, err := phaul.ReadJournal(phaul.JournalDir(e.srcWork))
-	if err != nil || len(ents) != 1 || ents[0].ID != id || ents[0].Phase != phaul.PhasePrepared || ents[0].OwnerAlive() {
-		t.Fatalf("source journal after migrate was killed at prepared: %+v, %v; want one entry of %s at prepared, owner gone", ents, err, id)
+	// migrate was stopped while the destination restored, then killed.
+	if err != nil || len(ents) != 1 || ents[0].ID != id || ents[0].OwnerAlive() ||
+		(ents[0].Phase != phaul.PhaseRestore && ents[0].Phase != phaul.PhasePrepared) {
+		t.Fatalf("source journal after migrate was killed: %+v, %v; want one entry of %s at restore or prepared, owner gone", ents, err, id)
 	}
 	t.Logf("source journal: %v", ents[0])
+}
+
+// waitState waits until the destination noticed the lost connection and
+// recorded the migration in doubt, its copy's memory complete.
+func (d *inDoubt) waitState(t *testing.T) {
+	t.Helper()
+	testenv.WaitFor(t, 30*time.Second, func() (bool, error) {
+		// The log line follows the final state (a lazy restore's
+		// state says memory=filling first): read it first.
+		logged := strings.Contains(d.e.readServeLog(), "migration in doubt")
+		b, err := os.ReadFile(d.statePath)
+		d.state = string(b)
+		return logged && err == nil, nil
+	})
+	if !strings.HasPrefix(d.state, "in-doubt ") || !strings.Contains(d.state, " memory=complete ") {
+		t.Fatalf("%s: %q, want in-doubt pid=… criu=… criu_rpc_fd=… cgroup=… memory=complete …", d.statePath, d.state)
+	}
+	d.dest = stateInt(t, d.state, "pid")
+}
+
+// waitSource finds out what the source CRIU did: resumed its copy (a) or
+// killed it (b).
+func (d *inDoubt) waitSource(t *testing.T) {
+	t.Helper()
+	testenv.WaitFor(t, 30*time.Second, func() (bool, error) {
+		if !slices.Contains(d.w.Running(t), d.src) {
+			return true, nil
+		}
+		last, err := d.w.LastStep()
+		d.resumed = err == nil && last.N >= d.frozen.N+3
+		return d.resumed, err
+	})
+	if d.resumed {
+		t.Logf("case (a): the source CRIU lost its RPC socket before answering post-dump and resumed pid %d", d.src)
+		if in, err := d.e.hosts.Src.Contains(d.src); err != nil || !in {
+			t.Fatalf("pid %d is not in the source namespace: %v", d.src, err)
+		}
+		d.w.WaitProgress(t, 5)
+	} else {
+		t.Logf("case (b): the source copy %d is gone", d.src)
+	}
+}
+
+// assertHeld checks that the destination's copy is held inside the restore
+// of the CRIU the state names, in phaul/<id>, and that no other copy runs
+// but the source's in case (a).
+func (d *inDoubt) assertHeld(t *testing.T, when string) {
+	t.Helper()
+	w, dest := d.w, d.dest
+	if !slices.Contains(w.Running(t), dest) {
+		t.Fatalf("%s: the in-doubt copy %d does not exist; copies: %v; cgroup: %v; threads:\n%s", when, dest, w.Running(t), cgroupProcs(t, d.id), threadReport(dest))
+	}
+	if in, err := d.e.hosts.Dst.Contains(dest); err != nil || !in {
+		t.Fatalf("%s: pid %d is not in the destination namespace: %v", when, dest, err)
+	}
+	if criuPID := stateInt(t, d.state, "criu"); !heldInRestore(t, dest) || !isCRIU(criuPID) {
+		t.Fatalf("%s: the in-doubt copy %d is not held inside the restore of the CRIU the state names (%q): threads %q, criu alive %v",
+			when, dest, d.state, threadStates(t, dest), isCRIU(criuPID))
+	}
+	if procs := cgroupProcs(t, d.id); !slices.Contains(procs, dest) {
+		t.Fatalf("%s: the in-doubt copy %d is not in cgroup phaul/%s: %v", when, dest, d.id, procs)
+	}
+	running := runningCopies(t, w)
+	switch {
+	case d.resumed && !slices.Equal(running, []int{d.src}):
+		t.Fatalf("%s: want only the source %d running, got %v", when, d.src, running)
+	case !d.resumed && len(running) != 0:
+		t.Fatalf("%s: the source copy is gone and the destination's is in doubt, yet %v run", when, running)
+	}
+	if !d.resumed {
+		if last, err := w.LastStep(); err != nil || last.N != d.frozen.N {
+			t.Fatalf("%s: the workload stepped from %d to %d with no copy running (%v)", when, d.frozen.N, last.N, err)
+		}
+	}
+}
+
+// resolve answers the post-restore notification the destination's CRIU
+// holds its copy in, as an operator's tool would: through CRIU's copy of
+// the service's RPC socket end (criu_rpc_fd), taken with pidfd_getfd. In
+// case (a) the source copy runs, so CRIU drops the held one; otherwise the
+// held copy is the only one, and it resumes, runs where it was restored
+// and verifies all of its memory twice.
+func (d *inDoubt) resolve(t *testing.T) {
+	t.Helper()
+	criuPID := stateInt(t, d.state, "criu")
+	restoreLog := filepath.Join(d.e.dstWork, d.id, "restore.log")
+	resp := answerCRIU(t, criuPID, stateInt(t, d.state, "criu_rpc_fd"), !d.resumed, restoreLog)
+	if resp.GetType() != rpc.CriuReqType_RESTORE || resp.GetSuccess() == d.resumed {
+		t.Fatalf("criu answered %v success=%v; want RESTORE, success %v", resp.GetType(), resp.GetSuccess(), !d.resumed)
+	}
+	want := []int{d.dest}
+	if d.resumed {
+		want = []int{d.src}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	testenv.WaitFor(t, time.Minute, func() (bool, error) {
+		running := runningCopies(t, d.w)
+		if !isCRIU(criuPID) && slices.Equal(running, want) {
+			return true, nil
+		}
+		if time.Now().After(deadline) {
+			return false, fmt.Errorf("30s after the answer: criu %d alive %v, copies running %v, want %v; copy %d threads:\n%s\nrestore.log:\n%s",
+				criuPID, isCRIU(criuPID), running, want, d.dest, threadReport(d.dest), logTail(restoreLog))
+		}
+		return false, d.w.Health()
+	})
+	if d.resumed {
+		if slices.Contains(d.w.Running(t), d.dest) {
+			t.Fatalf("dropped copy %d still exists", d.dest)
+		}
+		d.w.WaitProgress(t, 3)
+		t.Logf("CRIU dropped the held copy %d; the source copy %d runs", d.dest, d.src)
+		return
+	}
+	if in, err := d.e.hosts.Dst.Contains(d.dest); err != nil || !in {
+		t.Fatalf("resumed copy %d is not in the destination namespace: %v", d.dest, err)
+	}
+	testenv.WaitFor(t, time.Minute, func() (bool, error) {
+		last, err := d.w.LastStep()
+		if err == nil {
+			err = d.w.Health()
+		}
+		return last.Verified >= d.frozen.Verified+2, err
+	})
+	d.w.CheckHealthy(t)
+	last, _ := d.w.LastStep()
+	t.Logf("resumed the held copy %d: steps %d to %d, memory verified %d times", d.dest, d.frozen.N, last.N, last.Verified-d.frozen.Verified)
+}
+
+// logTail returns the last lines of the file at path, or why not.
+func logTail(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.Join(lines[max(0, len(lines)-30):], "\n")
+}
+
+// answerCRIU answers the post-restore notification CRIU (criuPID) holds
+// its tree in, with success if resume, as an operator's tool would: through
+// CRIU's descriptor fd, a copy of its RPC peer's end (pidfd_getfd). It
+// answers the notifications that follow (pre-resume, post-resume) with
+// success and returns CRIU's final answer to the restore request (its log
+// at logPath tells why there is none).
+func answerCRIU(t *testing.T, criuPID, fd int, resume bool, logPath string) *rpc.CriuResp {
+	t.Helper()
+	p, err := linux.PidfdOpen(criuPID)
+	if err != nil {
+		t.Fatalf("criu %d: %v", criuPID, err)
+	}
+	defer p.Close()
+	f, err := p.Getfd(fd)
+	if err != nil {
+		t.Fatalf("criu %d fd %d: %v", criuPID, fd, err)
+	}
+	c, err := net.FileConn(f) // a dup in the poller, for the deadline
+	f.Close()
+	if err != nil {
+		t.Fatalf("criu %d fd %d: %v", criuPID, fd, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Minute))
+	buf := make([]byte, 1<<20)
+	for ok := resume; ; ok = true {
+		b, err := (&rpc.CriuReq{Type: rpc.CriuReqType_NOTIFY.Enum(), NotifySuccess: &ok}).MarshalVT()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write(b); err != nil {
+			t.Fatalf("answer criu %d: %v", criuPID, err)
+		}
+		n, err := c.Read(buf) // one message: the socket is SOCK_SEQPACKET
+		if err != nil {
+			t.Fatalf("read criu %d: %v; restore.log:\n%s", criuPID, err, logTail(logPath))
+		}
+		resp := &rpc.CriuResp{}
+		if err := resp.UnmarshalVT(buf[:n]); err != nil {
+			t.Fatalf("criu %d: %v", criuPID, err)
+		}
+		if resp.GetType() != rpc.CriuReqType_NOTIFY {
+			t.Logf("criu %d answered %v success=%v", criuPID, resp.GetType(), resp.GetSuccess())
+			return resp
+		}
+		t.Logf("criu %d notifies %s", criuPID, resp.GetNotify().GetScript())
+	}
+}
+
+// stopMigrateInRestore stops migrate (SIGSTOP) while the destination
+// restores: after the RESTORE request reached the destination, which then
+// logs its restore's start (the lazy marking, CRIU's pre-restore script),
+// and before PREPARED can come back, which takes the restore's tens of
+// milliseconds at least. Stopped, migrate can neither answer its CRIU's
+// post-dump notification nor send COMMIT. It returns once the destination
+// is prepared.
+func (e *env) stopMigrateInRestore(m *bgMigrate) {
+	e.t.Helper()
+	waitServeLog(e.t, e, regexp.MustCompile(`msg="lazy restore"|script=pre-restore`), 2*time.Minute, m)
+	stopProcess(m.cmd.Process.Pid)
+	waitServeLog(e.t, e, regexp.MustCompile(`msg=prepared`), time.Minute, m)
+}
+
+// waitServeLog polls the serve log every millisecond until re matches it,
+// for at most timeout (the tight poll for races the test must win), and
+// fails if m (if not nil) exits first.
+func waitServeLog(t testing.TB, e *env, re *regexp.Regexp, timeout time.Duration, m *bgMigrate) {
+	t.Helper()
+	for deadline := time.Now().Add(timeout); !re.MatchString(e.readServeLog()); {
+		if m != nil {
+			select {
+			case <-m.done:
+				t.Fatalf("migrate exited %d before the serve log showed %q\n%s", m.cmd.ProcessState.ExitCode(), re, m.out)
+			default:
+			}
+		}
+		if time.Now().After(deadline) {
+			out := "(none)"
+			if m != nil {
+				out = m.out.String()
+			}
+			t.Fatalf("serve log: no %q after %v\n%s\nmigrate output:\n%s", re, timeout, e.readServeLog(), out)
+		}
+		time.Sleep(time.Millisecond) // a poll interval against the deadline
+	}
+}
+
+// stopProcess sends SIGSTOP to pid and waits, for at most 10 seconds,
+// until every thread of it is stopped (or it is gone).
+func stopProcess(pid int) {
+	syscall.Kill(pid, syscall.SIGSTOP)
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			return // gone: nothing runs
+		}
+		stopped := true
+		for _, task := range tasks {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+			i := bytes.LastIndexByte(b, ')')
+			if err == nil && (i < 0 || i+2 >= len(b) || b[i+2] != 'T') {
+				stopped = false
+			}
+		}
+		if stopped {
+			return
+		}
+		time.Sleep(time.Millisecond) // a poll interval against the deadline
+	}
 }
 
 // bgMigrate is phaul migrate running in the background in the source
@@ -312,16 +550,14 @@ func TestFaultInDoubt(t *testing.T) {
 type bgMigrate struct {
 	t         testing.TB
 	cmd       *exec.Cmd
-	out       *lineWriter
+	out       *outputBuffer
 	statsPath string
 	done      chan struct{} // closed once migrate exited and its output is read
 }
 
-// startMigrate starts phaul migrate for pid. If killOn is set, migrate is
-// SIGKILLed as soon as it writes a line containing killOn (from the goroutine
-// reading its output, so within microseconds). Cleanup kills it if it still
+// startMigrate starts phaul migrate for pid. Cleanup kills it if it still
 // runs.
-func (e *env) startMigrate(pid int, killOn string, extra ...string) *bgMigrate {
+func (e *env) startMigrate(pid int, extra ...string) *bgMigrate {
 	e.t.Helper()
 	m := &bgMigrate{t: e.t, statsPath: filepath.Join(e.dir, fmt.Sprintf("stats-%d.json", time.Now().UnixNano())),
 		done: make(chan struct{})}
@@ -329,15 +565,7 @@ func (e *env) startMigrate(pid int, killOn string, extra ...string) *bgMigrate {
 		"--work-dir", e.srcWork, "--stats-json", m.statsPath}, extra...)
 	args = append(args, strconv.Itoa(pid))
 	m.cmd = e.hosts.Src.Command(context.Background(), e.bin, args...)
-	m.out = &lineWriter{}
-	if killOn != "" {
-		m.out.onLine = func(line string) {
-			if strings.Contains(line, killOn) && !m.out.fired {
-				m.out.fired = true
-				m.cmd.Process.Kill() // set before the output is read
-			}
-		}
-	}
+	m.out = &outputBuffer{}
 	m.cmd.Stdout, m.cmd.Stderr = m.out, m.out
 	m.cmd.WaitDelay = 10 * time.Second // bounds reading output held by a child
 	if err := m.cmd.Start(); err != nil {
@@ -359,13 +587,6 @@ func (e *env) startMigrate(pid int, killOn string, extra ...string) *bgMigrate {
 		}
 	})
 	return m
-}
-
-// killed reports whether startMigrate's killOn line came.
-func (m *bgMigrate) killed() bool {
-	m.out.mu.Lock()
-	defer m.out.mu.Unlock()
-	return m.out.fired
 }
 
 // waitTransfer waits until migrate logged phase=dump (pages stream while
@@ -428,34 +649,19 @@ func (m *bgMigrate) wait(timeout time.Duration) result {
 	return r
 }
 
-// lineWriter collects output and calls onLine, with mu held, for each
-// complete line.
-type lineWriter struct {
-	mu     sync.Mutex
-	buf    bytes.Buffer
-	next   int // offset of the first byte not passed to onLine
-	onLine func(line string)
-	fired  bool // for onLine's use
+// outputBuffer collects a process's output; safe for concurrent use.
+type outputBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer // guarded by mu
 }
 
-func (w *lineWriter) Write(p []byte) (int, error) {
+func (w *outputBuffer) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.buf.Write(p)
-	for {
-		rest := w.buf.Bytes()[w.next:]
-		i := bytes.IndexByte(rest, '\n')
-		if i < 0 {
-			return len(p), nil
-		}
-		if w.onLine != nil {
-			w.onLine(string(rest[:i]))
-		}
-		w.next += i + 1
-	}
+	return w.buf.Write(p)
 }
 
-func (w *lineWriter) String() string {
+func (w *outputBuffer) String() string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.buf.String()
@@ -490,9 +696,9 @@ func migrationID(t testing.TB, log string) string {
 	return m[1]
 }
 
-// statePID returns the pid named key= (pid, criu) in a destination state
-// file's in-doubt line.
-func statePID(t testing.TB, state, key string) int {
+// stateInt returns the positive number named key= (pid, criu,
+// criu_rpc_fd) in a destination state file's in-doubt line.
+func stateInt(t testing.TB, state, key string) int {
 	t.Helper()
 	for _, f := range strings.Fields(state) {
 		if v, ok := strings.CutPrefix(f, key+"="); ok {
@@ -516,7 +722,7 @@ func startBreakableMigration(t *testing.T, rate int64) (*env, *testenv.Workload,
 	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
 	w.WaitProgress(t, 3)
 	// Cold: the transfer under test is CRIU's dump streaming pages.
-	m := e.startMigrate(w.PID(), "", "--mode", "cold")
+	m := e.startMigrate(w.PID(), "--mode", "cold")
 	return e, w, m, m.waitTransfer(e)
 }
 

@@ -65,6 +65,10 @@ type Hooks struct {
 	KeepPeer bool
 }
 
+// PeerFD is the descriptor number of phaul's end of the RPC socket in a
+// CRIU child started with KeepPeer: it follows fd 3 and ExtraFiles.
+func (h Hooks) PeerFD() int { return 4 + len(h.ExtraFiles) }
+
 func (b *Binary) start(ctx context.Context, action string, hooks Hooks, log *slog.Logger) (*swrk, error) {
 	local, remote, err := linux.SeqpacketPair()
 	if err != nil {

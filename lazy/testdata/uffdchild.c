@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -273,6 +274,7 @@ static int hand_over(const char *path, int uffd) {
 int main(int argc, char **argv) {
 	if (argc < 3) { fprintf(stderr, "usage: uffdchild SOCKET ID SPEC...\n"); return 2; }
 	id = strtoull(argv[2], NULL, 0);
+	signal(SIGPIPE, SIG_IGN);  // as CRIU: a send to a closed daemon fails with EPIPE
 	int uffd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (uffd < 0) fail("userfaultfd");
 	struct uffdio_api api = {.api = UFFD_API,
