@@ -82,6 +82,52 @@ func readLazyVMAs(r io.Reader) ([]vma, error) {
 	return out, nil
 }
 
+// readEagerRanges decodes mm-<id>.img and returns the pages holding the
+// task's command line and environment ([arg_start, arg_end) and
+// [env_start, env_end), page-rounded): another process reads them
+// (ps, /proc/PID/cmdline and environ), and a remote read of a missing
+// page does not wait for the daemon but comes back empty, so they are
+// restored eagerly.
+func readEagerRanges(r io.Reader) ([]vma, error) {
+	rec, err := readRecord(r, magicMM, maxMMBytes, "mm")
+	if err != nil {
+		return nil, err
+	}
+	var mm mmimg.MmEntry
+	if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(rec, &mm); err != nil {
+		return nil, fmt.Errorf("%w: mm entry: %w", ErrImage, err)
+	}
+	var out []vma
+	for _, r := range [][2]uint64{{mm.GetMmArgStart(), mm.GetMmArgEnd()}, {mm.GetMmEnvStart(), mm.GetMmEnvEnd()}} {
+		s, e := r[0]&^(pageSize-1), (r[1]+pageSize-1)&^(pageSize-1)
+		if r[0] >= r[1] || e < s || e-s > maxEagerBytes {
+			continue // empty or not believable: nothing made eager
+		}
+		out = append(out, vma{s, e})
+	}
+	return out, nil
+}
+
+// maxEagerBytes bounds a command line or environment taken eagerly (the
+// kernel's limit for both together is a quarter of the stack rlimit;
+// more than this is not a command line worth a page copy each).
+const maxEagerBytes = 4 << 20
+
+// EagerRanges returns, from task id's mm image in dir, the page ranges
+// [start, end) holding its command line and environment, which a lazy
+// restore must take eagerly (readEagerRanges).
+func EagerRanges(dir string, id uint64) ([][2]uint64, error) {
+	vs, err := readImage(filepath.Join(dir, fmt.Sprintf("mm-%d.img", id)), readEagerRanges)
+	if err != nil {
+		return nil, err
+	}
+	out := make([][2]uint64, len(vs))
+	for i, v := range vs {
+		out[i] = [2]uint64{v.start, v.end}
+	}
+	return out, nil
+}
+
 // readRecord reads an image that holds one protobuf record: the common
 // magic, the image's magic, a u32 length (at most max) and the record.
 // Anything else is an error wrapping ErrImage, naming the image what.

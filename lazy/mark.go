@@ -24,7 +24,9 @@ const maxCoreBytes = 1 << 20
 // dir, the present pages that CRIU's dump marks lazy when a restore may
 // take them lazily: those in VMAs that can be lazy (anonymous private, not
 // locked, hugetlb, vDSO, vvar or vsyscall), except a page that holds a
-// thread's stack pointer, which CRIU's restore needs in place. Their data
+// thread's stack pointer, which CRIU's restore needs in place, and the
+// pages of the command line and environment, which other processes read
+// (readEagerRanges). Their data
 // stays in the pages image, where ImageSource finds it; a restore without
 // --lazy-pages reads them as before. A PE_PARENT range that can be lazy
 // becomes lazy without content in this level (CRIU's restore copies
@@ -66,6 +68,11 @@ func markPagemap(dir, name string, id uint64, sps map[uint64]bool) (uint64, erro
 	if err != nil {
 		return 0, err
 	}
+	eager, err := readImage(filepath.Join(dir, fmt.Sprintf("mm-%d.img", id)), readEagerRanges)
+	if err != nil {
+		return 0, err
+	}
+	vmas = cutRanges(vmas, eager)
 	var out []pagestore.Entry
 	var marked uint64
 	for _, e := range m.Entries {
@@ -111,6 +118,27 @@ func markPagemap(dir, name string, id uint64, sps map[uint64]bool) (uint64, erro
 		return 0, err
 	}
 	return marked, nil
+}
+
+// cutRanges returns vmas without the ranges in cut.
+func cutRanges(vmas, cut []vma) []vma {
+	for _, c := range cut {
+		var out []vma
+		for _, v := range vmas {
+			if c.end <= v.start || c.start >= v.end {
+				out = append(out, v)
+				continue
+			}
+			if v.start < c.start {
+				out = append(out, vma{v.start, c.start})
+			}
+			if c.end < v.end {
+				out = append(out, vma{c.end, v.end})
+			}
+		}
+		vmas = out
+	}
+	return vmas
 }
 
 // canBeLazy reports whether page va lies in a VMA that can be lazy and

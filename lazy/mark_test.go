@@ -8,6 +8,7 @@ import (
 
 	corex86 "github.com/checkpoint-restore/go-criu/v8/crit/images/core-x86"
 	criucore "github.com/checkpoint-restore/go-criu/v8/crit/images/criu-core"
+	mmimg "github.com/checkpoint-restore/go-criu/v8/crit/images/mm"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -55,4 +56,38 @@ func FuzzReadStackPointer(f *testing.F) {
 			t.Fatalf("error %v does not wrap ErrImage", err)
 		}
 	})
+}
+
+// TestEagerRanges: the command line's and environment's pages, rounded
+// out to pages, are cut from the VMAs that can be lazy.
+func TestEagerRanges(t *testing.T) {
+	img := mmImage([]testVMA{anonVMA(0x7000_0000, 0x7000_8000, 3)})
+	var mm mmimg.MmEntry
+	rec, err := readRecord(bytes.NewReader(img), magicMM, maxMMBytes, "mm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(rec, &mm); err != nil {
+		t.Fatal(err)
+	}
+	mm.MmArgStart, mm.MmArgEnd = proto.Uint64(0x7000_2010), proto.Uint64(0x7000_2100)
+	mm.MmEnvStart, mm.MmEnvEnd = proto.Uint64(0x7000_2100), proto.Uint64(0x7000_3001)
+	b := appendRecord(binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, magicImgCommon), magicMM), &mm)
+	got, err := readEagerRanges(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []vma{{0x7000_2000, 0x7000_3000}, {0x7000_2000, 0x7000_4000}}
+	if len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
+		t.Fatalf("eager ranges %v, want %v", got, want)
+	}
+	cut := cutRanges([]vma{{0x7000_0000, 0x7000_8000}}, got)
+	wantCut := []vma{{0x7000_0000, 0x7000_2000}, {0x7000_4000, 0x7000_8000}}
+	if len(cut) != 2 || cut[0] != wantCut[0] || cut[1] != wantCut[1] {
+		t.Fatalf("cut %v, want %v", cut, wantCut)
+	}
+	// Empty or unbelievable ranges make nothing eager.
+	if got, err := readEagerRanges(bytes.NewReader(mmImage(nil))); err != nil || len(got) != 0 {
+		t.Fatalf("zero ranges: %v, %v", got, err)
+	}
 }

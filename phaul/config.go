@@ -202,8 +202,8 @@ type ServeConfig struct {
 	// images mark lazy, which a lazy-pages daemon (package lazy) fills
 	// from the images once the tree runs: the freeze no longer includes
 	// writing the tree's memory. Off, or without userfaultfd, the restore
-	// writes all of it. Off by default for now: the daemon of a tree held
-	// in doubt ends, so that tree could not be let run later.
+	// writes all of it. On by default: a tree held in doubt gets all of
+	// its memory before it is recorded, and outlives the service.
 	LazyRestore bool
 	// PostcopyRecoverTimeout is how long a post-copy whose connection was
 	// lost waits for its source to reconnect; the restored tree's threads
@@ -226,7 +226,7 @@ func DefaultServeConfig() ServeConfig {
 		RestoreTimeout: 5 * time.Minute,
 		CommitWait:     30 * time.Second,
 		CgroupParent:   "/",
-		LazyRestore:    false,
+		LazyRestore:    true,
 
 		PostcopyRecoverTimeout: time.Minute,
 	}

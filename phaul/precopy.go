@@ -17,6 +17,7 @@ import (
 	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/core/pagestore"
+	"github.com/phaul/phaul/lazy"
 	"github.com/phaul/phaul/pageserver"
 )
 
@@ -788,7 +789,24 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 	if _, err := p.fw.Open(k); err != nil {
 		return err
 	}
-	pid := -1     // the process holding the lazy pages, looked up once
+	pid := -1 // the process holding the lazy pages, looked up once
+	// Post-copy sends the command line's and environment's pages as data:
+	// other processes read them (ps), and such a read of a missing page
+	// does not wait for the daemon (lazy.EagerRanges).
+	var eager [][2]uint64
+	if p.postcopy && k.Kind == pagestore.KindTask {
+		if eager, err = lazy.EagerRanges(dir, k.ID); err != nil {
+			return err
+		}
+	}
+	isEager := func(va uint64) bool {
+		for _, r := range eager {
+			if va >= r[0] && va < r[1] {
+				return true
+			}
+		}
+		return false
+	}
 	var off int64 // in the pages image
 	for _, e := range pm.Entries {
 		if err := ctx.Err(); err != nil {
@@ -797,9 +815,10 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 		present := e.Flags&pagestore.FlagPresent != 0
 		for i := uint64(0); i < e.NrPages; {
 			vaddr := e.Vaddr + i*pagestore.PageSize
-			st := p.state(k, vaddr)
+			st, eg := p.state(k, vaddr), isEager(vaddr)
 			j := i + 1
-			for j < e.NrPages && j-i < readChunk && p.state(k, e.Vaddr+j*pagestore.PageSize) == st {
+			for j < e.NrPages && j-i < readChunk && p.state(k, e.Vaddr+j*pagestore.PageSize) == st &&
+				isEager(e.Vaddr+j*pagestore.PageSize) == eg {
 				j++
 			}
 			n := j - i
@@ -827,7 +846,7 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 						return err
 					}
 				}
-				if p.postcopy {
+				if p.postcopy && !eg {
 					// Fetched from there after the resume.
 					if err := p.fw.Add(k, vaddr, n, pagestore.FlagLazy, nil); err != nil {
 						return err

@@ -193,21 +193,21 @@ func TestFaultMigrateSIGTERMDuringTransfer(t *testing.T) {
 // the service stops. The test then resolves it as an operator would,
 // through CRIU's own copy of the service's RPC socket end: in (a) CRIU
 // drops the held copy; in (b) it resumes it, and the copy must run and
-// verify all of its memory. With --lazy-restore the destination fills the
+// verify all of its memory. With a lazy restore (the default) the destination fills the
 // held copy's memory before it records the migration in doubt: the copy
 // resumes without the service's lazy-pages daemon, none of its pages
 // reading as zeros.
 func TestFaultInDoubt(t *testing.T) {
-	lazy := []string{"--lazy-restore"}
+	eager := []string{"--lazy-restore=false"}
 	for _, tc := range []struct {
 		name       string
 		serve      []string
 		sourceLost bool
 	}{
-		{"eager", nil, false},
-		{"lazy", lazy, false},
-		{"eager source lost", nil, true},
-		{"lazy source lost", lazy, true},
+		{"eager", eager, false},
+		{"lazy", nil, false},
+		{"eager source lost", eager, true},
+		{"lazy source lost", nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) { testInDoubt(t, tc.serve, tc.sourceLost) })
 	}

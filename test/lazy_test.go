@@ -14,7 +14,7 @@ import (
 // images once the tree runs, cold and in pre-copy, for a tree of three
 // processes. The workload verifies every page itself after the move; the
 // serve log must show the daemon placed the pages (faulted or pushed), and
-// without --lazy-restore (the default for now) no daemon runs.
+// with --lazy-restore=false no daemon runs.
 func TestLazyRestore(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
@@ -24,7 +24,7 @@ func TestLazyRestore(t *testing.T) {
 	}{
 		{"cold", []string{"--lazy-restore"}, []string{"--mode", "cold"}, true},
 		{"precopy", []string{"--lazy-restore"}, []string{"--mode", "precopy"}, true},
-		{"cold eager", nil, []string{"--mode", "cold"}, false},
+		{"cold eager", []string{"--lazy-restore=false"}, []string{"--mode", "cold"}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 1e9})

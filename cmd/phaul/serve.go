@@ -21,7 +21,7 @@ func serveCommand() *cli.Command {
 			&cli.DurationFlag{Name: "restore-timeout", Value: def.RestoreTimeout, Usage: "kill a CRIU restore that takes longer and abort the migration"},
 			&cli.DurationFlag{Name: "postcopy-recover-timeout", Value: def.PostcopyRecoverTimeout, Usage: "post-copy: how long to wait for a source whose connection was lost to reconnect (the restored tree's threads that touch a missing page wait meanwhile)"},
 			&cli.DurationFlag{Name: "commit-wait", Value: def.CommitWait, Usage: "on shutdown, how long a prepared migration waits for COMMIT"},
-			&cli.BoolFlag{Name: "lazy-restore", Value: def.LazyRestore, Usage: "restore without writing the memory the images mark lazy; phaul's lazy-pages daemon fills it once the tree runs"},
+			&cli.BoolFlag{Name: "lazy-restore", Value: def.LazyRestore, Usage: "restore without writing the memory the images mark lazy, so the freeze does not grow with it; phaul's lazy-pages daemon fills it once the tree runs (--lazy-restore=false: CRIU writes all memory inside the freeze; post-copy is lazy regardless)"},
 			&cli.StringFlag{Name: "cgroup-parent", Value: def.CgroupParent, Usage: "cgroup (below the freezer v1 and cgroup v2 roots) that committed trees move to, unless --manage-cgroups puts them in their own"},
 		},
 		Action: func(c *cli.Context) error {
