@@ -172,13 +172,23 @@ func stackPages(dir string) (map[uint64]bool, error) {
 		if err != nil {
 			return nil, fmt.Errorf("lazy: %s: %w", e.Name(), err)
 		}
-		sps[sp&^(pageSize-1)] = true
+		if sp != noStack {
+			sps[sp&^(pageSize-1)] = true
+		}
 	}
 	return sps, nil
 }
 
+// noStack is readStackPointer's answer for a zombie: it has no memory and
+// CRIU dumps no registers for it.
+const noStack = ^uint64(0)
+
+// taskDead is a core's tc.task_state for a zombie: CRIU's dump of one
+// records TASK_DEAD (compel's COMPEL_TASK_DEAD), not COMPEL_TASK_ZOMBIE.
+const taskDead = 2
+
 // readStackPointer decodes a core-<tid>.img and returns the thread's
-// stack pointer (x86_64 registers).
+// stack pointer (x86_64 registers), or noStack for a zombie.
 func readStackPointer(r io.Reader) (uint64, error) {
 	rec, err := readRecord(r, magicCore, maxCoreBytes, "core")
 	if err != nil {
@@ -189,6 +199,9 @@ func readStackPointer(r io.Reader) (uint64, error) {
 		return 0, fmt.Errorf("%w: core entry: %w", ErrImage, err)
 	}
 	regs := core.GetThreadInfo().GetGpregs()
+	if regs == nil && core.GetTc().GetTaskState() == taskDead {
+		return noStack, nil
+	}
 	if regs == nil {
 		return 0, fmt.Errorf("%w: core entry without x86_64 registers", ErrImage)
 	}

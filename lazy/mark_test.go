@@ -48,6 +48,20 @@ func TestReadStackPointer(t *testing.T) {
 	}
 }
 
+// A zombie's core has no registers: no stack page, not an error.
+func TestReadStackPointerZombie(t *testing.T) {
+	c := &criucore.CoreEntry{Tc: &criucore.TaskCoreEntry{TaskState: proto.Uint32(taskDead)}}
+	b, err := proto.MarshalOptions{AllowPartial: true}.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, magicImgCommon), magicCore)
+	img = append(binary.LittleEndian.AppendUint32(img, uint32(len(b))), b...)
+	if sp, err := readStackPointer(bytes.NewReader(img)); err != nil || sp != noStack {
+		t.Fatalf("zombie core: sp %#x, %v; want noStack", sp, err)
+	}
+}
+
 func FuzzReadStackPointer(f *testing.F) {
 	f.Add(coreImage(f, 0x7ffc0000123f))
 	f.Add([]byte{0x19, 0x43, 0x56, 0x54, 0x47, 0x38, 0x05, 0x55, 0xff, 0xff, 0xff, 0xff})

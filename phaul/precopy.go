@@ -76,6 +76,9 @@ type precopy struct {
 	floorD      time.Duration
 	bandwidth   float64
 	lastCollect time.Time
+	// destLazy: the destination restores lazily (its populate probe
+	// says so): no prefault helps it.
+	destLazy bool
 	// Post-copy: the final set sends what the destination lacks as lazy
 	// entries, recorded in remote, instead of their data.
 	postcopy bool
@@ -609,6 +612,7 @@ func (p *precopy) floor(ctx context.Context, treeBytes uint64) (time.Duration, e
 		return 0, fmt.Errorf("populate probe: %w", err)
 	}
 	p.treeBytes = treeBytes
+	p.destLazy = perMiB <= 1 // a lazy restore writes no memory in the freeze
 	floor := cfg.DowntimeFloor + time.Duration(float64(perMiB)*float64(treeBytes)/(1<<20))
 	p.s.stats.FloorMS = ms(floor)
 	p.s.stats.PopulateMSPerGiB = ms(perMiB * 1024)

@@ -317,8 +317,9 @@ func (s *source) precopyRounds(ctx context.Context, pre *precopy) error {
 		s.stats.Tracker = pr.tr.Kind()
 	}
 	s.log.Info("pre-copy rounds done", "rounds", len(s.stats.Rounds), "why", reason)
-	if !s.cfg.Prefault || s.cfg.Mode.postcopy() {
-		// Hybrid's restore is lazy: it writes no memory in the freeze.
+	if !s.cfg.Prefault || s.cfg.Mode.postcopy() || pre.destLazy {
+		// A lazy restore (hybrid's always) writes no memory in the
+		// freeze: nothing to prefault.
 		return nil
 	}
 	if err := pre.prefault(ctx); err != nil {

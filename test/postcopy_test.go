@@ -115,7 +115,7 @@ func TestPostcopyConnectionCut(t *testing.T) {
 	e.startServe()
 	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 128, PagesPerSec: 2000})
 	w.WaitProgress(t, 3)
-	m := e.startMigrate(w.PID(), "", "--mode", "postcopy", "--postcopy-recover-timeout", "30s")
+	m := e.startMigrate(w.PID(), "--mode", "postcopy", "--postcopy-recover-timeout", "30s")
 	cuts := 0
 	for cuts < 2 {
 		testenv.WaitFor(t, 2*time.Minute, func() (bool, error) {

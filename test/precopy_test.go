@@ -25,15 +25,21 @@ func TestPrecopyMigration(t *testing.T) {
 		mib     int
 		pps     int // pages dirtied per second
 		shm     bool
+		eager   bool // the destination restores eagerly (then pre-copy prefaults it)
 	}{
 		// The case: 512 MiB dirtying 8 MiB/s over 1 Gbit/s.
-		{"uffd-wp", "uffd-wp", 512, 2048, false},
-		{"hash", "hash", 64, 500, false},
-		{"shared memory", "auto", 64, 1000, true}, // pre-copy skips it; CRIU's dump moves it
+		{"uffd-wp", "uffd-wp", 512, 2048, false, true},
+		{"uffd-wp lazy restore", "uffd-wp", 64, 2048, false, false},
+		{"hash", "hash", 64, 500, false, false},
+		{"shared memory", "auto", 64, 1000, true, false}, // pre-copy skips it; CRIU's dump moves it
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 1e9})
-			e.startServe()
+			if tc.eager {
+				e.startServe("--lazy-restore=false")
+			} else {
+				e.startServe()
+			}
 			w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: tc.mib, Threads: 2, PagesPerSec: tc.pps, Shm: tc.shm})
 			w.WaitProgress(t, 3)
 			r := e.migrate(w.PID(), "--mode", "precopy", "--tracker", tc.tracker)
@@ -68,8 +74,13 @@ func TestPrecopyMigration(t *testing.T) {
 			if dirty <= 0 || criuPart <= 0 || dirty+criuPart > r.num("downtime_ms")+0.01 {
 				t.Fatalf("downtime %v ms split as dirty set %v + CRIU %v", r.num("downtime_ms"), dirty, criuPart)
 			}
-			if r.num("prefault_ms") <= 0 || !strings.Contains(e.readServeLog(), "prefaulted memory for the restore") {
-				t.Fatalf("prefault_ms %v: the destination did not prefault before the freeze", r.num("prefault_ms"))
+			prefaulted := strings.Contains(e.readServeLog(), "prefaulted memory for the restore")
+			switch {
+			case tc.eager && (r.num("prefault_ms") <= 0 || !prefaulted):
+				t.Fatalf("prefault_ms %v: the destination restores eagerly and did not prefault before the freeze", r.num("prefault_ms"))
+			case !tc.eager && (r.num("prefault_ms") != 0 || prefaulted):
+				// A lazy restore writes no memory inside the freeze.
+				t.Fatalf("prefault_ms %v (serve logged a prefault: %v): want none for a lazy restore", r.num("prefault_ms"), prefaulted)
 			}
 			if tc.tracker == "uffd-wp" && r.num("tracker_release_ms") <= 0 {
 				t.Fatalf("tracker_release_ms %v: the release inside the freeze was not measured", r.num("tracker_release_ms"))
