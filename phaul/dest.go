@@ -81,6 +81,7 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 		cfg.Ready(ln.Addr())
 	}
 	s := &Server{cfg: cfg, log: log, crit: bin, active: map[string]*incoming{}, inDoubt: map[string]int{}}
+	s.recoverJournal()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -129,9 +130,12 @@ type incoming struct {
 	lazy  *lazyRestore  // its lazy-pages daemon; nil: the restore writes all memory
 	// postcopy: the tree resumes before its memory arrived; fetch is the
 	// source's end of the fetch streams it asks for the rest on.
+	mode     Mode
 	postcopy bool
 	fetch    *fetchClients
 	link     *postcopyLink // where PostcopyDone goes; a reconnect replaces it
+	m        machine       // this end's state
+	j        *journal      // its journal entry; nil if it could not be written
 	pid      int           // restored root
 	// reserve is the memory a prefault filled, held until the restore
 	// starts (or the migration ends).
@@ -227,8 +231,9 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 		reply(false, err.Error())
 		return nil, err
 	}
-	in := &incoming{id: h.GetMigrationId(), sess: sess, ctl: ctl, opts: opts, postcopy: postcopy,
+	in := &incoming{id: h.GetMigrationId(), sess: sess, ctl: ctl, opts: opts, postcopy: postcopy, mode: modeFromWire(h.GetMode()),
 		log: log.With("migration", h.GetMigrationId())}
+	in.m.log = in.log
 	if postcopy {
 		in.link = newPostcopyLink(ctl, sess.Peer())
 	}
@@ -248,11 +253,13 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 		reply(false, "destination work dir: "+err.Error())
 		return nil, fmt.Errorf("work dir: %w", err)
 	}
+	s.openJournal(in, in.mode)
 	if err := reply(true, ""); err != nil {
 		s.cleanup(in)
 		s.forget(in)
 		return nil, err
 	}
+	in.phase(PhaseConnect)
 	in.log.Info("migration accepted", "source", h.GetHost().GetHostname(), "version", version)
 	return in, nil
 }
@@ -316,7 +323,7 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 		return fmt.Errorf("send prepared: %w", err)
 	}
 	prepared = true
-	in.log.Info("prepared", "pid", pid)
+	in.phase(PhasePrepared)
 	committed, err = s.awaitCommit(ctx, in, stream)
 	return err
 }
@@ -444,6 +451,7 @@ func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transpor
 	}
 	switch b := m.GetBody().(type) {
 	case *wire.Message_Commit:
+		in.phase(PhaseCommit)
 		s.commit(in)
 		in.log.Info("committed: tree runs", "pid", in.pid)
 		if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Committed{Committed: &wire.Committed{Pid: int32(in.pid)}}}); err != nil {
@@ -470,6 +478,7 @@ func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transpor
 // restored tree gets all of its memory first, so that it no longer needs
 // this service's lazy-pages daemon.
 func (s *Server) inDoubtHold(in *incoming, why error) {
+	in.phase(PhaseInDoubt)
 	s.mu.Lock()
 	s.inDoubt[in.id] = in.pid
 	s.mu.Unlock()
@@ -500,6 +509,11 @@ func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File
 	}
 	var pagesDone chan error
 	if st.Kind() == transport.KindPages {
+		if in.postcopy || in.mode == ModePrecopy {
+			in.phase(PhaseRounds) // or the freeze: this end cannot tell
+		} else {
+			in.phase(PhaseDump)
+		}
 		lanes, err := s.acceptLanes(ctx, in, st)
 		if err != nil {
 			return nil, err
@@ -529,6 +543,9 @@ func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File
 		}
 	}
 	defer st.Close()
+	if st.Kind() == transport.KindImages {
+		in.phase(PhaseTransfer)
+	}
 	if st.Kind() != transport.KindImages {
 		err := fmt.Errorf("images stream: got a %s stream", st.Kind())
 		if pagesDone != nil {
@@ -686,6 +703,7 @@ func (s *Server) lazyRestore(in *incoming) bool {
 // child) and hold it in the post-restore notification: it returns the
 // restored root's pid with no task of the tree having run.
 func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
+	in.phase(PhaseRestore)
 	g, err := cgroup.Create(in.id)
 	if err != nil {
 		return 0, fmt.Errorf("restore: %w", err)
@@ -755,6 +773,8 @@ func (s *Server) cleanup(in *incoming) {
 			in.log.Warn("remove work dir", "err", err)
 		}
 	}
+	in.phase(PhaseRollback)
+	in.endJournal()
 }
 
 // finishRestore waits for a committed tree's lazy pages (the images are
@@ -764,6 +784,7 @@ func (s *Server) finishRestore(in *incoming) {
 	if in.postcopy {
 		// A source that lost its connection may come back until
 		// PostcopyDone is through.
+		in.phase(PhasePostcopy)
 		in.link.setResumable(true)
 		defer in.link.end()
 	}
@@ -782,6 +803,11 @@ func (s *Server) finishRestore(in *incoming) {
 		in.fetch.close()
 	}
 	s.removeImages(in)
+	if err == nil {
+		in.phase(PhaseDone)
+		in.endJournal()
+	}
+	// Else the entry stays: the tree runs without all of its memory.
 }
 
 // removeImages drops a committed migration's files.

@@ -216,6 +216,18 @@ func (s *source) hello(ctx context.Context, stream *transport.Stream, local *wir
 	return nil
 }
 
+func modeFromWire(m wire.Mode) Mode {
+	switch m {
+	case wire.Mode_MODE_PRECOPY:
+		return ModePrecopy
+	case wire.Mode_MODE_POSTCOPY:
+		return ModePostcopy
+	case wire.Mode_MODE_HYBRID:
+		return ModeHybrid
+	}
+	return ModeCold
+}
+
 func modeToWire(m Mode) wire.Mode {
 	switch m {
 	case ModePrecopy:

@@ -148,11 +148,23 @@ func TestFaultDestinationDiesMidTransfer(t *testing.T) {
 	e.assertOnSource(w)
 	waitDirEmpty(t, e.srcWork, 10*time.Second)
 	assertNoCgroup(t, r)
-	// Killed -9, the destination could not clean up: its partial
-	// migration stays until a future `phaul gc` removes it.
-	if left := dirNames(t, e.dstWork); len(left) > 0 {
-		t.Logf("destination leftover for phaul gc: %s/%v", e.dstWork, left)
+	// Killed -9, the destination could not clean up: its journal says
+	// where the migration stood, and the next service undoes it.
+	left := dirNames(t, e.dstWork)
+	if !slices.Contains(left, "journal/"+id+".destination.json") || !slices.Contains(left, id) {
+		t.Fatalf("destination after SIGKILL holds %v: want the migration's directory and its journal entry", left)
 	}
+	ents, err := phaul.ReadJournal(phaul.JournalDir(e.dstWork))
+	if err != nil || len(ents) != 1 || ents[0].OwnerAlive() || ents[0].Phase.Final() {
+		t.Fatalf("destination journal: %+v, %v; want one unfinished entry, its owner gone", ents, err)
+	}
+	t.Logf("destination journal after SIGKILL: %v", ents[0])
+	e.startServe()
+	waitDirEmpty(t, e.dstWork, 30*time.Second)
+	if !strings.Contains(e.readServeLog(), "undid an unfinished migration") {
+		t.Fatalf("the new service did not say what it undid:\n%s", e.readServeLog())
+	}
+	assertNoCgroup(t, r)
 }
 
 // TestFaultMigrateSIGTERMDuringTransfer stops phaul migrate (as ^C or a
@@ -491,9 +503,9 @@ func answerCRIU(t *testing.T, criuPID, fd int, resume bool, logPath string) *rpc
 // is prepared.
 func (e *env) stopMigrateInRestore(m *bgMigrate) {
 	e.t.Helper()
-	waitServeLog(e.t, e, regexp.MustCompile(`msg="lazy restore"|script=pre-restore`), 2*time.Minute, m)
+	waitServeLog(e.t, e, regexp.MustCompile(`msg="lazy restore"|script=pre-restore|phase=restore`), 2*time.Minute, m)
 	stopProcess(m.cmd.Process.Pid)
-	waitServeLog(e.t, e, regexp.MustCompile(`msg=prepared`), time.Minute, m)
+	waitServeLog(e.t, e, regexp.MustCompile(`msg=phase .*phase=prepared`), time.Minute, m)
 }
 
 // waitServeLog polls the serve log every millisecond until re matches it,
