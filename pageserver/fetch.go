@@ -288,22 +288,42 @@ func (c *FetchClient) Attach(rw io.ReadWriteCloser) error {
 // be in step) and returns ctx's error; buf is not written after it
 // returns.
 func (c *FetchClient) Fetch(ctx context.Context, id, vaddr uint64, buf []byte) error {
-	if len(buf) == 0 || len(buf)%PageSize != 0 || vaddr%PageSize != 0 {
-		return fmt.Errorf("fetch %d bytes at %#x: not whole pages", len(buf), vaddr)
+	p, err := c.Start(id, vaddr, buf)
+	if err != nil {
+		return err
 	}
-	var calls []*fetchCall
+	return p.Wait(ctx)
+}
+
+// Pending is a request in flight (Start).
+type Pending struct {
+	c     *FetchClient
+	calls []*fetchCall
+}
+
+// Start asks for buf's pages (as Fetch) without waiting: several requests
+// started in a row travel back to back, each answered in its turn. Wait
+// collects the result; until it returns, buf belongs to the client.
+func (c *FetchClient) Start(id, vaddr uint64, buf []byte) (*Pending, error) {
+	if len(buf) == 0 || len(buf)%PageSize != 0 || vaddr%PageSize != 0 {
+		return nil, fmt.Errorf("fetch %d bytes at %#x: not whole pages", len(buf), vaddr)
+	}
+	p := &Pending{c: c}
 	for off := 0; off < len(buf); off += MaxFetchPages * PageSize {
 		b := buf[off:min(len(buf), off+MaxFetchPages*PageSize)]
 		call := &fetchCall{h: fetchHeader{typ: fetchRequest, count: uint32(len(b) / PageSize), id: id, vaddr: vaddr + uint64(off)},
 			buf: b, done: make(chan error, 1)}
 		if err := c.send(call); err != nil {
-			c.wait(ctx, calls)
-			return err
+			c.wait(context.Background(), p.calls) // failed already: returns at once
+			return nil, err
 		}
-		calls = append(calls, call)
+		p.calls = append(p.calls, call)
 	}
-	return c.wait(ctx, calls)
+	return p, nil
 }
+
+// Wait returns the request's result (see Fetch for ctx).
+func (p *Pending) Wait(ctx context.Context) error { return p.c.wait(ctx, p.calls) }
 
 // wait collects calls' results; on ctx's end it closes the client, after
 // which every call completes with an error.

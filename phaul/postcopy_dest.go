@@ -3,6 +3,7 @@ package phaul
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -95,29 +96,46 @@ type remoteSource struct {
 	pages  atomic.Uint64     // fetched
 }
 
-// ReadPages implements lazy.Source.
+// ReadPages implements lazy.Source. The remote parts of the range are
+// asked for all at once (pipelined on one stream) before the local parts
+// are read, so a range of scattered remote pages costs one round trip,
+// not one each.
 func (r *remoteSource) ReadPages(ctx context.Context, id, vaddr uint64, buf []byte) error {
 	spans := r.remote[id]
+	c := r.fetch.fill
+	if lazy.IsFaultRead(ctx) {
+		c = r.fetch.faults
+	}
+	var pending []*pageserver.Pending
+	var fetched uint64
+	wait := func() error {
+		var first error
+		for _, p := range pending {
+			if err := p.Wait(ctx); err != nil && first == nil {
+				first = err
+			}
+		}
+		pending = nil
+		return first
+	}
 	for len(buf) > 0 {
 		n, remote := runAt(spans, vaddr, uint64(len(buf)))
-		b := buf[:n]
-		var err error
 		if remote {
-			c := r.fetch.fill
-			if lazy.IsFaultRead(ctx) {
-				c = r.fetch.faults
+			p, err := c.Start(id, vaddr, buf[:n])
+			if err != nil {
+				return errors.Join(err, wait())
 			}
-			if err = c.Fetch(ctx, id, vaddr, b); err == nil {
-				r.pages.Add(n / pagestore.PageSize)
-			}
-		} else {
-			err = r.local.ReadPages(ctx, id, vaddr, b)
-		}
-		if err != nil {
-			return err
+			pending = append(pending, p)
+			fetched += n / pagestore.PageSize
+		} else if err := r.local.ReadPages(ctx, id, vaddr, buf[:n]); err != nil {
+			return errors.Join(err, wait())
 		}
 		buf, vaddr = buf[n:], vaddr+n
 	}
+	if err := wait(); err != nil {
+		return err
+	}
+	r.pages.Add(fetched)
 	return nil
 }
 
