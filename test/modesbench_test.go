@@ -152,11 +152,21 @@ func migrateMode(b *testing.B, e *env, opts testenv.WorkloadOpts, warm int, mode
 	ms := func(key string) time.Duration { return time.Duration(r.num(key) * float64(time.Millisecond)) }
 	m := modeRun{down: ms("downtime_ms"), tick: tick, stall: stall, total: ms("total_ms"), wire: r.num("bytes_wire")}
 	m.allMem = m.total
+	var rounds []string
 	for _, x := range r.stats["rounds"].([]any) {
-		if round, _ := x.(map[string]any); round["kind"] == "precopy" {
+		round, _ := x.(map[string]any)
+		if round["kind"] == "precopy" {
 			m.rounds++
 		}
+		rounds = append(rounds, fmt.Sprintf("%v:%v pages/%v ms", round["kind"], round["dirty_pages"], round["duration_ms"]))
 	}
+	var phases []string
+	for _, x := range r.stats["phases"].([]any) {
+		p, _ := x.(map[string]any)
+		phases = append(phases, fmt.Sprintf("%v@%v", p["phase"], p["t_ms"]))
+	}
+	b.Logf("%s %d MiB: downtime %.0f ms, ticker stall %v, total %.0f ms; phases %s; rounds %s; stop %q",
+		mode, opts.MiB, msOf(m.down), tick, msOf(m.total), strings.Join(phases, " "), strings.Join(rounds, " "), r.str("stop_reason"))
 	if mode != "postcopy" && mode != "hybrid" {
 		return m
 	}
