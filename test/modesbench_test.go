@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -27,7 +29,12 @@ const linkBytesPerSec = 125e6
 // every page is on the destination (cold and pre-copy: the total; post-copy
 // and hybrid: PostcopyDone); the total against the ideal, the workload's
 // bytes at the link's rate; and for post-copy and hybrid the p99 of faults
-// that fetched from the source. A table is printed at the end.
+// that fetched from the source; and what came before the freeze besides
+// pre-copy's rounds (CRIU's start, the hello, and any wait for the
+// host-wide dump lock, which every phaul migration on this host takes:
+// another one holding it delays the freeze while the workload dirties
+// memory, which inflates pre-copy's and hybrid's final set). Each
+// migration starts once that lock is free. A table is printed at the end.
 func BenchmarkModes(b *testing.B) {
 	var rows []modesRow
 	for _, mib := range []int{128, 1024, 4096} {
@@ -54,7 +61,8 @@ type modeRun struct {
 	down, tick, stall, total, allMem time.Duration
 	wire, postcopyWire, preResume    float64 // bytes
 	remoteP99                        time.Duration
-	rounds                           float64 // pre-copy rounds before the freeze
+	rounds                           float64       // pre-copy rounds before the freeze
+	beforeFreeze                     time.Duration // connect to freeze, less the rounds and the prefault
 }
 
 func (m *modeRun) add(o modeRun) {
@@ -68,11 +76,13 @@ func (m *modeRun) add(o modeRun) {
 	m.preResume += o.preResume
 	m.remoteP99 += o.remoteP99
 	m.rounds += o.rounds
+	m.beforeFreeze += o.beforeFreeze
 }
 
 func (m *modeRun) div(n int) {
 	d := time.Duration(n)
 	m.down, m.tick, m.stall, m.total, m.allMem, m.remoteP99 = m.down/d, m.tick/d, m.stall/d, m.total/d, m.allMem/d, m.remoteP99/d
+	m.beforeFreeze /= d
 	f := float64(n)
 	m.wire, m.postcopyWire, m.preResume, m.rounds = m.wire/f, m.postcopyWire/f, m.preResume/f, m.rounds/f
 }
@@ -112,6 +122,7 @@ func benchModesCase(b *testing.B, mib, rate int) modesRow {
 		b.ReportMetric(msOf(m.allMem), mode+"-all-memory-ms")
 		b.ReportMetric(m.wire/(1<<20), mode+"-wire-MiB")
 		b.ReportMetric(float64(m.total)/float64(row.ideal), mode+"-x-total-vs-ideal")
+		b.ReportMetric(msOf(m.beforeFreeze), mode+"-before-freeze-ms")
 		if mode == "postcopy" || mode == "hybrid" {
 			b.ReportMetric(msOf(m.remoteP99), mode+"-remote-fault-p99-ms")
 			b.ReportMetric(m.postcopyWire/(1<<20), mode+"-postcopy-MiB")
@@ -133,6 +144,7 @@ func migrateMode(b *testing.B, e *env, opts testenv.WorkloadOpts, warm int, mode
 	w := testenv.StartWorkload(b, e.hosts.Src, opts)
 	w.WaitProgress(b, 2)
 	warmMemoryBytes(warm)
+	waitDumpLock(b)
 	mark := time.Now()
 	r := e.migrateQuiet(w.PID(), "--mode", mode)
 	if r.code != 0 || r.str("result") != "ok" {
@@ -165,6 +177,17 @@ func migrateMode(b *testing.B, e *env, opts testenv.WorkloadOpts, warm int, mode
 		p, _ := x.(map[string]any)
 		phases = append(phases, fmt.Sprintf("%v@%v", p["phase"], p["t_ms"]))
 	}
+	m.beforeFreeze = time.Duration((phaseMS(b, r, "dump") - phaseMS(b, r, "connect") - r.num("prefault_ms")) * float64(time.Millisecond))
+	for _, x := range r.stats["rounds"].([]any) {
+		if round, _ := x.(map[string]any); round["kind"] == "precopy" {
+			d, _ := round["duration_ms"].(float64)
+			m.beforeFreeze -= time.Duration(d * float64(time.Millisecond))
+		}
+	}
+	if m.beforeFreeze > 3*time.Second {
+		b.Logf("WARNING: %s %d MiB: %v from connect to the freeze besides the rounds: did another migration on this host hold the dump lock? Its total (and pre-copy's and hybrid's final set) are inflated",
+			mode, opts.MiB, m.beforeFreeze.Round(time.Millisecond))
+	}
 	b.Logf("%s %d MiB: downtime %.0f ms, ticker stall %v, total %.0f ms; phases %s; rounds %s; stop %q",
 		mode, opts.MiB, msOf(m.down), tick, msOf(m.total), strings.Join(phases, " "), strings.Join(rounds, " "), r.str("stop_reason"))
 	if mode != "postcopy" && mode != "hybrid" {
@@ -191,6 +214,23 @@ func migrateMode(b *testing.B, e *env, opts testenv.WorkloadOpts, warm int, mode
 		mode, opts.MiB, m.wire/(1<<20), m.preResume/(1<<20), m.postcopyWire/(1<<20),
 		num("remote_pages"), num("served_fault_pages"), num("served_fill_pages"), msOf(m.allMem), msOf(m.total))
 	return m
+}
+
+// waitDumpLock waits until no phaul migration on this host holds the
+// host-wide dump lock (other tests may run beside the benchmark), so that
+// the migration about to start does not begin by waiting for it.
+func waitDumpLock(b *testing.B) {
+	b.Helper()
+	path := phaul.DefaultMigrateConfig().DumpLock
+	t0 := time.Now()
+	release, err := linux.LockFile(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	release()
+	if d := time.Since(t0); d > time.Second {
+		b.Logf("waited %v for %s: another migration on this host held it", d.Round(time.Millisecond), path)
+	}
 }
 
 // phaseMS returns when phase began, in ms since the migration began.
@@ -248,6 +288,8 @@ func modesTable(rows []modesRow) string {
 		msCol(func(m *modeRun) time.Duration { return m.allMem }), nil)
 	block("wire (MiB, post-copy's fetches included)", benchModes, "",
 		func(_ modesRow, m *modeRun) string { return fmt.Sprintf("%.1f", m.wire/(1<<20)) }, nil)
+	block("before the freeze besides pre-copy's rounds (ms): CRIU's start, hello, waits for the host-wide dump lock", benchModes, "",
+		msCol(func(m *modeRun) time.Duration { return m.beforeFreeze }), nil)
 	block("pre-copy rounds before the freeze", []string{"precopy", "hybrid"}, "",
 		func(_ modesRow, m *modeRun) string { return fmt.Sprintf("%.1f", m.rounds) }, nil)
 	block("post-copy: MiB fetched after the resume / remote fault p99 (ms)", post, "",
