@@ -23,18 +23,20 @@ const linkBytesPerSec = 125e6
 // conditions (a fresh workload and warmed memory for each): 128 MiB, 1 GiB
 // and (without -short) 4 GiB workloads dirtying 8 and 64 MiB/s. Every
 // migration must succeed and leave one healthy copy on the destination.
-// Per mode: phaul's downtime; the stall the workload's 1 ms ticker saw
-// from just before the migration on; the total time; the bytes on the wire
-// (post-copy's fetches included: they share the session); the time until
-// every page is on the destination (cold and pre-copy: the total; post-copy
-// and hybrid: PostcopyDone); the total against the ideal, the workload's
-// bytes at the link's rate; and for post-copy and hybrid the p99 of faults
-// that fetched from the source; and what came before the freeze besides
-// pre-copy's rounds (CRIU's start, the hello, and any wait for the
-// host-wide dump lock, which every phaul migration on this host takes:
-// another one holding it delays the freeze while the workload dirties
-// memory, which inflates pre-copy's and hybrid's final set). Each
-// migration starts once that lock is free. A table is printed at the end.
+//
+// Per mode it reports phaul's downtime; the stall the workload's 1 ms
+// ticker saw from just before the migration on; the total time; the bytes
+// on the wire (post-copy's fetches included: they share the session); the
+// time until every page is on the destination (cold and pre-copy: the
+// total; post-copy and hybrid: PostcopyDone); the total against the ideal,
+// the workload's bytes at the link's rate; for post-copy and hybrid the
+// p99 of faults that fetched from the source; and the time before the
+// freeze besides pre-copy's rounds: CRIU's start, the hello, and any wait
+// for the host-wide dump lock. Every phaul migration on this host takes
+// that lock, so another one holding it delays the freeze while the
+// workload dirties memory, which inflates pre-copy's and hybrid's final
+// set: each migration starts once the lock is free, and a long wait is
+// logged. A table is printed at the end.
 func BenchmarkModes(b *testing.B) {
 	var rows []modesRow
 	for _, mib := range []int{128, 1024, 4096} {
@@ -140,7 +142,6 @@ func benchModesCase(b *testing.B, mib, rate int) modesRow {
 // migrateMode migrates a fresh workload in mode and checks that exactly
 // one healthy copy runs on the destination afterwards.
 func migrateMode(b *testing.B, e *env, opts testenv.WorkloadOpts, warm int, mode string) modeRun {
-	b.Helper()
 	w := testenv.StartWorkload(b, e.hosts.Src, opts)
 	w.WaitProgress(b, 2)
 	warmMemoryBytes(warm)
