@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 )
 
 // Source provides page contents.
@@ -41,7 +40,8 @@ func IsFaultRead(ctx context.Context) bool {
 // work dir.
 const SocketName = "lazy-pages.socket"
 
-// maxSocketPath is the room in sockaddr_un.sun_path, less the final NUL.
+// maxSocketPath is the room in sockaddr_un.sun_path, less the final NUL;
+// a longer path is bound through a directory descriptor (listenAt).
 const maxSocketPath = 107
 
 // Config configures a Daemon.
@@ -86,8 +86,6 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("lazy: WorkDir: %w", err))
 	} else if !fi.IsDir() {
 		errs = append(errs, fmt.Errorf("lazy: WorkDir %s: not a directory", c.WorkDir))
-	} else if p := filepath.Join(c.WorkDir, SocketName); len(p) > maxSocketPath {
-		errs = append(errs, fmt.Errorf("lazy: socket path %s longer than %d bytes", p, maxSocketPath))
 	}
 	if c.ImagesDir == "" {
 		errs = append(errs, errors.New("lazy: no ImagesDir"))

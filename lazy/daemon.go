@@ -23,7 +23,10 @@ type Daemon struct {
 	cfg Config
 	log *slog.Logger
 	ln  *net.UnixListener // closed once Serve accepted, or by Close
-	det chan int          // Detach -> the loop: room for one
+	// sock is the socket's path, removed with the listener (closeLn).
+	sock    string
+	closeLn sync.Once
+	det     chan int // Detach -> the loop: room for one
 
 	mu       sync.Mutex
 	used     bool    // guarded by mu: Serve ran or Close was called
@@ -47,11 +50,41 @@ func Listen(cfg Config) (*Daemon, error) {
 			return nil, fmt.Errorf("lazy: remove stale %s: %w", path, err)
 		}
 	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	ln, err := listenAt(cfg.WorkDir, path)
 	if err != nil {
 		return nil, fmt.Errorf("lazy: listen: %w", err)
 	}
-	return &Daemon{cfg: cfg, log: cfg.Logger, ln: ln, det: make(chan int, 1)}, nil
+	return &Daemon{cfg: cfg, log: cfg.Logger, ln: ln, sock: path, det: make(chan int, 1)}, nil
+}
+
+// listenAt binds the socket path in dir. CRIU connects to it relative to
+// its work dir, so only this side meets sun_path's 107 bytes: a longer
+// path is bound through the directory's descriptor
+// (/proc/self/fd/N/lazy-pages.socket), which names the same place.
+func listenAt(dir, path string) (*net.UnixListener, error) {
+	name := path
+	if len(path) > maxSocketPath {
+		d, err := os.Open(dir)
+		if err != nil {
+			return nil, err
+		}
+		defer d.Close() // bound by then
+		name = fmt.Sprintf("/proc/self/fd/%d/%s", d.Fd(), SocketName)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: name, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	ln.SetUnlinkOnClose(false) // closeListener removes the real path
+	return ln, nil
+}
+
+// closeListener stops listening and removes the socket file, once.
+func (d *Daemon) closeListener() {
+	d.closeLn.Do(func() {
+		d.ln.Close()
+		os.Remove(d.sock)
+	})
 }
 
 // Serve accepts the restore's connection, takes every task's userfaultfd,
@@ -159,10 +192,10 @@ func park(conn *net.UnixConn) error {
 
 // accept takes the restore's one connection and stops listening.
 func (d *Daemon) accept(ctx context.Context) (*net.UnixConn, error) {
-	stop := context.AfterFunc(ctx, func() { d.ln.Close() })
+	stop := context.AfterFunc(ctx, d.closeListener)
 	conn, err := d.ln.AcceptUnix()
 	stop()
-	d.ln.Close() // one restore per daemon; this removes the socket file
+	d.closeListener() // one restore per daemon
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("lazy: accept: %w", ctx.Err())
@@ -200,7 +233,7 @@ func (d *Daemon) Close() error {
 		return nil
 	}
 	d.closed, d.used = true, true
-	d.ln.Close()
+	d.closeListener()
 	var errs []error
 	for _, t := range d.kept {
 		errs = append(errs, t.uffd.Close())

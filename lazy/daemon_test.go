@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -21,12 +22,38 @@ func TestConfigValidate(t *testing.T) {
 			t.Errorf("Validate: %v, want it to name %s", err, want)
 		}
 	}
+}
+
+// TestListenLongWorkDir: a work dir whose socket path exceeds sun_path is
+// bound through the directory's descriptor; a client that reaches the
+// socket by its place (CRIU connects relative to its work dir) gets
+// through, and Close removes the socket file.
+func TestListenLongWorkDir(t *testing.T) {
 	long := filepath.Join(t.TempDir(), strings.Repeat("d", 100))
 	if err := os.Mkdir(long, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := (Config{WorkDir: long, ImagesDir: long, Source: &patternSource{}}).Validate(); err == nil {
-		t.Error("a socket path over 107 bytes passed")
+	d, err := Listen(Config{WorkDir: long, ImagesDir: long, Source: &patternSource{}})
+	if err != nil {
+		t.Fatalf("Listen in a %d-byte work dir: %v", len(long), err)
+	}
+	sock := filepath.Join(long, SocketName)
+	if fi, err := os.Lstat(sock); err != nil || fi.Mode()&os.ModeSocket == 0 {
+		t.Fatalf("%s: %v, %v; want the socket there", sock, fi, err)
+	}
+	dir, err := os.Open(long)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), SocketName), Net: "unix"})
+	if err != nil {
+		t.Fatalf("connect by the socket's place: %v", err)
+	}
+	c.Close()
+	d.Close()
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("after Close %s: %v, want it removed", sock, err)
 	}
 }
 
