@@ -55,14 +55,9 @@ type vma struct{ start, end uint64 }
 // the top of the address space); anything else is an error wrapping
 // ErrImage.
 func readLazyVMAs(r io.Reader) ([]vma, error) {
-	rec, err := readRecord(r, magicMM, maxMMBytes, "mm")
+	mm, err := readMM(r)
 	if err != nil {
 		return nil, err
-	}
-	var mm mmimg.MmEntry
-	// Partial: phaul needs only the VMAs, checked below.
-	if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(rec, &mm); err != nil {
-		return nil, fmt.Errorf("%w: mm entry: %w", ErrImage, err)
 	}
 	var out []vma
 	var end uint64
@@ -89,13 +84,9 @@ func readLazyVMAs(r io.Reader) ([]vma, error) {
 // page does not wait for the daemon but comes back empty, so they are
 // restored eagerly.
 func readEagerRanges(r io.Reader) ([]vma, error) {
-	rec, err := readRecord(r, magicMM, maxMMBytes, "mm")
+	mm, err := readMM(r)
 	if err != nil {
 		return nil, err
-	}
-	var mm mmimg.MmEntry
-	if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(rec, &mm); err != nil {
-		return nil, fmt.Errorf("%w: mm entry: %w", ErrImage, err)
 	}
 	var out []vma
 	for _, r := range [][2]uint64{{mm.GetMmArgStart(), mm.GetMmArgEnd()}, {mm.GetMmEnvStart(), mm.GetMmEnvEnd()}} {
@@ -126,6 +117,20 @@ func EagerRanges(dir string, id uint64) ([][2]uint64, error) {
 		out[i] = [2]uint64{v.start, v.end}
 	}
 	return out, nil
+}
+
+// readMM decodes mm-<id>.img's one record. Partial: phaul reads only the
+// VMAs and the argument and environment bounds, each checked by its user.
+func readMM(r io.Reader) (*mmimg.MmEntry, error) {
+	rec, err := readRecord(r, magicMM, maxMMBytes, "mm")
+	if err != nil {
+		return nil, err
+	}
+	var mm mmimg.MmEntry
+	if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(rec, &mm); err != nil {
+		return nil, fmt.Errorf("%w: mm entry: %w", ErrImage, err)
+	}
+	return &mm, nil
 }
 
 // readRecord reads an image that holds one protobuf record: the common
