@@ -134,6 +134,7 @@ func (s *source) run(ctx context.Context) error {
 			s.log.Warn("remove images", "dir", imagesDir, "err", err)
 		}
 	}()
+	recoverSource(cfg.WorkDir, s.log)
 	s.j, err = openJournal(JournalDir(cfg.WorkDir), s.stats.MigrationID, RoleSource,
 		JournalEntry{Phase: PhasePreflight, Mode: cfg.Mode, Root: cfg.PID, ImagesDir: imagesDir})
 	if err != nil {
