@@ -86,7 +86,7 @@ func (s *Server) recoverJournal() {
 			}
 			log.Warn("undid an unfinished migration of a previous service: its restore, cgroup and files are gone")
 		}
-		if err := os.Remove(filepath.Join(JournalDir(s.cfg.WorkDir), e.ID+"."+e.Role+".json")); err != nil {
+		if err := os.Remove(entryPath(JournalDir(s.cfg.WorkDir), e.ID, e.Role)); err != nil {
 			log.Error("journal", "err", err)
 		}
 	}

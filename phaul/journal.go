@@ -74,12 +74,15 @@ func openJournal(dir, id, role string, first JournalEntry) (*journal, error) {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
 	first.ID, first.Role, first.Owner, first.OwnerStart = id, role, os.Getpid(), st.StartTicks
-	j := &journal{path: filepath.Join(dir, id+"."+role+".json"), e: first}
+	j := &journal{path: entryPath(dir, id, role), e: first}
 	if err := j.write(); err != nil {
 		return nil, err
 	}
 	return j, nil
 }
+
+// entryPath is where dir keeps the entry of migration id for role.
+func entryPath(dir, id, role string) string { return filepath.Join(dir, id+"."+role+".json") }
 
 // record applies f to the entry and writes it durably. A nil journal
 // records nothing.

@@ -39,6 +39,30 @@ type remoteTask struct {
 // span is [start, end) in bytes.
 type span struct{ start, end uint64 }
 
+// appendSpan adds [start, end), which lies after every span of spans,
+// merging it with the last one if they touch.
+func appendSpan(spans []span, start, end uint64) []span {
+	if k := len(spans); k > 0 && spans[k-1].end == start {
+		spans[k-1].end = end
+		return spans
+	}
+	return append(spans, span{start, end})
+}
+
+// runAt returns how many of the want bytes at vaddr lie all inside or all
+// outside spans, and which.
+func runAt(spans []span, vaddr, want uint64) (uint64, bool) {
+	i := sort.Search(len(spans), func(i int) bool { return spans[i].end > vaddr })
+	switch {
+	case i == len(spans):
+		return want, false
+	case spans[i].start <= vaddr:
+		return min(want, spans[i].end-vaddr), true
+	default:
+		return min(want, spans[i].start-vaddr), false
+	}
+}
+
 func newRemoteSet() *remoteSet { return &remoteSet{tasks: make(map[uint64]*remoteTask)} }
 
 // add records n pages of image id at vaddr, read from pid. Ranges of one
@@ -51,12 +75,7 @@ func (r *remoteSet) add(id uint64, pid int, vaddr, n uint64) {
 		t = &remoteTask{pid: pid}
 		r.tasks[id] = t
 	}
-	end := vaddr + n*pagestore.PageSize
-	if k := len(t.spans); k > 0 && t.spans[k-1].end == vaddr {
-		t.spans[k-1].end = end
-	} else {
-		t.spans = append(t.spans, span{vaddr, end})
-	}
+	t.spans = appendSpan(t.spans, vaddr, vaddr+n*pagestore.PageSize)
 	r.pages += n
 }
 
@@ -68,9 +87,7 @@ func (r *remoteSet) read(id, vaddr uint64, buf []byte) error {
 	if t == nil {
 		return fmt.Errorf("task %d has no pages left at the source", id)
 	}
-	end := vaddr + uint64(len(buf))
-	i := sort.Search(len(t.spans), func(i int) bool { return t.spans[i].end > vaddr })
-	if i == len(t.spans) || t.spans[i].start > vaddr || t.spans[i].end < end {
+	if n, remote := runAt(t.spans, vaddr, uint64(len(buf))); !remote || n < uint64(len(buf)) {
 		return fmt.Errorf("task %d: %d pages at %#x are not all left at the source", id, len(buf)/pagestore.PageSize, vaddr)
 	}
 	got, err := linux.ReadProcessMemory(t.pid, vaddr, buf)
@@ -181,6 +198,11 @@ func (fs *fetchServer) reattach(streams [2]*transport.Stream, remote *remoteSet,
 	fs.streams = streams
 	fs.mu.Unlock()
 	fs.serve(remote, log)
+}
+
+// served returns the pages answered on both streams so far.
+func (fs *fetchServer) served() uint64 {
+	return fs.stats[pageserver.FetchFaults].Pages.Load() + fs.stats[pageserver.FetchFill].Pages.Load()
 }
 
 // close closes the streams and waits for their servers.
@@ -349,7 +371,7 @@ func (s *source) postcopyProgress(fs *fetchServer, total uint64) func() {
 				return
 			case <-t.C:
 			}
-			served := fs.stats[0].Pages.Load() + fs.stats[1].Pages.Load()
+			served := fs.served()
 			left := (total - min(total, served)) * pagestore.PageSize
 			if s.cfg.Progress == nil {
 				s.log.Info("post-copy", "served_mib", served>>8, "at_source_mib", left>>20)
@@ -371,7 +393,7 @@ var errPostcopyLost = errors.New("post-copy interrupted after the destination re
 func (s *source) postcopyLost(remote *remoteSet, fs *fetchServer, err error) error {
 	served := uint64(0)
 	if fs != nil {
-		served = fs.stats[0].Pages.Load() + fs.stats[1].Pages.Load()
+		served = fs.served()
 	}
 	total := uint64(0)
 	if remote != nil {

@@ -1,14 +1,11 @@
 package phaul
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
-	"sort"
 	"sync/atomic"
 	"time"
 
@@ -145,20 +142,6 @@ func (r *remoteSource) Remote(id, vaddr uint64) bool {
 	return remote
 }
 
-// runAt returns how many of the want bytes at vaddr lie all inside or all
-// outside spans, and which.
-func runAt(spans []span, vaddr, want uint64) (uint64, bool) {
-	i := sort.Search(len(spans), func(i int) bool { return spans[i].end > vaddr })
-	switch {
-	case i == len(spans):
-		return want, false
-	case spans[i].start <= vaddr:
-		return min(want, spans[i].end-vaddr), true
-	default:
-		return min(want, spans[i].start-vaddr), false
-	}
-}
-
 // remoteSpans reads, before lazy.MarkImages changes them, the ranges of
 // dir's pagemaps that are lazy without content in any level: what the
 // final set left at the source. (A PE_PARENT range has its content in
@@ -190,16 +173,11 @@ func remoteSpans(dir string) (map[uint64][]span, uint64, error) {
 			if pe.Flags != pagestore.FlagLazy {
 				continue
 			}
-			end := pe.Vaddr + pe.NrPages*pagestore.PageSize // bounded by ReadPagemap
-			if n := len(spans); n > 0 && spans[n-1].end == pe.Vaddr {
-				spans[n-1].end = end
-			} else {
-				spans = append(spans, span{pe.Vaddr, end})
-			}
+			// In address order and bounded: ReadPagemap checks both.
+			spans = appendSpan(spans, pe.Vaddr, pe.Vaddr+pe.NrPages*pagestore.PageSize)
 			pages += pe.NrPages
 		}
 		if len(spans) > 0 {
-			slices.SortFunc(spans, func(a, b span) int { return cmp.Compare(a.start, b.start) })
 			out[k.ID] = spans
 		}
 	}

@@ -76,7 +76,7 @@ func undoSource(workDir string, e JournalEntry) error {
 			}
 		}
 	}
-	err := os.Remove(filepath.Join(JournalDir(workDir), e.ID+"."+e.Role+".json"))
+	err := os.Remove(entryPath(JournalDir(workDir), e.ID, e.Role))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}

@@ -20,7 +20,7 @@ func TestRecoverSource(t *testing.T) {
 	outside := t.TempDir()
 	write := func(e JournalEntry) string {
 		b, _ := json.Marshal(e)
-		p := filepath.Join(jdir, e.ID+"."+e.Role+".json")
+		p := entryPath(jdir, e.ID, e.Role)
 		if err := os.WriteFile(p, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
