@@ -59,6 +59,11 @@ func readLazyVMAs(r io.Reader) ([]vma, error) {
 	if err != nil {
 		return nil, err
 	}
+	return lazyVMAs(mm)
+}
+
+// lazyVMAs is readLazyVMAs on a decoded mm entry.
+func lazyVMAs(mm *mmimg.MmEntry) ([]vma, error) {
 	var out []vma
 	var end uint64
 	for i, v := range mm.GetVmas() {
@@ -88,6 +93,11 @@ func readEagerRanges(r io.Reader) ([]vma, error) {
 	if err != nil {
 		return nil, err
 	}
+	return eagerRanges(mm), nil
+}
+
+// eagerRanges is readEagerRanges on a decoded mm entry.
+func eagerRanges(mm *mmimg.MmEntry) []vma {
 	var out []vma
 	for _, r := range [][2]uint64{{mm.GetMmArgStart(), mm.GetMmArgEnd()}, {mm.GetMmEnvStart(), mm.GetMmEnvEnd()}} {
 		s, e := r[0]&^(pageSize-1), (r[1]+pageSize-1)&^(pageSize-1)
@@ -96,7 +106,7 @@ func readEagerRanges(r io.Reader) ([]vma, error) {
 		}
 		out = append(out, vma{s, e})
 	}
-	return out, nil
+	return out
 }
 
 // maxEagerBytes bounds a command line or environment taken eagerly (the

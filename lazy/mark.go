@@ -64,15 +64,16 @@ func markPagemap(dir, name string, id uint64, sps map[uint64]bool) (uint64, erro
 	if err != nil {
 		return 0, err
 	}
-	vmas, err := readImage(filepath.Join(dir, fmt.Sprintf("mm-%d.img", id)), readLazyVMAs)
+	path := filepath.Join(dir, fmt.Sprintf("mm-%d.img", id))
+	mm, err := readImage(path, readMM)
 	if err != nil {
 		return 0, err
 	}
-	eager, err := readImage(filepath.Join(dir, fmt.Sprintf("mm-%d.img", id)), readEagerRanges)
+	vmas, err := lazyVMAs(mm)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("%s: %w", path, err)
 	}
-	vmas = cutRanges(vmas, eager)
+	vmas = cutRanges(vmas, eagerRanges(mm))
 	var out []pagestore.Entry
 	var marked uint64
 	for _, e := range m.Entries {

@@ -43,6 +43,7 @@ type dumpRun struct {
 	acked          bool // post-dump answered with success: CRIU ends the tree
 	prepared       *wire.Prepared
 	sent           []images.File
+	nftTable       string // CRIU's network-lock table, named by the dump's inventory
 
 	dumpDone chan error    // CRIU's dump returned
 	held     chan struct{} // post-copy: the tree is held by phaul's open session
@@ -103,7 +104,7 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 			r.endHeld()
 		}
 	}
-	s.removeNetworkLock(imagesDir)
+	s.removeNetworkLock(r.nftTable)
 	s.phase(PhaseDone)
 	s.log.Info("migrated", "dest_pid", s.stats.DestPID, "downtime_ms", s.stats.DowntimeMS,
 		"bytes", s.stats.BytesImages)
@@ -215,9 +216,9 @@ func (r *dumpRun) onDumped(ctx context.Context) error {
 	s := r.s
 	r.dumped = time.Now()
 	s.stats.CRIUDumpMS = ms(r.dumped.Sub(r.frozen))
-	if t := networkLockTable(r.imagesDir); t != "" {
+	if r.nftTable = networkLockTable(r.imagesDir); r.nftTable != "" {
 		// CRIU's lock: kept after a dump that kills the tree.
-		if err := s.j.record(func(e *JournalEntry) { e.NftTable = t }); err != nil {
+		if err := s.j.record(func(e *JournalEntry) { e.NftTable = r.nftTable }); err != nil {
 			return err
 		}
 	}

@@ -632,8 +632,7 @@ func lazyBlocker(root int) string {
 // later dump walks it). A tree with a network namespace of its own had the
 // lock inside it, gone with the tree; phaul then finds no such table in
 // its own namespace, the tree's former host one.
-func (s *source) removeNetworkLock(imagesDir string) {
-	name := networkLockTable(imagesDir)
+func (s *source) removeNetworkLock(name string) {
 	if name == "" {
 		return
 	}
