@@ -136,14 +136,21 @@ func (p *precopy) hostPid(k pagestore.Key) (int, error) {
 	if k.Kind != pagestore.KindTask {
 		return 0, fmt.Errorf("lazy pages of %v, not a task's", k)
 	}
-	pids, err := treePids(p.root)
-	if err != nil {
-		return 0, err
-	}
-	for _, pid := range pids {
-		if vpid, err := nsPid(pid); err == nil && vpid == k.ID {
-			return pid, nil
+	if p.frozenPids == nil {
+		// The tree is frozen: one walk serves every pagemap.
+		pids, err := treePids(p.root)
+		if err != nil {
+			return 0, err
 		}
+		p.frozenPids = make(map[uint64]int, len(pids))
+		for _, pid := range pids {
+			if vpid, err := nsPid(pid); err == nil {
+				p.frozenPids[vpid] = pid
+			}
+		}
+	}
+	if pid, ok := p.frozenPids[k.ID]; ok {
+		return pid, nil
 	}
 	return 0, fmt.Errorf("lazy pages of %v: no process of the tree has that pid", k)
 }

@@ -83,6 +83,9 @@ type precopy struct {
 	// entries, recorded in remote, instead of their data.
 	postcopy bool
 	remote   *remoteSet
+	// frozenPids maps the frozen tree's pids in its namespace to host
+	// pids, for pagemaps of processes no tracker follows (hostPid).
+	frozenPids map[uint64]int
 }
 
 // progress reports the round in progress, at most every 100 ms.
