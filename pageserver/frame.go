@@ -30,6 +30,10 @@ func appendHeader(b []byte, h header) []byte {
 	return binary.LittleEndian.AppendUint64(b, h.dstID)
 }
 
+// AppendCommand appends the header of a bare command (no pages, no
+// address, no destination), such as CLOSE.
+func AppendCommand(b []byte, cmd Command) []byte { return appendHeader(b, header{cmd: cmd}) }
+
 // decodeHeader parses a CRIU 4.2 header. It ignores the pad, as CRIU
 // does: CRIU 4.2.1 leaves stack bytes there. What the fields mean is
 // checked by checkRequest.

@@ -34,8 +34,7 @@ type dumpRun struct {
 	// and holds the tree), and post-copy on top (the held tree outlives
 	// the commit).
 	lazy, postcopy bool
-	lazyListen     string      // CRIU's lazy page server, on loopback
-	holder         *lazyHolder // phaul's session with it
+	sess           *lazySession // phaul's end of CRIU's lazy page-server session
 
 	// Set by CRIU's notifications (on CRIU's RPC goroutine, before the
 	// dump returns or held/gone fire).
@@ -52,8 +51,11 @@ type dumpRun struct {
 	// killed): the commit need not wait for CRIU's cleanup nor for the
 	// kernel to free the tree's memory.
 	gone     chan error
-	heldTree bool         // the dump outlives the commit (post-copy)
-	endHeld  func()       // ends it: the held tree is killed, never resumed
+	heldTree bool   // the dump outlives the commit (post-copy)
+	endHeld  func() // ends it: the held tree is killed, never resumed
+	// keepHeld leaves CRIU holding the tree when phaul exits: in doubt
+	// at COMMIT, only the destination knows which copy may run.
+	keepHeld bool
 	cleanup  []func()     // run by close, last first
 	unlock   func() error // the host's dump lock
 }
@@ -64,7 +66,12 @@ func newDumpRun(s *source, bin *criu.Binary, imagesDir string, ctlStream *transp
 		postcopy: postcopy, lazy: postcopy || (s.cfg.Mode == ModePrecopy && s.cfg.FinalDump == FinalDumpLazy),
 		dumpDone: make(chan error, 1), held: make(chan struct{}), gone: make(chan error, 1)}
 	r.endHeld = sync.OnceFunc(func() {
-		r.holder.release()
+		if r.keepHeld {
+			s.log.Error("in doubt: CRIU keeps holding the source's frozen copy; `phaul gc --show` names it",
+				"pid", s.cfg.PID, "migration", s.stats.MigrationID)
+			return
+		}
+		r.sess.end()
 		if err := r.endDump(<-r.dumpDone); err != nil {
 			s.log.Warn("criu failed after post-copy", "err", err)
 		}
@@ -173,24 +180,28 @@ func (r *dumpRun) start(ctx context.Context) error {
 	}
 	r.cleanup = append(r.cleanup, func() { unlock() })
 	if r.lazy {
-		if r.lazyListen, err = freeLoopbackPort(); err != nil {
+		if r.sess, err = newLazySession(); err != nil {
 			return fail(err)
 		}
+		r.cleanup = append(r.cleanup, r.sess.started) // if CRIU never started
 	}
 	return nil
 }
 
-// notify answers CRIU's dump notifications: the freeze (pre-dump), the
-// dump written (post-dump: the final set, the images, PREPARED) and, after
-// a lazy dump, its page server listening (status-ready).
+// notify answers CRIU's dump notifications: the freeze (pre-dump) and the
+// dump written (post-dump: the final set, the images, PREPARED; after a
+// lazy dump, CRIU then holds the tree on phaul's session).
 func (r *dumpRun) notify(ctx context.Context, script string, _ int32) error {
 	switch script {
 	case "pre-dump":
 		return r.onFreeze()
 	case "post-dump":
-		return r.onDumped(ctx)
-	case "status-ready":
-		return r.onLazyServer(ctx)
+		if err := r.onDumped(ctx); err != nil {
+			return err
+		}
+		if r.lazy {
+			return r.onHeld()
+		}
 	}
 	return nil
 }
@@ -241,20 +252,13 @@ func (r *dumpRun) onDumped(ctx context.Context) error {
 	return nil
 }
 
-// onLazyServer: CRIU's lazy page server listens and holds the tree. phaul
-// connects before answering, so that no one else does first. Post-copy
-// keeps the session open (the destination fetches from the tree);
-// otherwise it ends it cleanly once CRIU accepts, which kills the tree
-// (the destination holds it, PREPARED).
-func (r *dumpRun) onLazyServer(ctx context.Context) error {
-	if !r.acked || !r.lazy {
-		return nil
-	}
-	var err error
+// onHeld: post-dump succeeded, so CRIU goes on to serve phaul's session,
+// holding the tree. Post-copy keeps the session open (the destination
+// fetches from the tree); otherwise it ends it cleanly, which kills the
+// tree (the destination holds it, PREPARED). CRIU reads the session once
+// it has the notification's answer.
+func (r *dumpRun) onHeld() error {
 	if r.postcopy {
-		if r.holder, err = holdLazyOpen(ctx, r.lazyListen); err != nil {
-			return err
-		}
 		close(r.held)
 		return nil
 	}
@@ -264,10 +268,7 @@ func (r *dumpRun) onLazyServer(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if r.holder, err = holdLazy(ctx, r.lazyListen); err != nil {
-		closeAll(pfds)
-		return err
-	}
+	r.sess.end()
 	go func() { // owned by the run, which drains gone
 		defer closeAll(pfds)
 		r.gone <- linux.WaitDoomed(pfds, r.s.cfg.CommitTimeout)
@@ -275,10 +276,21 @@ func (r *dumpRun) onLazyServer(ctx context.Context) error {
 	return nil
 }
 
+// criuStarted records the CRIU that will hold the tree, so that whoever
+// finds this migration unfinished can resolve what CRIU holds.
+func (r *dumpRun) criuStarted(pid int) error {
+	r.sess.started()
+	st, err := linux.ReadProcessStat(pid)
+	if err != nil {
+		return fmt.Errorf("criu: %w", err)
+	}
+	return r.s.j.record(func(e *JournalEntry) { e.CRIU, e.CRIUStart = pid, st.StartTicks })
+}
+
 // endDump adds phaul's end of CRIU's lazy session to CRIU's result.
 func (r *dumpRun) endDump(err error) error {
-	if r.holder != nil {
-		if herr := r.holder.wait(); herr != nil && err == nil {
+	if r.sess != nil {
+		if herr := r.sess.wait(); herr != nil && err == nil {
 			err = herr
 		}
 	}
@@ -290,13 +302,21 @@ func (r *dumpRun) endDump(err error) error {
 func (r *dumpRun) dump(ctx context.Context) error {
 	s := r.s
 	req := criu.DumpRequest{Pid: s.cfg.PID, ImagesDir: r.imagesDir, Options: s.cfg.CRIU}
+	dctx := ctx
 	if r.lazy {
-		req.LazyListen = r.lazyListen
+		req.LazySocket, req.LazyPeer = r.sess.criuEnd, r.sess.peer
+		req.Started = r.criuStarted
+		if r.postcopy {
+			// Once the destination may run, CRIU must hold the tree
+			// whatever phaul is told: a canceled dump would let
+			// CRIU resume it.
+			dctx = context.WithoutCancel(ctx)
+		}
 	} else {
 		req.PageServer = r.pages.criuEnd
 		r.pages.start()
 	}
-	go func() { r.dumpDone <- r.bin.Dump(ctx, req, criu.NotifyFunc(r.notify)) }() // owned by the run: drained below or by close
+	go func() { r.dumpDone <- r.bin.Dump(dctx, req, criu.NotifyFunc(r.notify)) }() // owned by the run: drained below or by close
 	select {
 	case err := <-r.dumpDone:
 		return r.endDump(err)

@@ -48,8 +48,10 @@ type JournalEntry struct {
 	ImagesDir string `json:"images_dir,omitempty"`
 	// Cgroups are the cgroup directories phaul made for the migration.
 	Cgroups []string `json:"cgroups,omitempty"`
-	// CRIU is the pid of the CRIU serving the migration while it runs.
-	CRIU int `json:"criu,omitempty"`
+	// CRIU is the pid of the CRIU serving the migration while it runs
+	// (source: the lazy dump that holds the tree), CRIUStart its start.
+	CRIU      int    `json:"criu,omitempty"`
+	CRIUStart uint64 `json:"criu_start,omitempty"`
 	// NftTable is CRIU's network-lock table ("inet CRIU-…"), once known.
 	NftTable string    `json:"nft_table,omitempty"`
 	Updated  time.Time `json:"updated"`
@@ -156,6 +158,15 @@ func ReadJournal(dir string) ([]JournalEntry, error) {
 func (e JournalEntry) OwnerAlive() bool {
 	st, err := linux.ReadProcessStat(e.Owner)
 	return err == nil && st.StartTicks == e.OwnerStart
+}
+
+// CRIUAlive reports whether the CRIU e names still runs.
+func (e JournalEntry) CRIUAlive() bool {
+	if e.CRIU <= 0 {
+		return false
+	}
+	st, err := linux.ReadProcessStat(e.CRIU)
+	return err == nil && (e.CRIUStart == 0 || st.StartTicks == e.CRIUStart)
 }
 
 // String is one line for logs and gc --show.

@@ -4,13 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
@@ -879,76 +876,3 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 	return nil
 }
 
-// lazyHolder is phaul's connection to the page server of CRIU's lazy
-// dump, which holds the frozen tree until the session ends: cleanly (EOF
-// or CLOSE: the tree is killed) or with a command CRIU rejects (the tree
-// resumes).
-type lazyHolder struct {
-	conn *net.TCPConn
-	once sync.Once // release
-	done chan error
-}
-
-// holdLazy connects to the lazy dump's listener and ends the session
-// cleanly at once, which kills the source's tree: it runs only once the
-// destination has answered PREPARED, as CRIU kills a cold dump's tree when
-// post-dump succeeds.
-func holdLazy(ctx context.Context, addr string) (*lazyHolder, error) {
-	h, err := holdLazyOpen(ctx, addr)
-	if err == nil {
-		h.release()
-	}
-	return h, err
-}
-
-// holdLazyOpen connects to the lazy dump's listener and keeps the session
-// open: CRIU holds the frozen tree until release. Post-copy serves the
-// destination from it meanwhile.
-func holdLazyOpen(ctx context.Context, addr string) (*lazyHolder, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("lazy dump's page server: %w", err)
-	}
-	return &lazyHolder{conn: c.(*net.TCPConn), done: make(chan error, 1)}, nil
-}
-
-// release ends the session cleanly, which kills the tree. It sends EOF
-// rather than CLOSE: CRIU corks its lazy-serving socket, and its answer
-// to CLOSE waits out the cork's 200 ms. wait collects the result.
-func (h *lazyHolder) release() {
-	h.once.Do(func() {
-		// CRIU accepts once the notification is answered; if someone
-		// else's connection was taken instead, this one never sees
-		// CRIU's EOF.
-		h.conn.SetDeadline(time.Now().Add(time.Minute))
-		go func() { // owned by h; wait collects it
-			err := h.conn.CloseWrite()
-			if err == nil {
-				// CRIU closes its end when it has ended the session.
-				_, err = io.Copy(io.Discard, h.conn)
-			}
-			h.done <- errors.Join(err, h.conn.Close())
-		}()
-	})
-}
-
-func (h *lazyHolder) wait() error {
-	h.release()
-	if err := <-h.done; err != nil {
-		return fmt.Errorf("end the lazy dump: %w", err)
-	}
-	return nil
-}
-
-// freeLoopbackPort returns a loopback address with a port free a moment
-// ago, for CRIU's lazy listener.
-func freeLoopbackPort() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("lazy dump port: %w", err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr, nil
-}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -84,16 +83,22 @@ type DumpRequest struct {
 	// first. CRIU then writes no pagemap or pages images locally and ends
 	// the session with FORCE_CLOSE. The caller keeps ownership.
 	PageServer *os.File
-	// LazyListen, when set ("127.0.0.1:PORT"), makes a lazy dump (CRIU's
-	// --lazy-pages): lazy-capable memory is not copied (the pagemaps mark
-	// it PE_LAZY without data), other pages go to local images, and after
-	// the post-dump notification CRIU listens on LazyListen for one
-	// page-server client, holding the tree frozen until that client
-	// closes cleanly (the tree is killed) or sends a command CRIU rejects
-	// (the tree resumes). It announces the listener with status-ready.
-	// CRIU takes the address from a config file (over RPC it ignores
-	// ps.address and ps.fd in lazy mode); PageServer must be nil.
-	LazyListen string
+	// LazySocket, when set, makes a lazy dump (CRIU's --lazy-pages):
+	// lazy-capable memory is not copied (the pagemaps mark it PE_LAZY
+	// without data), other pages go to local images, and once post-dump
+	// is answered with success CRIU serves this connected socket as the
+	// lazy page server (its --ps-socket), holding the tree frozen until
+	// the session ends: CLOSE or EOF kills the tree; a command CRIU
+	// rejects, or CRIU's death, resumes it. No listener another local
+	// process could reach first. PageServer must be nil.
+	LazySocket *os.File
+	// LazyPeer, if set, is inherited by CRIU and never used: a copy of the
+	// caller's own end of LazySocket, so that the caller's death is no EOF
+	// (which would end the session cleanly and kill the tree): CRIU then
+	// holds the tree until it is told, or killed.
+	LazyPeer *os.File
+	// Started, if set, gets CRIU's pid once it runs.
+	Started func(pid int) error
 }
 
 // Dump checkpoints a tree. Notifications go to n (nil: all succeed). With the
@@ -107,17 +112,25 @@ func (b *Binary) Dump(ctx context.Context, r DumpRequest, n Notifier) error {
 		NetworkLock:  rpc.CriuNetworkLockMethod_NFTABLES.Enum(),
 	}
 	r.Options.apply(opts)
-	if r.LazyListen != "" {
-		conf, err := lazyConfig(r)
+	hooks := Hooks{Started: r.Started}
+	switch {
+	case r.LazySocket != nil && r.PageServer != nil:
+		return errors.New("dump: a lazy dump takes no page-server socket")
+	case r.LazySocket != nil:
+		hooks.ExtraFiles = []*os.File{r.LazySocket} // fd 4
+		if r.LazyPeer != nil {
+			hooks.ExtraFiles = append(hooks.ExtraFiles, r.LazyPeer)
+		}
+		// Over RPC CRIU ignores ps.fd in lazy mode; its config file is
+		// read as its command line.
+		conf, err := lazyConfig(r.ImagesDir, 4)
 		if err != nil {
 			return err
 		}
 		defer os.Remove(conf)
 		opts.LazyPages = boolp(true)
 		opts.ConfigFile = strp(conf)
-	}
-	var hooks Hooks
-	if r.PageServer != nil {
+	case r.PageServer != nil:
 		hooks.ExtraFiles = []*os.File{r.PageServer}
 		opts.Ps = &rpc.CriuPageServerInfo{Fd: int32p(4)} // first extra file
 	}
@@ -125,19 +138,12 @@ func (b *Binary) Dump(ctx context.Context, r DumpRequest, n Notifier) error {
 	return err
 }
 
-// lazyConfig writes the CRIU config file that sets a lazy dump's listen
-// address into the work dir and returns its path.
-func lazyConfig(r DumpRequest) (string, error) {
-	if r.PageServer != nil {
-		return "", errors.New("dump: a lazy dump takes no page-server socket")
-	}
-	host, port, err := net.SplitHostPort(r.LazyListen)
-	if err != nil || net.ParseIP(host) == nil {
-		return "", fmt.Errorf("dump: lazy listen %q: want IP:PORT", r.LazyListen)
-	}
+// lazyConfig writes the CRIU config file that hands a lazy dump its
+// page-server socket (fd in CRIU) and returns its path.
+func lazyConfig(imagesDir string, fd int) (string, error) {
 	// Beside the images dir, not in it: it is no image.
-	path := filepath.Clean(r.ImagesDir) + ".criu-lazy.conf"
-	if err := os.WriteFile(path, []byte(fmt.Sprintf("address %s\nport %s\n", host, port)), 0o600); err != nil {
+	path := filepath.Clean(imagesDir) + ".criu-lazy.conf"
+	if err := os.WriteFile(path, []byte(fmt.Sprintf("ps-socket %d\n", fd)), 0o600); err != nil {
 		return "", fmt.Errorf("dump: lazy config: %w", err)
 	}
 	return path, nil
