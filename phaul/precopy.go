@@ -875,4 +875,3 @@ func (p *precopy) finalPagemap(ctx context.Context, dir, name string, k pagestor
 	}
 	return nil
 }
-
