@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sync"
 	"time"
 
@@ -37,6 +38,7 @@ type Server struct {
 	mu      sync.Mutex
 	active  map[string]*incoming // guarded by mu
 	inDoubt map[string]int       // migration id -> stopped root pid; guarded by mu
+	dropped recentIDs            // migrations dropped before COMMIT; guarded by mu
 }
 
 // Serve listens and serves migrations until ctx ends. On return every
@@ -445,6 +447,15 @@ func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transpor
 	stop := deadline(waitCtx, stream, s.cfg.StepTimeout)
 	defer stop()
 	m, err := in.ctl.Recv()
+	if err != nil && in.postcopy {
+		// A post-copy source ends its copy only after PostcopyDone,
+		// which follows COMMIT: without COMMIT that copy is whole, held
+		// by its CRIU, and the one to resume. A source that comes back
+		// to resume is told so (dropped).
+		s.cleanup(in)
+		in.log.Warn("post-copy: source lost before COMMIT; its copy is whole and held there: restored tree dropped", "err", err)
+		return false, fmt.Errorf("post-copy: source lost before COMMIT: %w", err)
+	}
 	if err != nil {
 		s.inDoubtHold(in, fmt.Errorf("wait for commit: %w", err))
 		return false, fmt.Errorf("%w: %w", ErrInDoubt, err)
@@ -775,7 +786,32 @@ func (s *Server) cleanup(in *incoming) {
 	}
 	in.phase(PhaseRollback)
 	in.endJournal()
+	s.mu.Lock()
+	s.dropped.add(in.id)
+	s.mu.Unlock()
 }
+
+// recentIDs remembers the last migrations a service dropped before they
+// committed, so that a post-copy source which lost its connection at
+// COMMIT learns for sure that its copy is the one to resume. A bounded
+// memory: a service restarted since does not know, and says nothing.
+type recentIDs struct {
+	ids  []string
+	next int
+}
+
+const recentDropped = 256
+
+func (r *recentIDs) add(id string) {
+	if len(r.ids) < recentDropped {
+		r.ids = append(r.ids, id)
+		return
+	}
+	r.ids[r.next] = id
+	r.next = (r.next + 1) % recentDropped
+}
+
+func (r *recentIDs) has(id string) bool { return slices.Contains(r.ids, id) }
 
 // finishRestore waits for a committed tree's lazy pages (the images are
 // their source until the fill ends), tells a post-copy source that it may

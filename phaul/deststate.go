@@ -1,11 +1,7 @@
 package phaul
 
 import (
-	"errors"
-	"fmt"
-	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
 )
@@ -26,6 +22,7 @@ func (in *incoming) phase(p Phase) {
 	if err != nil {
 		in.log.Error("journal", "phase", p, "err", err)
 	}
+	faultKillAt(RoleDestination, p)
 	in.m.enter(p)
 	in.log.Info("phase", "phase", p)
 }
@@ -50,12 +47,10 @@ func (in *incoming) endJournal() {
 }
 
 // recoverJournal resolves, at start, the destination entries a previous
-// service left: a migration that had not reached PREPARED is undone (its
-// cgroup's processes killed, the cgroup and the directory removed); a
-// prepared or in-doubt one stays held and is reported (only an operator
-// knows whether the source copy is gone); one that had committed runs
-// and is reported (its lazy fill, if unfinished, is lost with the old
-// service: see README); a finished one's entry goes.
+// service left, as phaul gc does (gc.go): a migration that had not
+// reached PREPARED is undone; a prepared or in-doubt one stays held and is
+// reported (only the source's side knows whether its copy is gone); a
+// committed one runs, and its files go.
 func (s *Server) recoverJournal() {
 	ents, err := ReadJournal(JournalDir(s.cfg.WorkDir))
 	if err != nil {
@@ -67,44 +62,25 @@ func (s *Server) recoverJournal() {
 			continue
 		}
 		log := s.log.With("migration", e.ID, "phase", e.Phase, "owner", e.Owner)
-		switch e.Phase {
-		case PhasePrepared, PhaseInDoubt:
+		switch {
+		case e.Phase == PhasePrepared && !e.Mode.postcopy(), e.Phase == PhaseInDoubt:
 			s.mu.Lock()
 			s.inDoubt[e.ID] = e.Root
 			s.mu.Unlock()
 			log.Error("migration in doubt from a previous service: restored tree held, never run; resolve by hand "+
 				"(docs/protocol.md §6)", "pid", e.Root, "criu", e.CRIU, "dir", filepath.Join(s.cfg.WorkDir, e.ID))
-			continue
-		case PhaseCommit, PhasePostcopy:
+		case e.Phase == PhaseCommit, e.Phase == PhasePostcopy:
 			log.Error("migration committed by a previous service that ended before the tree had all of its memory: "+
 				"the tree runs; pages it had not received read as zeros", "pid", e.Root)
-		case PhaseDone, PhaseRollback:
-		default:
-			if err := undoUnprepared(s.cfg.WorkDir, e); err != nil {
-				log.Error("undo an unfinished migration", "err", err)
-				continue
-			}
-			log.Warn("undid an unfinished migration of a previous service: its restore, cgroup and files are gone")
-		}
-		if err := os.Remove(entryPath(JournalDir(s.cfg.WorkDir), e.ID, e.Role)); err != nil {
-			log.Error("journal", "err", err)
 		}
 	}
-}
-
-// undoUnprepared kills what a migration that never reached PREPARED left
-// running in its cgroup (CRIU, a half-restored tree) and removes the
-// cgroup and its directory.
-func undoUnprepared(workDir string, e JournalEntry) error {
-	var errs []error
-	if g, err := cgroup.Open(e.ID); err == nil {
-		errs = append(errs, g.Kill(5*time.Second), g.Remove())
-	} else if !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
+	rep, err := GC(s.cfg.WorkDir, GCOptions{Apply: true, Role: RoleDestination, Logger: s.log})
+	if err != nil {
+		s.log.Error("journal", "err", err)
 	}
-	dir := filepath.Join(workDir, e.ID)
-	if err := os.RemoveAll(dir); err != nil {
-		errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
+	for _, l := range rep.Leftovers {
+		if l.Kind == "journal" && l.Done {
+			s.log.Warn("undid an unfinished migration of a previous service", "migration", l.Migration, "phase", l.Phase)
+		}
 	}
-	return errors.Join(errs...)
 }

@@ -2,6 +2,7 @@ package phaul
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -377,6 +378,17 @@ func (r *dumpRun) settle(err error) error {
 	return nil
 }
 
+// resumeHeld rolls back a post-copy whose destination never committed:
+// CRIU resumes the held tree, as if post-dump had failed.
+func (r *dumpRun) resumeHeld(why error) error {
+	s := r.s
+	r.sess.reject()
+	r.endHeld() // waits for CRIU, which resumed the tree
+	s.phase(PhaseRollback)
+	s.log.Warn("rolled back: the source's copy resumes", "why", why)
+	return s.rolledBack(fmt.Errorf("commit: %w", why))
+}
+
 // commit sends COMMIT: from here on the destination's copy may run, and
 // the source's never does again. It returns when the destination's tree
 // runs, and records the downtime.
@@ -388,15 +400,22 @@ func (r *dumpRun) commit(ctx context.Context) (time.Time, error) {
 	destPID, err := s.commit()
 	if err != nil && r.heldTree {
 		// Post-copy: the destination's tree may run and need the held
-		// one's pages. A resume is accepted only once it committed.
+		// one's pages. A resume is accepted only once it committed; a
+		// destination that dropped the migration says so.
 		s.log.Warn("post-copy: commit outcome unknown; reconnecting", "err", err)
-		if rerr := s.reconnect(ctx, r.fetch, r.pre.remote); rerr == nil {
+		switch rerr := s.reconnect(ctx, r.fetch, r.pre.remote); {
+		case rerr == nil:
 			destPID, err = s.stats.DestPID, nil
-		} else {
+		case errors.Is(rerr, errNotCommitted):
+			return time.Time{}, r.resumeHeld(rerr)
+		default:
 			err = fmt.Errorf("%w; reconnect: %w", err, rerr)
 		}
 	}
 	if err != nil {
+		// Which copy may run is the destination's to say: a post-copy
+		// source keeps its copy held (CRIU outlives phaul).
+		r.keepHeld = r.heldTree
 		s.phase(PhaseInDoubt)
 		return time.Time{}, fmt.Errorf("%w: %w", ErrInDoubt, err)
 	}

@@ -6,3 +6,5 @@ package phaul
 // faults_test_build.go); the shipped binary has none.
 
 func faultDropCollect() int { return 0 }
+
+func faultKillAt(role string, p Phase) {}

@@ -5,6 +5,7 @@ package phaul
 import (
 	"os"
 	"strconv"
+	"syscall"
 )
 
 // Fault injection for the end-to-end tests, built only with -tags
@@ -19,4 +20,14 @@ import (
 func faultDropCollect() int {
 	n, _ := strconv.Atoi(os.Getenv("PHAUL_FAULT_DROP_COLLECT"))
 	return n
+}
+
+// faultKillAt: with PHAUL_FAULT_KILL_AT=ROLE:PHASE (source or
+// destination), the agent of that role kills itself with SIGKILL as it
+// enters PHASE, once the journal has recorded it and before any of the
+// phase's work: the fault matrix's "agent killed at every state".
+func faultKillAt(role string, p Phase) {
+	if os.Getenv("PHAUL_FAULT_KILL_AT") == role+":"+p.String() {
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	}
 }

@@ -46,8 +46,13 @@ type JournalEntry struct {
 	// Root is the tree's root (source) or the restored root (destination).
 	Root      int    `json:"root,omitempty"`
 	ImagesDir string `json:"images_dir,omitempty"`
-	// Cgroups are the cgroup directories phaul made for the migration.
+	// Cgroups are the cgroup directories phaul made for the migration:
+	// phaul/NAME in the freezer and cgroup2 hierarchies, or
+	// HIERARCHY:phaul/NAME.
 	Cgroups []string `json:"cgroups,omitempty"`
+	// ThrottleBack is the cpu cgroup auto-converge's throttle moves the
+	// tree back to.
+	ThrottleBack string `json:"throttle_back,omitempty"`
 	// CRIU is the pid of the CRIU serving the migration while it runs
 	// (source: the lazy dump that holds the tree), CRIUStart its start.
 	CRIU      int    `json:"criu,omitempty"`

@@ -54,8 +54,9 @@ var states = map[Phase]stateSpec{
 		next:  []Phase{PhaseCommit, PhaseRollback, PhaseInDoubt}},
 	PhaseCommit: {
 		truth: "destination (from COMMIT on it may run); the source never runs again",
-		undo:  "none: in doubt if COMMITTED does not come (post-copy reconnects first)",
-		next:  []Phase{PhasePostcopy, PhaseDone, PhaseInDoubt}},
+		undo: "none: in doubt if COMMITTED does not come; post-copy reconnects first, and rolls back " +
+			"(CRIU resumes the held source copy) if the destination answers that it dropped the migration before COMMIT",
+		next: []Phase{PhasePostcopy, PhaseDone, PhaseInDoubt, PhaseRollback}},
 	PhasePostcopy: {
 		truth: "destination runs; the pages it lacks are only in the source's frozen, held copy",
 		undo:  "none: reconnect within --postcopy-recover-timeout, else both sides report what each holds",

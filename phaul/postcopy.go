@@ -278,6 +278,10 @@ func (s *source) awaitPostcopy(ctx context.Context, fs *fetchServer, remote *rem
 	return nil
 }
 
+// errNotCommitted: the destination dropped the migration before COMMIT
+// reached it, so the source's held copy is the only one.
+var errNotCommitted = errors.New("the destination never committed")
+
 // reconnect dials the destination again until PostcopyRecoverTimeout
 // passes, resumes the post-copy there and serves its fetches on the new
 // session's streams.
@@ -286,6 +290,9 @@ func (s *source) reconnect(ctx context.Context, fs *fetchServer, remote *remoteS
 	var last error
 	for attempt := 1; time.Now().Before(deadline); attempt++ {
 		if err := s.resumeSession(ctx, fs, remote, deadline); err != nil {
+			if errors.Is(err, errNotCommitted) {
+				return err
+			}
 			last = err
 			s.log.Info("post-copy: reconnect failed", "attempt", attempt, "err", err)
 			select {
@@ -331,6 +338,9 @@ func (s *source) resumeSession(ctx context.Context, fs *fetchServer, remote *rem
 	m, err := ctl.Recv()
 	if err != nil {
 		return fmt.Errorf("resume hello: %w", err)
+	}
+	if r := m.GetHelloReply(); r.GetNotCommitted() {
+		return fmt.Errorf("%w: %s", errNotCommitted, r.GetReason())
 	}
 	if r := m.GetHelloReply(); r == nil || !r.GetAccepted() {
 		return fmt.Errorf("%w: resume: %s", ErrRefused, m.GetHelloReply().GetReason())

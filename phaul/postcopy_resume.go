@@ -114,7 +114,13 @@ func (s *Server) resume(ctx context.Context, sess *transport.Session, ctl *wire.
 	}
 	s.mu.Lock()
 	in := s.active[h.GetMigrationId()]
+	dropped := s.dropped.has(h.GetMigrationId())
 	s.mu.Unlock()
+	if in == nil && dropped {
+		reason := fmt.Sprintf("migration %s was dropped here before COMMIT: the source's copy is the only one", h.GetMigrationId())
+		ctl.Send(&wire.Message{Body: &wire.Message_HelloReply{HelloReply: &wire.HelloReply{Reason: reason, NotCommitted: true}}})
+		return errors.New(reason)
+	}
 	if in == nil || in.link == nil {
 		return refuse(fmt.Sprintf("no post-copy of migration %s here", h.GetMigrationId()))
 	}

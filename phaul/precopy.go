@@ -548,6 +548,15 @@ func (p *precopy) autoConverge(round int, dirtyRate, bandwidth float64) error {
 		if err != nil {
 			return fmt.Errorf("auto-converge: %w", err)
 		}
+		// Recorded before the tree moves: a phaul killed meanwhile
+		// leaves it throttled, and gc moves it back.
+		err = p.s.j.record(func(e *JournalEntry) {
+			e.Cgroups = append(e.Cgroups, "cpu:"+t.Group())
+			e.ThrottleBack = t.Origin()
+		})
+		if err != nil {
+			return fmt.Errorf("auto-converge: %w", err)
+		}
 		p.throttle = t
 	}
 	if err := p.throttle.Set(pids, pct, p.cores); err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -40,8 +41,8 @@ func TestRecoverSource(t *testing.T) {
 	dest := write(JournalEntry{ID: "00000000000000e5", Role: RoleDestination, Phase: PhaseRestore, Owner: 1 << 30})
 
 	did := recoverSource(work, discardIfNil(nil))
-	if len(did) != 1 {
-		t.Fatalf("recoverSource did %q, want one entry undone", did)
+	if len(did) != 2 || !strings.HasPrefix(did[0], dead.ID+" images:") || !strings.HasPrefix(did[1], dead.ID+" journal:") {
+		t.Fatalf("recoverSource did %q, want %s's images and entry removed", did, dead.ID)
 	}
 	if _, err := os.Stat(images); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("images of the dead migration: %v, want removed", err)

@@ -91,6 +91,7 @@ func (s *source) phase(p Phase) {
 	if err := s.j.record(func(e *JournalEntry) { e.Phase = p }); err != nil {
 		s.log.Error("journal", "phase", p, "err", err)
 	}
+	faultKillAt(RoleSource, p)
 	s.m.enter(p)
 	s.stats.mark(p)
 	s.log.Info("phase", "phase", p)

@@ -33,6 +33,7 @@ func main() {
 			checkCommand(),
 			certsCommand(),
 			pageServerCommand(),
+			gcCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main reports errors once
 	}

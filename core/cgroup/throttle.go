@@ -76,6 +76,33 @@ func (t *Throttle) track(pids []int) error {
 	return nil
 }
 
+// Group is the throttle's group, relative to the cpu hierarchy's root.
+func (t *Throttle) Group() string { return filepath.Join(Parent, t.name) }
+
+// Origin is the cpu cgroup the tree's root came from (relative to the
+// root of the hierarchy): where ReleaseThrottle moves a tree back.
+func (t *Throttle) Origin() string { return t.def }
+
+// ReleaseThrottle does what Release does for a Throttle that is gone (its
+// phaul was killed): every process in group (phaul/NAME, relative to the
+// cpu hierarchy's root) moves to back, and the group goes. Nothing to do
+// when the group does not exist.
+func ReleaseThrottle(group, back string) error {
+	name, ok := strings.CutPrefix(group, Parent+"/")
+	if !ok || name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
+		return fmt.Errorf("throttle cgroup %q: not phaul's", group)
+	}
+	root, err := linux.CPUV1Root()
+	if err != nil {
+		return fmt.Errorf("throttle: %w", err)
+	}
+	t := &Throttle{name: name, root: root, dir: filepath.Join(root, group), def: back}
+	if _, err := os.Stat(t.dir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return t.Release()
+}
+
 // Percent is the throttle set last: the share of the tree's CPU time taken
 // away, 0 before the first Set.
 func (t *Throttle) Percent() int { return t.pct }

@@ -216,3 +216,22 @@ func sigkillPending(s string) bool {
 	}
 	return false
 }
+
+// Signal sends sig to the process the pidfd names (pidfd_send_signal(2),
+// Linux 5.1): never to a process that reused its pid.
+func (p *Pidfd) Signal(sig unix.Signal) error {
+	if p.f == nil {
+		return os.ErrClosed
+	}
+	rc, err := p.f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	if cerr := rc.Control(func(fd uintptr) { err = unix.PidfdSendSignal(int(fd), sig, nil, 0) }); cerr != nil {
+		return cerr
+	}
+	if err != nil {
+		return fmt.Errorf("pidfd_send_signal %d %v: %w", p.pid, sig, err)
+	}
+	return nil
+}

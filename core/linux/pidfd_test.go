@@ -141,3 +141,28 @@ func TestWaitDoomed(t *testing.T) {
 		t.Fatalf("after SIGKILL: %v", err)
 	}
 }
+
+func TestPidfdSignal(t *testing.T) {
+	c := exec.Command("sleep", "30")
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p, err := PidfdOpen(c.Process.Pid)
+	if err != nil {
+		c.Process.Kill()
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := p.Signal(unix.SIGKILL); err != nil {
+		c.Process.Kill()
+		t.Fatal(err)
+	}
+	err = c.Wait()
+	if ws, ok := c.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Fatalf("child after Signal(SIGKILL): %v", err)
+	}
+	// The process is gone (reaped): its pidfd must not reach a new one.
+	if err := p.Signal(unix.SIGKILL); !errors.Is(err, unix.ESRCH) {
+		t.Errorf("Signal after the process was reaped: %v, want ESRCH", err)
+	}
+}

@@ -142,3 +142,22 @@ func PipeMaxSize() (int, error) {
 	}
 	return n, nil
 }
+
+// TracerPid returns the pid of the process ptracing pid (0: none), from
+// /proc/PID/status.
+func TracerPid(pid int) (int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, fmt.Errorf("tracer of %d: %w", pid, err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "TracerPid:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				return 0, fmt.Errorf("tracer of %d: %q: %w", pid, line, err)
+			}
+			return n, nil
+		}
+	}
+	return 0, fmt.Errorf("tracer of %d: no TracerPid line", pid)
+}

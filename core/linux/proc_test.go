@@ -7,8 +7,11 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestProcessExists(t *testing.T) {
@@ -116,5 +119,29 @@ func TestThreadCPUTime(t *testing.T) {
 	time.Sleep(20 * time.Millisecond)
 	if slept := ThreadCPUTime() - t1; slept > 5*time.Millisecond {
 		t.Fatalf("thread CPU time: sleeping 20 ms added %v", slept)
+	}
+}
+
+func TestTracerPid(t *testing.T) {
+	runtime.LockOSThread() // the tracer is the thread that started the child
+	defer runtime.UnlockOSThread()
+	plain := exec.Command("sleep", "30")
+	traced := exec.Command("sleep", "30")
+	traced.SysProcAttr = &syscall.SysProcAttr{Ptrace: true}
+	for _, c := range []*exec.Cmd{plain, traced} {
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Process.Kill(); c.Wait() })
+	}
+	for _, tc := range []struct {
+		pid, want int
+	}{{plain.Process.Pid, 0}, {traced.Process.Pid, unix.Gettid()}} {
+		if got, err := TracerPid(tc.pid); err != nil || got != tc.want {
+			t.Errorf("TracerPid(%d) = %d, %v; want %d", tc.pid, got, err, tc.want)
+		}
+	}
+	if _, err := TracerPid(1 << 30); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("tracer of no process: %v, want fs.ErrNotExist", err)
 	}
 }

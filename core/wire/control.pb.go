@@ -394,11 +394,14 @@ func (x *Hello) GetResume() bool {
 
 // HelloReply accepts or refuses a migration (destination to source).
 type HelloReply struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // chosen protocol version; 0 when refused
-	Accepted      bool                   `protobuf:"varint,2,opt,name=accepted,proto3" json:"accepted,omitempty"`
-	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"` // why refused
-	Host          *HostReport            `protobuf:"bytes,4,opt,name=host,proto3" json:"host,omitempty"`     // the destination's pre-flight report
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Version  uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // chosen protocol version; 0 when refused
+	Accepted bool                   `protobuf:"varint,2,opt,name=accepted,proto3" json:"accepted,omitempty"`
+	Reason   string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"` // why refused
+	Host     *HostReport            `protobuf:"bytes,4,opt,name=host,proto3" json:"host,omitempty"`     // the destination's pre-flight report
+	// A refused resume: the destination dropped this migration before it
+	// committed (it never ran here), so the source's copy is the only one.
+	NotCommitted  bool `protobuf:"varint,5,opt,name=not_committed,json=notCommitted,proto3" json:"not_committed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -459,6 +462,13 @@ func (x *HelloReply) GetHost() *HostReport {
 		return x.Host
 	}
 	return nil
+}
+
+func (x *HelloReply) GetNotCommitted() bool {
+	if x != nil {
+		return x.NotCommitted
+	}
+	return false
 }
 
 // HostReport is one host's pre-flight check.
@@ -1341,13 +1351,14 @@ const file_control_proto_rawDesc = "" +
 	"\x04mode\x18\x04 \x01(\x0e2\x10.phaul.wire.ModeR\x04mode\x12*\n" +
 	"\x04host\x18\x05 \x01(\v2\x16.phaul.wire.HostReportR\x04host\x12+\n" +
 	"\x04criu\x18\x06 \x01(\v2\x17.phaul.wire.CriuOptionsR\x04criu\x12\x16\n" +
-	"\x06resume\x18\a \x01(\bR\x06resume\"\x86\x01\n" +
+	"\x06resume\x18\a \x01(\bR\x06resume\"\xab\x01\n" +
 	"\n" +
 	"HelloReply\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1a\n" +
 	"\baccepted\x18\x02 \x01(\bR\baccepted\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12*\n" +
-	"\x04host\x18\x04 \x01(\v2\x16.phaul.wire.HostReportR\x04host\"\xf9\x01\n" +
+	"\x04host\x18\x04 \x01(\v2\x16.phaul.wire.HostReportR\x04host\x12#\n" +
+	"\rnot_committed\x18\x05 \x01(\bR\fnotCommitted\"\xf9\x01\n" +
 	"\n" +
 	"HostReport\x12\x1a\n" +
 	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\x16\n" +

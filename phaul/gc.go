@@ -1,0 +1,410 @@
+package phaul
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/phaul/phaul/core/cgroup"
+	"github.com/phaul/phaul/core/linux"
+)
+
+// phaul gc: what a dump or an unfinished migration left on this host,
+// found from the journal of a work dir (journal.go), and each resolved the
+// safe way (docs/protocol.md §8): a source tree that CRIU holds for a
+// migration that never committed resumes; one whose destination has run
+// is killed, never resumed; CRIU's network lock, the images, phaul's
+// cgroups go. A migration whose phaul still runs is not touched, nor is
+// one in doubt (only the destination knows which copy may run), nor
+// anything no journal entry names.
+
+// Leftover is one thing gc found.
+type Leftover struct {
+	Migration string `json:"migration"`
+	Role      string `json:"role"`
+	Phase     Phase  `json:"phase"`
+	// Kind: criu (a CRIU holding the source tree), held-tree, nft-table,
+	// images, cgroup, work-dir, journal.
+	Kind string `json:"kind"`
+	What string `json:"what"`
+	Why  string `json:"why"`
+	// Action is what gc does about it; empty: it is left, Why says why.
+	Action string `json:"action,omitempty"`
+	Done   bool   `json:"done,omitempty"`
+	Err    string `json:"error,omitempty"`
+
+	apply func() error
+}
+
+// GCReport is what one gc run found and did.
+type GCReport struct {
+	WorkDir   string     `json:"work_dir"`
+	Leftovers []Leftover `json:"leftovers"`
+	// Busy lists the migrations whose phaul still runs: not leftovers.
+	Busy []string `json:"busy,omitempty"`
+}
+
+// GCOptions says what GC does.
+type GCOptions struct {
+	// Apply removes what is found; otherwise GC only lists it (--show).
+	Apply bool
+	// Resolved names migrations in doubt that the operator has resolved,
+	// with the copy that runs: "source", "destination", or "" when the
+	// operator has resumed or dropped the copies by hand. What they left
+	// goes like that of a finished migration. A source tree CRIU still
+	// holds resumes when the source's copy runs, is killed when the
+	// destination's does, and is left otherwise.
+	Resolved map[string]string
+	// Role, if set, limits GC to one end's entries (an agent's start-up).
+	Role   string
+	Logger *slog.Logger
+}
+
+// GC finds what unfinished migrations left on this host, from workDir's
+// journal, and removes it when told. Idempotent: a second run finds
+// nothing the first could remove.
+func GC(workDir string, o GCOptions) (GCReport, error) {
+	log, apply, resolved := discardIfNil(o.Logger), o.Apply, o.Resolved
+	rep := GCReport{WorkDir: workDir}
+	ents, err := ReadJournal(JournalDir(workDir))
+	if err != nil {
+		return rep, err
+	}
+	for _, e := range ents {
+		if o.Role != "" && e.Role != o.Role {
+			continue
+		}
+		if e.OwnerAlive() {
+			rep.Busy = append(rep.Busy, fmt.Sprintf("%s %s: at %s, phaul pid %d runs", e.Role, e.ID, e.Phase, e.Owner))
+			continue
+		}
+		var plan []Leftover
+		winner, isResolved := resolved[e.ID]
+		if e.Role == RoleSource {
+			plan = sourceLeftovers(workDir, e, isResolved, winner)
+		} else {
+			plan = destLeftovers(workDir, e, isResolved)
+		}
+		rep.Leftovers = append(rep.Leftovers, resolve(workDir, e, plan, apply, log)...)
+	}
+	return rep, nil
+}
+
+// resolve applies plan in order (with apply), then drops e's entry once
+// nothing of it is left.
+func resolve(workDir string, e JournalEntry, plan []Leftover, apply bool, log *slog.Logger) []Leftover {
+	left := false
+	for i := range plan {
+		l := &plan[i]
+		l.Migration, l.Role, l.Phase = e.ID, e.Role, e.Phase
+		if l.apply == nil {
+			left = true
+			continue
+		}
+		if !apply {
+			continue
+		}
+		if err := l.apply(); err != nil {
+			l.Err = err.Error()
+			left = true
+			log.Error("gc", "migration", e.ID, "kind", l.Kind, "what", l.What, "err", err)
+			continue
+		}
+		l.Done = true
+		log.Warn("gc: "+l.Action, "migration", e.ID, "phase", e.Phase, "kind", l.Kind, "what", l.What, "why", l.Why)
+	}
+	entry := Leftover{Migration: e.ID, Role: e.Role, Phase: e.Phase, Kind: "journal",
+		What: entryPath(JournalDir(workDir), e.ID, e.Role),
+		Why:  fmt.Sprintf("unfinished: its phaul (pid %d) ended at %s", e.Owner, e.Phase)}
+	if !left {
+		entry.Action = "remove the entry"
+		if apply {
+			err := os.Remove(entry.What)
+			if err != nil && !errors.Is(err, fs.ErrNotExist) {
+				entry.Err = err.Error()
+			} else {
+				entry.Done = true
+			}
+		}
+	}
+	return append(plan, entry)
+}
+
+// sourceLeftovers plans the source side of e: its held tree first (what
+// CRIU holds decides everything else), then CRIU's network lock, the
+// images, the throttle cgroup.
+func sourceLeftovers(workDir string, e JournalEntry, resolved bool, winner string) []Leftover {
+	var plan []Leftover
+	criuHolds := e.CRIUAlive() && heldBy(e.Root, e.CRIU)
+	if e.Phase == PhaseInDoubt && !criuHolds && !resolved {
+		return []Leftover{{Kind: "in-doubt", What: "migration " + e.ID,
+			Why: "in doubt: the destination's log and state say which copy runs; its lock and images stay until " +
+				"phaul gc --resolved " + e.ID + "=source|destination"}}
+	}
+	if criuHolds {
+		l, inDoubt := heldTree(e, winner)
+		plan = append(plan, l)
+		if inDoubt {
+			// Its lock and images stay with it: the operator resolves
+			// the whole (README, "In doubt").
+			return plan
+		}
+	}
+	if e.NftTable != "" {
+		if l, ok := lockLeftover(e, criuHolds || resolved); ok {
+			plan = append(plan, l)
+		}
+	}
+	if l, ok := pathLeftover(workDir, e.ImagesDir, "images", "the dump's images, sent or not: no one reads them again"); ok {
+		plan = append(plan, l)
+		if conf := filepath.Clean(e.ImagesDir) + ".criu-lazy.conf"; exists(conf) {
+			plan = append(plan, Leftover{Kind: "images", What: conf, Why: "the lazy dump's CRIU config",
+				Action: "remove", apply: func() error { return os.Remove(conf) }})
+		}
+	}
+	for _, cg := range e.Cgroups {
+		plan = append(plan, cgroupLeftover(e, cg)...)
+	}
+	return plan
+}
+
+// destLeftovers plans the destination side of e. Before PREPARED the
+// restore never counted: its processes, cgroup and directory go. A
+// prepared post-copy is dropped too: its source holds its copy whole
+// until post-copy ends (and the held copy here lacks the pages only the
+// source has). Any other prepared or in-doubt copy is left, held: only
+// the source's side says which copy may run. After COMMIT the tree runs
+// (moved out of phaul's cgroup); what is left is its files.
+func destLeftovers(workDir string, e JournalEntry, resolved bool) []Leftover {
+	dir := filepath.Join(workDir, e.ID)
+	switch {
+	case e.Phase == PhasePrepared && e.Mode.postcopy(), e.Phase < PhasePrepared:
+		plan := []Leftover{}
+		for _, cg := range e.Cgroups {
+			plan = append(plan, cgroupLeftover(e, cg)...)
+		}
+		if l, ok := pathLeftover(workDir, dir, "work-dir", "a restore that never committed: its images and state"); ok {
+			plan = append(plan, l)
+		}
+		return plan
+	case (e.Phase == PhasePrepared || e.Phase == PhaseInDoubt) && !resolved:
+		return []Leftover{{Kind: "held-tree", What: fmt.Sprintf("restored tree %d held by criu %d", e.Root, e.CRIU),
+			Why: "in doubt: the source's log and journal say whether its copy still runs; " + dir + "/state says how to resolve it"}}
+	}
+	var plan []Leftover
+	for _, cg := range e.Cgroups {
+		for _, l := range cgroupLeftover(e, cg) {
+			if l.Action != "remove" {
+				// A committed tree is never killed: only an empty group goes.
+				l.Action, l.apply = "", nil
+				l.Why = "holds processes of a committed migration: left"
+			}
+			plan = append(plan, l)
+		}
+	}
+	if l, ok := pathLeftover(workDir, dir, "work-dir", "a committed migration's images and state, no longer read"); ok {
+		plan = append(plan, l)
+	}
+	return plan
+}
+
+// heldBy reports whether root is traced by criu: the tree CRIU holds.
+func heldBy(root, criu int) bool {
+	if root <= 0 {
+		return false
+	}
+	t, err := linux.TracerPid(root)
+	return err == nil && t == criu
+}
+
+// heldTree plans what to do with a source tree a CRIU still holds after
+// its phaul died. Before COMMIT was sent, the destination never ran it:
+// killing CRIU resumes the tree (ptrace lets it go). Once post-copy ran
+// on the destination, the held copy must never run again: the tree is
+// killed first, then CRIU. At COMMIT itself, or in doubt, only the
+// destination knows: left, unless the operator says which copy runs
+// (winner).
+func heldTree(e JournalEntry, winner string) (Leftover, bool) {
+	l := Leftover{Kind: "criu", What: fmt.Sprintf("criu pid %d holding tree %d", e.CRIU, e.Root)}
+	switch {
+	case winner == "source" && e.Phase != PhasePostcopy:
+		l.Why = "in doubt, resolved by the operator: the source's copy runs"
+		l.Action = "kill CRIU: the source tree resumes"
+		l.apply = func() error { return killCRIU(e) }
+	case winner == "destination":
+		l.Kind = "held-tree"
+		l.Why = "in doubt, resolved by the operator: the destination's copy runs"
+		l.Action = "kill the held tree, then CRIU"
+		l.apply = func() error { return killHeldTree(e) }
+	case e.Phase < PhaseCommit:
+		l.Why = "CRIU holds the source tree frozen (lazy dump) for a migration that never committed"
+		l.Action = "kill CRIU: the source tree resumes"
+		l.apply = func() error { return killCRIU(e) }
+	case e.Phase == PhasePostcopy:
+		l.Kind = "held-tree"
+		l.Why = "the destination's copy has run (post-copy): this frozen copy must never run again"
+		l.Action = "kill the held tree, then CRIU"
+		l.apply = func() error { return killHeldTree(e) }
+	default:
+		l.Kind = "held-tree"
+		l.Why = fmt.Sprintf("in doubt (%s): the destination's log says whether it committed; then "+
+			"phaul gc --resolved %s=source resumes this copy, =destination drops it", e.Phase, e.ID)
+		return l, true
+	}
+	return l, false
+}
+
+// killCRIU kills e's CRIU (by pidfd: never a process that reused its pid)
+// and waits until it is gone and its tree runs untraced.
+func killCRIU(e JournalEntry) error {
+	p, err := linux.PidfdOpen(e.CRIU)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	if !e.CRIUAlive() { // the pidfd may name a newer process
+		return nil
+	}
+	if err := p.Signal(unix.SIGKILL); err != nil {
+		return err
+	}
+	return waitUntil(10*time.Second, func() bool {
+		t, err := linux.TracerPid(e.Root)
+		return !e.CRIUAlive() && (err != nil || t == 0)
+	}, "criu %d still holds tree %d", e.CRIU, e.Root)
+}
+
+// killHeldTree kills every process of the tree CRIU holds, then CRIU: the
+// tree is doomed before CRIU could let it go.
+func killHeldTree(e JournalEntry) error {
+	pfds, err := openTree(e.Root)
+	if err != nil {
+		return err
+	}
+	defer closeAll(pfds)
+	if !heldBy(e.Root, e.CRIU) { // the pidfds may name newer processes
+		return fmt.Errorf("tree %d is no longer held by criu %d", e.Root, e.CRIU)
+	}
+	for _, p := range pfds {
+		if err := p.Signal(unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+			return err
+		}
+	}
+	if err := linux.WaitDoomed(pfds, 10*time.Second); err != nil {
+		return err
+	}
+	return killCRIU(e)
+}
+
+// lockLeftover plans CRIU's network-lock table of e: kept after a dump
+// that kills the tree (for a restore elsewhere), or after CRIU was killed
+// holding the tree. CRIU's own rollback removes it. It goes once the
+// tree runs here again (it only blocks it) or the destination's copy has
+// run (post-copy, done); while the destination may still hold the copy in
+// doubt it keeps this host from resetting the tree's connections, and
+// stays until the operator says the migration is resolved (unlock: the
+// tree is resumed, or the migration resolved).
+func lockLeftover(e JournalEntry, unlock bool) (Leftover, bool) {
+	t := linux.NftTable{Family: "inet", Name: e.NftTable}
+	tables, err := linux.NftTables()
+	if err != nil {
+		return Leftover{Kind: "nft-table", What: t.String(), Why: "cannot list nftables: " + err.Error()}, true
+	}
+	if !slices.Contains(tables, t) {
+		return Leftover{}, false
+	}
+	why := "CRIU's network lock of a dump whose tree is gone"
+	alive, _ := linux.ProcessExists(e.Root)
+	switch {
+	case alive:
+		why = "CRIU's network lock, left when its CRIU was killed: the tree's connections are blocked"
+	case !unlock && e.Phase != PhasePostcopy && e.Phase != PhaseDone:
+		return Leftover{Kind: "nft-table", What: t.String(), Why: "CRIU's network lock of a dump whose tree is gone, " +
+			"while the destination may hold its copy in doubt: kept (phaul gc --resolved " + e.ID + "=source|destination once resolved)"}, true
+	}
+	return Leftover{Kind: "nft-table", What: t.String(), Why: why, Action: "delete the table",
+		apply: func() error {
+			if err := linux.DeleteNftTable(t); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+			return nil
+		}}, true
+}
+
+// pathLeftover plans removing path, which must be inside workDir (the
+// entry names it; phaul made it).
+func pathLeftover(workDir, path, kind, why string) (Leftover, bool) {
+	if path == "" || !exists(path) {
+		return Leftover{}, false
+	}
+	l := Leftover{Kind: kind, What: path, Why: why}
+	rel, err := filepath.Rel(workDir, path)
+	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+		l.Why = fmt.Sprintf("named by the journal but outside %s: left alone", workDir)
+		return l, true
+	}
+	l.Action = "remove"
+	l.apply = func() error { return os.RemoveAll(path) }
+	return l, true
+}
+
+// cgroupLeftover plans a cgroup the migration made ("HIERARCHY:PATH" or a
+// name under phaul/ in the freezer and cgroup2 hierarchies).
+func cgroupLeftover(e JournalEntry, cg string) []Leftover {
+	if h, group, ok := strings.Cut(cg, ":"); ok {
+		if h != "cpu" {
+			return nil
+		}
+		root, err := linux.CPUV1Root()
+		if err != nil || !exists(filepath.Join(root, group)) {
+			return nil
+		}
+		return []Leftover{{Kind: "cgroup", What: cg, Why: "auto-converge's throttle: the tree's CPU stays capped",
+			Action: "move its processes back to " + e.ThrottleBack + ", remove it",
+			apply:  func() error { return cgroup.ReleaseThrottle(group, e.ThrottleBack) }}}
+	}
+	name, ok := strings.CutPrefix(cg, cgroup.Parent+"/")
+	if !ok {
+		return nil
+	}
+	g, err := cgroup.Open(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return []Leftover{{Kind: "cgroup", What: cg, Why: "cannot open: " + err.Error()}}
+	}
+	procs, _ := g.Procs()
+	why := "the migration's cgroup, empty"
+	action := "remove"
+	if len(procs) > 0 {
+		why = fmt.Sprintf("the migration's cgroup, holding %d processes of a restore that never committed", len(procs))
+		action = "kill its processes, remove it"
+	}
+	return []Leftover{{Kind: "cgroup", What: cg, Why: why, Action: action,
+		apply: func() error { return errors.Join(g.Kill(5*time.Second), g.Remove()) }}}
+}
+
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
+}
+
+func waitUntil(timeout time.Duration, done func() bool, format string, args ...any) error {
+	deadline := time.Now().Add(timeout)
+	for !done() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf(format, args...)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return nil
+}
