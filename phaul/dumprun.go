@@ -97,6 +97,14 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 	if err := r.settle(r.dump(ctx)); err != nil {
 		return err
 	}
+	// From COMMIT on the destination's copy may run: a cancel (SIGINT,
+	// SIGTERM, phaul cancel) can no longer roll back, and must not break
+	// what follows; it is refused.
+	stopRefusing := context.AfterFunc(ctx, func() {
+		s.log.Warn("cancel refused: COMMIT went out, the destination's copy may run; the migration goes on to its end")
+	})
+	defer stopRefusing()
+	ctx = context.WithoutCancel(ctx)
 	running, err := r.commit(ctx)
 	if err != nil {
 		return err

@@ -146,17 +146,31 @@ func ReadJournal(dir string) ([]JournalEntry, error) {
 		if m == nil || !d.Type().IsRegular() {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(dir, d.Name()))
+		e, err := ReadEntry(dir, m[1], m[2])
 		if err != nil {
-			return nil, fmt.Errorf("journal: %w", err)
-		}
-		var e JournalEntry
-		if err := json.Unmarshal(b, &e); err != nil || e.ID != m[1] || e.Role != m[2] {
-			return nil, fmt.Errorf("journal: %s: not an entry of %s %s: %v", d.Name(), m[2], m[1], err)
+			return nil, err
 		}
 		out = append(out, e)
 	}
 	return out, nil
+}
+
+// ReadEntry reads the entry of migration id for role in dir; one that
+// does not exist is fs.ErrNotExist.
+func ReadEntry(dir, id, role string) (JournalEntry, error) {
+	name := id + "." + role + ".json"
+	if !journalName.MatchString(name) {
+		return JournalEntry{}, fmt.Errorf("journal: %q is no migration id", id)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, name))
+	if err != nil {
+		return JournalEntry{}, fmt.Errorf("journal: %w", err)
+	}
+	var e JournalEntry
+	if err := json.Unmarshal(b, &e); err != nil || e.ID != id || e.Role != role {
+		return JournalEntry{}, fmt.Errorf("journal: %s: not an entry of %s %s: %v", name, role, id, err)
+	}
+	return e, nil
 }
 
 // OwnerAlive reports whether the process that wrote e still runs.

@@ -3,9 +3,11 @@ package test
 import (
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
@@ -114,4 +116,75 @@ func hasTable(t testing.TB, pid int, name string) bool {
 		}
 	}
 	return false
+}
+
+// TestCancel: `phaul cancel ID` during pre-copy's rounds rolls the
+// migration back as QEMU's migrate_cancel does (the workload runs on at
+// the source, untracked; the destination drops its copy; nothing is left
+// for gc) and the same workload then migrates. Past COMMIT (post-copy
+// running) a cancel is refused, by `phaul cancel` and by SIGTERM to
+// migrate alike, and the migration completes.
+func TestCancel(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: slowLink})
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, faultWorkload)
+	w.WaitProgress(t, 3)
+
+	m := e.startMigrate(w.PID(), "--mode", "precopy")
+	id := waitPhase(t, e, m, phaul.PhaseRounds)
+	out, code := e.phaul(e.hosts.Src, "cancel", "--work-dir", e.srcWork, id)
+	t.Logf("phaul cancel: exit %d\n%s", code, out)
+	if code != 0 || !strings.Contains(out, "canceled") {
+		t.Fatalf("phaul cancel during rounds: exit %d, want 0\n%s", code, out)
+	}
+	r := m.wait(time.Minute)
+	assertRolledBack(t, r, id)
+	e.assertOnSource(w)
+	if left, err := dirty.Leftovers(w.PID()); err != nil || len(left) > 0 {
+		t.Fatalf("the workload keeps tracking state after the cancel: %v (%v)", left, err)
+	}
+	waitDirEmpty(t, e.srcWork, 10*time.Second)
+	waitDirEmpty(t, e.dstWork, 30*time.Second)
+	for _, dir := range []string{e.srcWork, e.dstWork} {
+		if out, code := e.phaul(nil, "gc", "--work-dir", dir, "--show"); code != 0 {
+			t.Fatalf("gc --show %s after the cancel: exit %d\n%s", dir, code, out)
+		}
+	}
+
+	m = e.startMigrate(w.PID(), "--mode", "postcopy")
+	id = waitPhase(t, e, m, phaul.PhasePostcopy)
+	out, code = e.phaul(e.hosts.Src, "cancel", "--work-dir", e.srcWork, id)
+	t.Logf("phaul cancel in post-copy: exit %d\n%s", code, out)
+	if code != 1 || !strings.Contains(out, "cannot be rolled back") {
+		t.Fatalf("phaul cancel in post-copy: exit %d, want 1, refused\n%s", code, out)
+	}
+	if err := m.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	r = m.wait(2 * time.Minute)
+	if !strings.Contains(r.out, "cancel refused") {
+		t.Errorf("migrate did not say it refused SIGTERM past COMMIT\n%s", r.out)
+	}
+	e.assertMigrated(w, r)
+}
+
+// waitPhase waits until m's source journal entry reaches p and returns
+// the migration's id.
+func waitPhase(t *testing.T, e *env, m *bgMigrate, p phaul.Phase) string {
+	t.Helper()
+	var id string
+	testenv.WaitFor(t, time.Minute, func() (bool, error) {
+		select {
+		case <-m.done:
+			t.Fatalf("migrate ended before %s\n%s", p, m.out)
+		default:
+		}
+		ents, err := phaul.ReadJournal(phaul.JournalDir(e.srcWork))
+		if err != nil || len(ents) != 1 {
+			return false, err
+		}
+		id = ents[0].ID
+		return ents[0].Phase == p, nil
+	})
+	return id
 }

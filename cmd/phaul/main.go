@@ -34,6 +34,7 @@ func main() {
 			certsCommand(),
 			pageServerCommand(),
 			gcCommand(),
+			cancelCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main reports errors once
 	}
