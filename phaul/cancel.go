@@ -4,9 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/core/linux"
 )
@@ -38,7 +37,7 @@ func Cancel(workDir, id string, timeout time.Duration) (last Phase, sourceRuns b
 	if !e.OwnerAlive() { // the pidfd may name a process that reused the pid
 		return e.Phase, false, fmt.Errorf("cancel: the phaul of migration %s ended meanwhile", id)
 	}
-	if err := p.Signal(unix.SIGTERM); err != nil {
+	if err := p.Signal(syscall.SIGTERM); err != nil {
 		return e.Phase, false, fmt.Errorf("cancel: %w", err)
 	}
 	last = e.Phase
@@ -62,4 +61,3 @@ func Cancel(workDir, id string, timeout time.Duration) (last Phase, sourceRuns b
 	alive, _ := linux.ProcessExists(e.Root)
 	return last, alive, nil
 }
-

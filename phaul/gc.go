@@ -9,9 +9,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/linux"
@@ -273,7 +272,7 @@ func killCRIU(e JournalEntry) error {
 	if !e.CRIUAlive() { // the pidfd may name a newer process
 		return nil
 	}
-	if err := p.Signal(unix.SIGKILL); err != nil {
+	if err := p.Signal(syscall.SIGKILL); err != nil {
 		return err
 	}
 	return waitUntil(10*time.Second, func() bool {
@@ -294,7 +293,7 @@ func killHeldTree(e JournalEntry) error {
 		return fmt.Errorf("tree %d is no longer held by criu %d", e.Root, e.CRIU)
 	}
 	for _, p := range pfds {
-		if err := p.Signal(unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+		if err := p.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 			return err
 		}
 	}

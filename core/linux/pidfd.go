@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -219,7 +220,7 @@ func sigkillPending(s string) bool {
 
 // Signal sends sig to the process the pidfd names (pidfd_send_signal(2),
 // Linux 5.1): never to a process that reused its pid.
-func (p *Pidfd) Signal(sig unix.Signal) error {
+func (p *Pidfd) Signal(sig syscall.Signal) error {
 	if p.f == nil {
 		return os.ErrClosed
 	}
