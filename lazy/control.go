@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"syscall"
 
 	"github.com/phaul/phaul/core/linux"
 )
@@ -141,6 +142,10 @@ func (d *Daemon) control(ctx context.Context, conn *net.UnixConn, out chan<- ctr
 		case ctx.Err() != nil:
 			return nil
 		case errors.Is(err, io.EOF) && rr.finished:
+			return nil
+		case errors.Is(err, syscall.ECONNRESET) && rr.finished:
+			// The restore closed its end with the descriptor Park
+			// queued there unread: the kernel reports a reset, not EOF.
 			return nil
 		case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed):
 			return ErrRestoreEnded

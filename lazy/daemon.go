@@ -31,6 +31,8 @@ type Daemon struct {
 	mu       sync.Mutex
 	used     bool    // guarded by mu: Serve ran or Close was called
 	detached bool    // guarded by mu: Detach was called
+	conn     *net.UnixConn // guarded by mu: the restore's connection, once accepted
+	parked   bool          // guarded by mu: conn's end is parked in the restore
 	kept     []*task // guarded by mu: userfaultfds a failed Serve left for Close
 	closed   bool    // guarded by mu
 	st       stats   // guarded by mu
@@ -115,6 +117,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close()
+	d.mu.Lock()
+	d.conn = conn
+	d.mu.Unlock()
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -139,8 +144,8 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		err = fmt.Errorf("lazy: serve: %w", err)
 	}
 	if err == nil && l.detached {
-		if err = park(conn); err != nil {
-			err = fmt.Errorf("lazy: detach: keep the restore's connection: %w", err)
+		if err = d.Park(); err != nil {
+			err = fmt.Errorf("lazy: detach: %w", err)
 		}
 	}
 	d.finish(l.tasks, err)
@@ -173,6 +178,29 @@ func (d *Daemon) Detach() error {
 	}
 	d.detached = true
 	d.det <- n // room for one, and only one is sent
+	return nil
+}
+
+// Park keeps this end of the restore's connection open for as long as the
+// restore's end is, even after this process dies: the restore's finish
+// marker, sent when the tree is resumed, then succeeds. Call it once the
+// tree must be resumable without this daemon (its pages made whole by
+// someone else: Refill); a daemon whose Serve failed must not be parked,
+// or a tree missing pages would resume. Safe to call from any goroutine,
+// more than once.
+func (d *Daemon) Park() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch {
+	case d.parked:
+		return nil
+	case d.conn == nil:
+		return errors.New("lazy: park: the restore has not connected")
+	}
+	if err := park(d.conn); err != nil {
+		return fmt.Errorf("lazy: park the restore's connection: %w", err)
+	}
+	d.parked = true
 	return nil
 }
 

@@ -193,13 +193,21 @@ func readSized(r io.Reader, max uint32, what string) ([]byte, error) {
 }
 
 // readTaskCount decodes pstree.img and returns how many tasks it lists:
-// the restore sends one record per task, a zombie's too. Every entry
-// must decode and name a pid in 1..maxPid, and there must be one;
-// anything else is an error wrapping ErrImage.
+// the restore sends one record per task, a zombie's too.
 func readTaskCount(r io.Reader) (int, error) {
+	ids, err := readTaskIDs(r)
+	return len(ids), err
+}
+
+// readTaskIDs decodes pstree.img and returns the pid (in the tree's
+// namespace) of each task it lists. Every entry must decode and name a
+// pid in 1..maxPid, and there must be one; anything else is an error
+// wrapping ErrImage.
+func readTaskIDs(r io.Reader) ([]uint32, error) {
 	if err := readMagic(r, magicPstree, "pstree"); err != nil {
-		return 0, err
+		return nil, err
 	}
+	var ids []uint32
 	n := 0
 	for {
 		rec, err := readSized(r, maxPstreeBytes, "pstree")
@@ -207,23 +215,24 @@ func readTaskCount(r io.Reader) (int, error) {
 			break
 		}
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
 		var e pstreeimg.PstreeEntry
 		if err := proto.Unmarshal(rec, &e); err != nil {
-			return 0, fmt.Errorf("%w: pstree entry %d: %w", ErrImage, n, err)
+			return nil, fmt.Errorf("%w: pstree entry %d: %w", ErrImage, n, err)
 		}
 		if pid := e.GetPid(); pid == 0 || pid > maxPid {
-			return 0, fmt.Errorf("%w: pstree entry %d: pid %d", ErrImage, n, pid)
+			return nil, fmt.Errorf("%w: pstree entry %d: pid %d", ErrImage, n, pid)
 		}
+		ids = append(ids, e.GetPid())
 		if n++; n > maxPid {
-			return 0, fmt.Errorf("%w: pstree: more than %d tasks", ErrImage, maxPid)
+			return nil, fmt.Errorf("%w: pstree: more than %d tasks", ErrImage, maxPid)
 		}
 	}
 	if n == 0 {
-		return 0, fmt.Errorf("%w: pstree: no task", ErrImage)
+		return nil, fmt.Errorf("%w: pstree: no task", ErrImage)
 	}
-	return n, nil
+	return ids, nil
 }
 
 func unexpected(err error) error {

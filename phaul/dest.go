@@ -78,12 +78,12 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 		return err
 	}
 	defer ln.Close()
+	s := &Server{cfg: cfg, log: log, crit: bin, active: map[string]*incoming{}, inDoubt: map[string]int{}}
+	s.recoverJournal() // before anyone is told it serves
 	log.Info("serving", "addr", ln.Addr().String(), "work_dir", cfg.WorkDir)
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr())
 	}
-	s := &Server{cfg: cfg, log: log, crit: bin, active: map[string]*incoming{}, inDoubt: map[string]int{}}
-	s.recoverJournal()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -316,6 +316,16 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 		return err
 	}
 	in.pid = pid
+	if in.lazy != nil {
+		if err := in.lazy.park(); err != nil {
+			in.abort(err.Error())
+			return err
+		}
+	}
+	// Recorded before PREPARED goes: once the source has it, it may end
+	// its copy, and a service that dies then must find this one held, not
+	// undo it as unprepared.
+	in.phase(PhasePrepared)
 	err = in.ctl.Send(&wire.Message{Body: &wire.Message_Prepared{Prepared: &wire.Prepared{
 		Pid: int32(pid), RestoreNanos: uint64(time.Since(t0)), ReceivedBytes: images.Total(files)}}})
 	if err != nil {
@@ -325,7 +335,6 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 		return fmt.Errorf("send prepared: %w", err)
 	}
 	prepared = true
-	in.phase(PhasePrepared)
 	committed, err = s.awaitCommit(ctx, in, stream)
 	return err
 }
@@ -463,7 +472,10 @@ func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transpor
 	switch b := m.GetBody().(type) {
 	case *wire.Message_Commit:
 		in.phase(PhaseCommit)
-		s.commit(in)
+		if err := s.commit(in); err != nil {
+			in.phase(PhaseInDoubt)
+			return false, err
+		}
 		in.log.Info("committed: tree runs", "pid", in.pid)
 		if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Committed{Committed: &wire.Committed{Pid: int32(in.pid)}}}); err != nil {
 			// The migration is done: the tree runs here and the source
@@ -748,7 +760,20 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 // resume it. With --manage-cgroups CRIU has put it in its own cgroups;
 // otherwise it is in phaul/<id> and moves to the service's cgroup parent.
 // Then phaul/<id> goes.
-func (s *Server) commit(in *incoming) {
+func (s *Server) commit(in *incoming) error {
+	if in.lazy != nil {
+		if lerr := in.lazy.failed(); lerr != nil {
+			// Parked, CRIU would resume the tree with its lazy pages
+			// reading as zeros.
+			if err := in.lazy.refill(filepath.Join(in.dir, "images"), in.pid); err != nil {
+				in.log.Error("lazy-pages daemon failed before the tree ran and its pages cannot be written otherwise: "+
+					"the tree is dropped, not run without them; the migration is lost", "daemon", lerr, "err", err)
+				in.hold.Kill()
+				in.hold = nil
+				return fmt.Errorf("restored tree dropped: its lazy pages are lost: %w", lerr)
+			}
+		}
+	}
 	if err := in.group.MoveAll(s.cfg.CgroupParent); err != nil {
 		// The source's copy is gone: the tree must run, wherever it is.
 		in.log.Error("move restored tree to its cgroup parent", "parent", s.cfg.CgroupParent, "err", err)
@@ -759,6 +784,7 @@ func (s *Server) commit(in *incoming) {
 	if err := in.group.Remove(); err != nil {
 		in.log.Warn("remove cgroup", "err", err)
 	}
+	return nil
 }
 
 // cleanup drops whatever was restored and removes the migration's files

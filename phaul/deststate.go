@@ -4,6 +4,7 @@ import (
 	"path/filepath"
 
 	"github.com/phaul/phaul/core/cgroup"
+	"github.com/phaul/phaul/core/linux"
 )
 
 // The destination's side of the state machine and the journal: each
@@ -15,9 +16,13 @@ import (
 func (in *incoming) phase(p Phase) {
 	err := in.j.record(func(e *JournalEntry) {
 		e.Phase, e.Root = p, in.pid
-		if in.hold != nil {
-			e.CRIU = in.hold.criuPID
+		if in.hold != nil && e.CRIU != in.hold.criuPID {
+			e.CRIU, e.CRIUPeerFD = in.hold.criuPID, in.hold.peerFD
+			if st, err := linux.ReadProcessStat(e.CRIU); err == nil {
+				e.CRIUStart = st.StartTicks
+			}
 		}
+		e.Lazy = in.lazy != nil
 	})
 	if err != nil {
 		in.log.Error("journal", "phase", p, "err", err)
@@ -30,7 +35,8 @@ func (in *incoming) phase(p Phase) {
 // openJournal starts in's journal entry.
 func (s *Server) openJournal(in *incoming, mode Mode) {
 	j, err := openJournal(JournalDir(s.cfg.WorkDir), in.id, RoleDestination,
-		JournalEntry{Phase: PhasePreflight, Mode: mode, ImagesDir: in.dir, Cgroups: []string{cgroup.Parent + "/" + in.id}})
+		JournalEntry{Phase: PhasePreflight, Mode: mode, ImagesDir: in.dir, Cgroups: []string{cgroup.Parent + "/" + in.id},
+			CgroupParent: s.cfg.CgroupParent})
 	if err != nil {
 		in.log.Error("journal", "err", err)
 		return
@@ -63,13 +69,15 @@ func (s *Server) recoverJournal() {
 		}
 		log := s.log.With("migration", e.ID, "phase", e.Phase, "owner", e.Owner)
 		switch {
-		case e.Phase == PhasePrepared && !e.Mode.postcopy(), e.Phase == PhaseInDoubt:
+		case (e.Phase == PhasePrepared && !e.Mode.postcopy()) || e.Phase == PhaseInDoubt:
 			s.mu.Lock()
 			s.inDoubt[e.ID] = e.Root
 			s.mu.Unlock()
 			log.Error("migration in doubt from a previous service: restored tree held, never run; resolve by hand "+
 				"(docs/protocol.md §6)", "pid", e.Root, "criu", e.CRIU, "dir", filepath.Join(s.cfg.WorkDir, e.ID))
-		case e.Phase == PhaseCommit, e.Phase == PhasePostcopy:
+		case (e.Phase == PhaseCommit || e.Phase == PhasePostcopy) && e.CRIUAlive():
+			log.Warn("migration committed by a previous service that ended before the tree resumed: resuming it", "pid", e.Root)
+		case e.Phase == PhaseCommit || e.Phase == PhasePostcopy:
 			log.Error("migration committed by a previous service that ended before the tree had all of its memory: "+
 				"the tree runs; pages it had not received read as zeros", "pid", e.Root)
 		}

@@ -73,6 +73,13 @@ type GCOptions struct {
 func GC(workDir string, o GCOptions) (GCReport, error) {
 	log, apply, resolved := discardIfNil(o.Logger), o.Apply, o.Resolved
 	rep := GCReport{WorkDir: workDir}
+	// One resolver at a time per journal: a service starting and an
+	// operator's gc must not both resume one held tree.
+	if release, err := linux.LockDir(JournalDir(workDir)); err == nil {
+		defer release()
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return rep, err
+	}
 	ents, err := ReadJournal(JournalDir(workDir))
 	if err != nil {
 		return rep, err
@@ -81,7 +88,9 @@ func GC(workDir string, o GCOptions) (GCReport, error) {
 		if o.Role != "" && e.Role != o.Role {
 			continue
 		}
-		if e.OwnerAlive() {
+		if e.OwnerAlive() && !(e.Phase == PhaseInDoubt && e.Memory != memoryFilling) {
+			// An owner that left its migration in doubt has given it up
+			// to the operator (once a held copy has all its memory).
 			rep.Busy = append(rep.Busy, fmt.Sprintf("%s %s: at %s, phaul pid %d runs", e.Role, e.ID, e.Phase, e.Owner))
 			continue
 		}
@@ -90,7 +99,7 @@ func GC(workDir string, o GCOptions) (GCReport, error) {
 		if e.Role == RoleSource {
 			plan = sourceLeftovers(workDir, e, isResolved, winner)
 		} else {
-			plan = destLeftovers(workDir, e, isResolved)
+			plan = destLeftovers(workDir, e, isResolved, winner)
 		}
 		rep.Leftovers = append(rep.Leftovers, resolve(workDir, e, plan, apply, log)...)
 	}
@@ -179,11 +188,14 @@ func sourceLeftovers(workDir string, e JournalEntry, resolved bool, winner strin
 // restore never counted: its processes, cgroup and directory go. A
 // prepared post-copy is dropped too: its source holds its copy whole
 // until post-copy ends (and the held copy here lacks the pages only the
-// source has). Any other prepared or in-doubt copy is left, held: only
-// the source's side says which copy may run. After COMMIT the tree runs
-// (moved out of phaul's cgroup); what is left is its files.
-func destLeftovers(workDir string, e JournalEntry, resolved bool) []Leftover {
+// source has). Any other prepared or in-doubt copy is left held until the
+// operator says which copy runs (winner). A committed copy CRIU still
+// holds (the service died between COMMIT and the resume) is resumed, its
+// memory made whole from the images first. What is left of a committed
+// migration is its files.
+func destLeftovers(workDir string, e JournalEntry, resolved bool, winner string) []Leftover {
 	dir := filepath.Join(workDir, e.ID)
+	held := fmt.Sprintf("restored tree %d held by criu %d", e.Root, e.CRIU)
 	switch {
 	case e.Phase == PhasePrepared && e.Mode.postcopy(), e.Phase < PhasePrepared:
 		plan := []Leftover{}
@@ -194,9 +206,24 @@ func destLeftovers(workDir string, e JournalEntry, resolved bool) []Leftover {
 			plan = append(plan, l)
 		}
 		return plan
-	case (e.Phase == PhasePrepared || e.Phase == PhaseInDoubt) && !resolved:
-		return []Leftover{{Kind: "held-tree", What: fmt.Sprintf("restored tree %d held by criu %d", e.Root, e.CRIU),
-			Why: "in doubt: the source's log and journal say whether its copy still runs; " + dir + "/state says how to resolve it"}}
+	case (e.Phase == PhasePrepared || e.Phase == PhaseInDoubt) && e.CRIUAlive():
+		switch winner {
+		case "source":
+			return []Leftover{{Kind: "held-tree", What: held, Why: "in doubt, resolved by the operator: the source's copy runs",
+				Action: "have CRIU drop the held copy", apply: func() error { return dropHeld(workDir, e) }}}
+		case "destination":
+			return []Leftover{{Kind: "held-tree", What: held, Why: "in doubt, resolved by the operator: this copy runs",
+				Action: "resume the held copy", apply: func() error { return resumeHeld(workDir, e) }}}
+		}
+		if !resolved {
+			return []Leftover{{Kind: "held-tree", What: held,
+				Why: "in doubt: the source's log and journal say whether its copy still runs; then phaul gc --resolved " +
+					e.ID + "=source drops this copy, =destination resumes it"}}
+		}
+	case (e.Phase == PhaseCommit || e.Phase == PhasePostcopy) && e.CRIUAlive():
+		return []Leftover{{Kind: "held-tree", What: held,
+			Why:    "COMMIT arrived but the service ended before the tree resumed: the source's copy is gone",
+			Action: "resume the committed copy", apply: func() error { return resumeHeld(workDir, e) }}}
 	}
 	var plan []Leftover
 	for _, cg := range e.Cgroups {
@@ -209,7 +236,7 @@ func destLeftovers(workDir string, e JournalEntry, resolved bool) []Leftover {
 			plan = append(plan, l)
 		}
 	}
-	if l, ok := pathLeftover(workDir, dir, "work-dir", "a committed migration's images and state, no longer read"); ok {
+	if l, ok := pathLeftover(workDir, dir, "work-dir", "a finished migration's images and state, no longer read"); ok {
 		plan = append(plan, l)
 	}
 	return plan

@@ -126,4 +126,7 @@ func (h *heldRestore) record(in *incoming, why error, memory string) {
 	if err := writeAtomic(filepath.Join(in.dir, "state"), []byte(state)); err != nil {
 		in.log.Error("record in-doubt state", "err", err)
 	}
+	if err := in.j.record(func(e *JournalEntry) { e.Memory = memory }); err != nil {
+		in.log.Error("journal", "err", err)
+	}
 }

@@ -57,6 +57,15 @@ type JournalEntry struct {
 	// (source: the lazy dump that holds the tree), CRIUStart its start.
 	CRIU      int    `json:"criu,omitempty"`
 	CRIUStart uint64 `json:"criu_start,omitempty"`
+	// CRIUPeerFD (destination) is CRIU's copy of the service's RPC end,
+	// in CRIU's fd table, through which a held restore is answered.
+	CRIUPeerFD int `json:"criu_peer_fd,omitempty"`
+	// CgroupParent (destination) is where a committed tree lives.
+	CgroupParent string `json:"cgroup_parent,omitempty"`
+	// Lazy (destination): the tree was restored with lazy pages; Memory
+	// is what a held one has of them (memory* in hold.go; "" unknown).
+	Lazy   bool   `json:"lazy,omitempty"`
+	Memory string `json:"memory,omitempty"`
 	// NftTable is CRIU's network-lock table ("inet CRIU-…"), once known.
 	NftTable string    `json:"nft_table,omitempty"`
 	Updated  time.Time `json:"updated"`

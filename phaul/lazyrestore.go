@@ -72,6 +72,45 @@ func startLazyRestore(workDir, imagesDir string, fetch *fetchClients, log *slog.
 	return l, nil
 }
 
+// park keeps the daemon's end of the restore's connection open in CRIU
+// (lazy.Daemon.Park), so that the held tree stays resumable if this
+// service dies: whoever resumes it then makes its memory whole first
+// (resumeHeld). Called once the restore holds the tree, before PREPARED.
+func (l *lazyRestore) park() error { return l.d.Park() }
+
+// failed reports, without waiting, whether the daemon already stopped
+// with an error: before the tree resumes, its lazy pages are then not
+// coming from it.
+func (l *lazyRestore) failed() error {
+	select {
+	case err := <-l.done:
+		l.done <- err // for wait or abort
+		return err
+	default:
+		return nil
+	}
+}
+
+// refill makes a held tree's memory whole without the daemon, which
+// failed: it closes the userfaultfds the daemon kept and writes every
+// lazy page from the images (lazy.Refill), which post-copy cannot (its
+// pages are at the source).
+func (l *lazyRestore) refill(imagesDir string, root int) error {
+	if l.remote != nil {
+		return fmt.Errorf("post-copy: the missing pages are at the source")
+	}
+	l.d.Close()
+	pids, err := treeVpids(root)
+	if err != nil {
+		return err
+	}
+	n, err := lazy.Refill(context.Background(), imagesDir, pids)
+	if err == nil {
+		l.log.Warn("lazy-pages daemon failed before the tree ran: its pages were written from the images", "pages", n)
+	}
+	return err
+}
+
 // abort ends the daemon of a restore that failed or was dropped (its tree
 // killed first).
 func (l *lazyRestore) abort() {

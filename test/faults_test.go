@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,8 +22,8 @@ import (
 
 	"github.com/checkpoint-restore/go-criu/v8/rpc"
 
+	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/dirty"
-	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
 )
@@ -453,45 +452,12 @@ func logTail(path string) string {
 // at logPath tells why there is none).
 func answerCRIU(t *testing.T, criuPID, fd int, resume bool, logPath string) *rpc.CriuResp {
 	t.Helper()
-	p, err := linux.PidfdOpen(criuPID)
+	resp, err := criu.AnswerHeld(criuPID, fd, resume, time.Minute)
 	if err != nil {
-		t.Fatalf("criu %d: %v", criuPID, err)
+		t.Fatalf("%v; restore.log:\n%s", err, logTail(logPath))
 	}
-	defer p.Close()
-	f, err := p.Getfd(fd)
-	if err != nil {
-		t.Fatalf("criu %d fd %d: %v", criuPID, fd, err)
-	}
-	c, err := net.FileConn(f) // a dup in the poller, for the deadline
-	f.Close()
-	if err != nil {
-		t.Fatalf("criu %d fd %d: %v", criuPID, fd, err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(time.Minute))
-	buf := make([]byte, 1<<20)
-	for ok := resume; ; ok = true {
-		b, err := (&rpc.CriuReq{Type: rpc.CriuReqType_NOTIFY.Enum(), NotifySuccess: &ok}).MarshalVT()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.Write(b); err != nil {
-			t.Fatalf("answer criu %d: %v", criuPID, err)
-		}
-		n, err := c.Read(buf) // one message: the socket is SOCK_SEQPACKET
-		if err != nil {
-			t.Fatalf("read criu %d: %v; restore.log:\n%s", criuPID, err, logTail(logPath))
-		}
-		resp := &rpc.CriuResp{}
-		if err := resp.UnmarshalVT(buf[:n]); err != nil {
-			t.Fatalf("criu %d: %v", criuPID, err)
-		}
-		if resp.GetType() != rpc.CriuReqType_NOTIFY {
-			t.Logf("criu %d answered %v success=%v", criuPID, resp.GetType(), resp.GetSuccess())
-			return resp
-		}
-		t.Logf("criu %d notifies %s", criuPID, resp.GetNotify().GetScript())
-	}
+	t.Logf("criu %d answered %v success=%v", criuPID, resp.GetType(), resp.GetSuccess())
+	return resp
 }
 
 // stopMigrateInRestore stops migrate (SIGSTOP) while the destination

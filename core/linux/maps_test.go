@@ -191,3 +191,29 @@ func FuzzParseSmaps(f *testing.F) {
 		}
 	})
 }
+
+// TestWriteProcessMemory writes a read-only page and a page never touched.
+func TestWriteProcessMemory(t *testing.T) {
+	b, err := unix.Mmap(-1, 0, 2*os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(b)
+	copy(b, "before")
+	if err := unix.Mprotect(b[:os.Getpagesize()], unix.PROT_READ); err != nil {
+		t.Fatal(err)
+	}
+	base := uint64(uintptr(unsafe.Pointer(&b[0])))
+	if err := WriteProcessMemory(os.Getpid(), base, []byte("after!")); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteProcessMemory(os.Getpid(), base+uint64(os.Getpagesize()), []byte("fresh")); err != nil {
+		t.Fatal(err)
+	}
+	if string(b[:6]) != "after!" || string(b[os.Getpagesize():os.Getpagesize()+5]) != "fresh" {
+		t.Fatalf("after WriteProcessMemory: %q / %q", b[:6], b[os.Getpagesize():os.Getpagesize()+5])
+	}
+	if err := WriteProcessMemory(os.Getpid(), 0, []byte("x")); err == nil {
+		t.Fatal("a write at address 0 succeeded")
+	}
+}

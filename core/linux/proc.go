@@ -114,6 +114,26 @@ func LockFile(path string) (release func(), err error) {
 	return func() { f.Close() }, nil
 }
 
+// LockDir takes an exclusive flock on directory path (no file is
+// created), waiting for it, and returns its release.
+func LockDir(path string) (release func(), err error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return func() { f.Close() }, nil
+}
+
 // ThreadCPUTime returns the CPU time the calling OS thread has used
 // (CLOCK_THREAD_CPUTIME_ID). Callers measuring a piece of work lock the
 // goroutine to its thread around it (runtime.LockOSThread); unlike wall

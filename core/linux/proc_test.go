@@ -145,3 +145,32 @@ func TestTracerPid(t *testing.T) {
 		t.Errorf("tracer of no process: %v, want fs.ErrNotExist", err)
 	}
 }
+
+func TestLockDir(t *testing.T) {
+	dir := t.TempDir()
+	release, err := LockDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan struct{})
+	go func() {
+		r2, err := LockDir(dir)
+		if err == nil {
+			r2()
+		}
+		close(got)
+	}()
+	select {
+	case <-got:
+		t.Fatal("a second LockDir did not wait for the first")
+	case <-time.After(50 * time.Millisecond):
+	}
+	release()
+	<-got
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Errorf("LockDir created %d files", len(ents))
+	}
+	if _, err := LockDir(dir + "/none"); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("LockDir of no directory: %v", err)
+	}
+}

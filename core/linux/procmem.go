@@ -55,3 +55,19 @@ func readProcMem(pid int, addr uint64, buf []byte) (int, error) {
 	}
 	return done, nil
 }
+
+// WriteProcessMemory writes buf at addr of process pid through
+// /proc/PID/mem, as a debugger does: pages without write permission are
+// written too, and pages never touched are allocated. The process should
+// be stopped (a tree held by CRIU): a running one may race the write.
+func WriteProcessMemory(pid int, addr uint64, buf []byte) error {
+	f, err := os.OpenFile("/proc/"+strconv.Itoa(pid)+"/mem", os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("write memory of %d: %w", pid, err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(buf, int64(addr)); err != nil {
+		return fmt.Errorf("write memory of %d at %#x+%d: %w", pid, addr, len(buf), err)
+	}
+	return nil
+}

@@ -1,0 +1,274 @@
+package test
+
+import (
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/phaul/phaul/phaul"
+	"github.com/phaul/phaul/test/testenv"
+)
+
+// The fault matrix, as QEMU's migration tests cancel after every state:
+// each cell kills one agent (SIGKILL, from the test build's fault hook
+// PHAUL_FAULT_KILL_AT) as it enters one state of phaul/machine.go, then
+// recovers as an operator would (a killed service restarts; an in-doubt
+// migration is resolved with `phaul gc --resolved` on both hosts, the
+// answer the other end's log gives; `phaul gc` on both hosts) and checks:
+// exactly one copy of the workload runs, the expected one, its memory
+// intact (it verifies itself), its step counter past where it stood
+// before the fault; `phaul gc --show` finds nothing on either host; and a
+// survivor on the source migrates again.
+
+// matrixCell is one agent killed at one state.
+type matrixCell struct {
+	mode string // the migration mode whose run enters the state
+	// survivor is the copy that runs after the recovery: "source" or
+	// "destination".
+	survivor string
+	// resolve is the operator's answer for a migration left in doubt
+	// (`phaul gc --resolved ID=resolve` on both hosts); "" if none is.
+	resolve string
+	// skip, if set, says why the cell does not run: a state the role
+	// never enters, or a loss the design states.
+	skip string
+}
+
+// faultMatrix has a cell for every state and both agents.
+// TestFaultMatrix fails when a state has none.
+var faultMatrix = map[string]map[phaul.Phase]matrixCell{
+	"source": {
+		phaul.PhasePreflight: {skip: "the initial state: no transition enters it (a kill before connect is covered by connect)"},
+		phaul.PhaseConnect:   {mode: "precopy", survivor: "source"},
+		phaul.PhaseRounds:    {mode: "precopy", survivor: "source"},
+		phaul.PhaseDump:      {mode: "precopy", survivor: "source"},
+		phaul.PhaseTransfer:  {mode: "precopy", survivor: "source"},
+		phaul.PhaseRestore:   {mode: "precopy", survivor: "source"},
+		// CRIU's post-dump is not answered yet: it resumes the source;
+		// the destination holds its copy in doubt.
+		phaul.PhasePrepared: {mode: "precopy", survivor: "source", resolve: "source"},
+		// The source's copy was killed at PREPARED; COMMIT never left.
+		phaul.PhaseCommit: {mode: "precopy", survivor: "destination", resolve: "destination"},
+		phaul.PhasePostcopy: {skip: "a loss post-copy states (docs/protocol.md §8): the destination runs and its " +
+			"missing pages are only in the source's held copy; no phaul takes over serving them"},
+		phaul.PhaseDone:     {mode: "precopy", survivor: "destination"},
+		phaul.PhaseRollback: {skip: "entered only after another failure"},
+		phaul.PhaseInDoubt:  {skip: "entered only after another failure"},
+	},
+	"destination": {
+		phaul.PhasePreflight: {skip: "the initial state: no transition enters it"},
+		phaul.PhaseConnect:   {mode: "precopy", survivor: "source"},
+		phaul.PhaseRounds:    {mode: "precopy", survivor: "source"},
+		phaul.PhaseDump:      {mode: "cold", survivor: "source"}, // a pre-copy destination cannot tell the freeze from the rounds
+		phaul.PhaseTransfer:  {mode: "precopy", survivor: "source"},
+		phaul.PhaseRestore:   {mode: "precopy", survivor: "source"},
+		// PREPARED never left: the source rolls back; the restarted
+		// service finds its copy held in doubt.
+		phaul.PhasePrepared: {mode: "precopy", survivor: "source", resolve: "source"},
+		// COMMIT arrived, the tree had not resumed: the restarted service
+		// resumes it, its memory refilled from the images; the source
+		// never heard COMMITTED.
+		phaul.PhaseCommit: {mode: "precopy", survivor: "destination", resolve: "destination"},
+		phaul.PhasePostcopy: {skip: "a loss the README states: the service's lazy-pages daemon holds the running " +
+			"tree's userfaultfds; killed, the pages it had not placed read as zeros"},
+		phaul.PhaseDone:     {mode: "precopy", survivor: "destination"},
+		phaul.PhaseRollback: {skip: "entered only after another failure"},
+		phaul.PhaseInDoubt:  {skip: "entered only after another failure"},
+	},
+}
+
+// matrixResult is what a cell printed in the table.
+type matrixResult struct {
+	role  string
+	phase phaul.Phase
+	out   string
+}
+
+func TestFaultMatrix(t *testing.T) {
+	var phases []phaul.Phase
+	for p := phaul.Phase(0); !strings.HasPrefix(p.String(), "phase("); p++ {
+		phases = append(phases, p)
+	}
+	var (
+		mu      sync.Mutex
+		results []matrixResult
+	)
+	t.Cleanup(func() { printMatrix(t, phases, results) })
+	for _, role := range []string{"source", "destination"} {
+		for _, p := range phases {
+			c, ok := faultMatrix[role][p]
+			if !ok {
+				t.Errorf("state %s has no cell for the %s killed: add it to faultMatrix", p, role)
+				continue
+			}
+			t.Run(role+"/"+p.String(), func(t *testing.T) {
+				res := matrixResult{role: role, phase: p, out: "skip: " + c.skip}
+				defer func() {
+					if t.Failed() {
+						res.out = "FAIL"
+					}
+					mu.Lock()
+					results = append(results, res)
+					mu.Unlock()
+				}()
+				if c.skip != "" {
+					t.Skipf("SKIP: %s killed at %s: %s", role, p, c.skip)
+				}
+				res.out = runCell(t, role, p, c)
+			})
+		}
+	}
+}
+
+// runCell runs one cell and returns its line for the table.
+func runCell(t *testing.T, role string, p phaul.Phase, c matrixCell) string {
+	e := newEnv(t, testenv.HostsOpts{})
+	fault := role + ":" + p.String()
+	if role == "destination" {
+		t.Setenv("PHAUL_FAULT_KILL_AT", fault)
+	}
+	e.startServe()
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: 2000})
+	w.WaitProgress(t, 3)
+	src := w.PID()
+	t.Setenv("PHAUL_FAULT_KILL_AT", "")
+	if role == "source" {
+		t.Setenv("PHAUL_FAULT_KILL_AT", fault)
+	}
+	m := e.startMigrate(src, "--mode", c.mode)
+	r := m.wait(3 * time.Minute)
+	t.Setenv("PHAUL_FAULT_KILL_AT", "")
+	before, err := w.LastStep()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := migrationID(t, r.out)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("restore.log:\n%s", logTail(filepath.Join(e.dstWork, id, "restore.log")))
+		}
+	})
+	killed := m.cmd.ProcessState.String() == "signal: killed"
+	if role == "destination" {
+		select {
+		case <-e.serveDone:
+		case <-time.After(time.Minute):
+			t.Fatalf("serve was not killed at %s\nmigrate:\n%s", p, r.out)
+		}
+		if e.serve.ProcessState.String() != "signal: killed" {
+			t.Fatalf("serve ended %v, want killed at %s", e.serve.ProcessState, p)
+		}
+		e.startServe() // recovers what the killed one left
+	} else if !killed {
+		t.Fatalf("migrate ended %v (exit %d), want killed at %s\n%s", m.cmd.ProcessState, r.code, p, r.out)
+	}
+
+	steps := []string{fmt.Sprintf("migrate %s", migrateEnd(m, r))}
+	if c.resolve != "" {
+		// As an operator, wait until the destination says it holds
+		// the copy in doubt (a lazy restore gets its memory first).
+		waitServeLog(t, e, regexp.MustCompile(`migration in doubt|resuming it`), time.Minute, nil)
+		for _, dir := range []string{e.dstWork, e.srcWork} {
+			out, code := e.phaul(e.hostOf(dir), "gc", "--work-dir", dir, "--resolved", id+"="+c.resolve)
+			t.Logf("gc --resolved %s=%s %s: exit %d\n%s", id, c.resolve, dir, code, out)
+			if code != 0 {
+				t.Fatalf("gc --resolved on %s: exit %d\n%s", dir, code, out)
+			}
+		}
+		steps = append(steps, "gc --resolved "+c.resolve)
+	}
+	for _, dir := range []string{e.srcWork, e.dstWork} {
+		out, code := e.phaul(e.hostOf(dir), "gc", "--work-dir", dir)
+		t.Logf("gc %s: exit %d\n%s", dir, code, out)
+		if code != 0 {
+			t.Fatalf("gc %s: exit %d\n%s", dir, code, out)
+		}
+		if strings.Contains(out, "done:") {
+			steps = append(steps, "gc "+map[string]string{e.srcWork: "src", e.dstWork: "dst"}[dir])
+		}
+	}
+
+	// Exactly one copy runs, the expected one, healthy and past the
+	// step it stood at before the fault.
+	var running []int
+	testenv.WaitFor(t, time.Minute, func() (bool, error) {
+		running = runningCopies(t, w)
+		return len(running) == 1, w.Health()
+	})
+	host := e.hosts.Src
+	if c.survivor == "destination" {
+		host = e.hosts.Dst
+	}
+	if in, err := host.Contains(running[0]); err != nil || !in {
+		t.Fatalf("the running copy %d is not on the %s: %v", running[0], c.survivor, err)
+	}
+	if c.survivor == "source" && running[0] != src {
+		t.Fatalf("copy %d runs at the source, want the original %d", running[0], src)
+	}
+	testenv.WaitFor(t, time.Minute, func() (bool, error) {
+		last, err := w.LastStep()
+		if err == nil {
+			err = w.Health()
+		}
+		return last.Verified >= before.Verified+2 && last.N > before.N, err
+	})
+	w.CheckHealthy(t)
+	for _, dir := range []string{e.srcWork, e.dstWork} {
+		if out, code := e.phaul(e.hostOf(dir), "gc", "--work-dir", dir, "--show"); code != 0 || !strings.Contains(out, "nothing left over") {
+			t.Fatalf("gc --show %s after the recovery: exit %d\n%s", dir, code, out)
+		}
+	}
+	if c.survivor == "source" {
+		if left := dirNames(t, e.srcWork); len(left) > 0 {
+			t.Fatalf("source work dir after gc: %v", left)
+		}
+		e.assertMigrated(w, e.migrate(src))
+		steps = append(steps, "migrated again")
+	}
+	return c.survivor + " runs; " + strings.Join(steps, ", ")
+}
+
+// hostOf is the test host whose work dir dir is.
+func (e *env) hostOf(dir string) *testenv.Netns {
+	if dir == e.dstWork {
+		return e.hosts.Dst
+	}
+	return e.hosts.Src
+}
+
+// migrateEnd says how migrate ended: killed, or its exit status.
+func migrateEnd(m *bgMigrate, r result) string {
+	if s := m.cmd.ProcessState.String(); s == "signal: killed" {
+		return "killed"
+	}
+	return fmt.Sprintf("exit %d", r.code)
+}
+
+// printMatrix logs the matrix: a row per state, a column per agent.
+func printMatrix(t *testing.T, phases []phaul.Phase, results []matrixResult) {
+	var b strings.Builder
+	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "STATE\tSOURCE KILLED\tDESTINATION KILLED")
+	cell := func(role string, p phaul.Phase) string {
+		i := slices.IndexFunc(results, func(r matrixResult) bool { return r.role == role && r.phase == p })
+		if i < 0 {
+			return "not run"
+		}
+		out := results[i].out
+		if len(out) > 70 {
+			out = out[:67] + "..."
+		}
+		return out
+	}
+	for _, p := range phases {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", p, cell("source", p), cell("destination", p))
+	}
+	tw.Flush()
+	t.Logf("fault matrix (agent killed with SIGKILL as it enters the state):\n%s", b.String())
+}
