@@ -29,13 +29,13 @@ type Daemon struct {
 	det     chan int // Detach -> the loop: room for one
 
 	mu       sync.Mutex
-	used     bool    // guarded by mu: Serve ran or Close was called
-	detached bool    // guarded by mu: Detach was called
+	used     bool          // guarded by mu: Serve ran or Close was called
+	detached bool          // guarded by mu: Detach was called
 	conn     *net.UnixConn // guarded by mu: the restore's connection, once accepted
 	parked   bool          // guarded by mu: conn's end is parked in the restore
-	kept     []*task // guarded by mu: userfaultfds a failed Serve left for Close
-	closed   bool    // guarded by mu
-	st       stats   // guarded by mu
+	kept     []*task       // guarded by mu: userfaultfds a failed Serve left for Close
+	closed   bool          // guarded by mu
+	st       stats         // guarded by mu
 }
 
 // Listen validates cfg and listens on WorkDir/lazy-pages.socket, replacing
