@@ -5,8 +5,8 @@ import (
 	"context"
 	"errors"
 	"os"
+	"reflect"
 	"testing"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -24,7 +24,7 @@ func TestRefill(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Munmap(mem)
-	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
+	base := uint64(reflect.ValueOf(mem).Pointer())
 	copy(mem[6*pageSize:], "eager")
 	dir := t.TempDir()
 	writeFile(t, dir, "pstree.img", pstreeImage(id))
