@@ -352,30 +352,6 @@ func (s *source) precopyRounds(ctx context.Context, pre *precopy) error {
 	return nil
 }
 
-// openTree opens pidfds for the processes of the tree rooted at root.
-func openTree(root int) ([]*linux.Pidfd, error) {
-	pids, err := treePids(root)
-	if err != nil {
-		return nil, fmt.Errorf("source tree: %w", err)
-	}
-	var pfds []*linux.Pidfd
-	for _, pid := range pids {
-		p, err := linux.PidfdOpen(pid)
-		if err != nil {
-			closeAll(pfds)
-			return nil, fmt.Errorf("source tree: %w", err)
-		}
-		pfds = append(pfds, p)
-	}
-	return pfds, nil
-}
-
-func closeAll(pfds []*linux.Pidfd) {
-	for _, p := range pfds {
-		p.Close()
-	}
-}
-
 // rolledBack confirms the source tree still runs and says so in err.
 func (s *source) rolledBack(err error) error {
 	if alive, _ := linux.ProcessExists(s.cfg.PID); alive {
