@@ -50,6 +50,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME) ./core/wire/
 	$(GO) test -run '^$$' -fuzz FuzzReceive -fuzztime $(FUZZTIME) ./core/images/
 	$(GO) test -run '^$$' -fuzz FuzzInventory -fuzztime $(FUZZTIME) ./core/images/
+	$(GO) test -run '^$$' -fuzz FuzzRecords -fuzztime $(FUZZTIME) ./core/images/
 	$(GO) test -run '^$$' -fuzz FuzzReadPagemap -fuzztime $(FUZZTIME) ./core/pagestore/
 	$(GO) test -run '^$$' -fuzz 'FuzzReceive$$' -fuzztime $(FUZZTIME) ./pageserver/
 	$(GO) test -run '^$$' -fuzz FuzzSession -fuzztime $(FUZZTIME) ./pageserver/

@@ -7,12 +7,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
+	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
 )
 
@@ -29,7 +31,7 @@ import (
 type Leftover struct {
 	Migration string `json:"migration"`
 	Role      string `json:"role"`
-	Phase     Phase  `json:"phase"`
+	Phase     string `json:"phase,omitempty"`
 	// Kind: criu (a CRIU holding the source tree), held-tree, nft-table,
 	// images, cgroup, work-dir, journal.
 	Kind string `json:"kind"`
@@ -45,8 +47,9 @@ type Leftover struct {
 
 // GCReport is what one gc run found and did.
 type GCReport struct {
-	WorkDir   string     `json:"work_dir"`
-	Leftovers []Leftover `json:"leftovers"`
+	WorkDir    string     `json:"work_dir,omitempty"`
+	ImagesDirs []string   `json:"images_dirs,omitempty"`
+	Leftovers  []Leftover `json:"leftovers"`
 	// Busy lists the migrations whose phaul still runs: not leftovers.
 	Busy []string `json:"busy,omitempty"`
 }
@@ -63,8 +66,12 @@ type GCOptions struct {
 	// destination's does, and is left otherwise.
 	Resolved map[string]string
 	// Role, if set, limits GC to one end's entries (an agent's start-up).
-	Role   string
-	Logger *slog.Logger
+	Role string
+	// ImagesDirs are the images dirs of dumps phaul did not drive (CRIU's
+	// -D) whose restore will never happen: what CRIU left for the
+	// restore goes (link remaps, its network lock).
+	ImagesDirs []string
+	Logger     *slog.Logger
 }
 
 // GC finds what unfinished migrations left on this host, from workDir's
@@ -72,13 +79,25 @@ type GCOptions struct {
 // nothing the first could remove.
 func GC(workDir string, o GCOptions) (GCReport, error) {
 	log, apply, resolved := discardIfNil(o.Logger), o.Apply, o.Resolved
-	rep := GCReport{WorkDir: workDir}
+	rep := GCReport{WorkDir: workDir, ImagesDirs: o.ImagesDirs}
 	// One resolver at a time per journal: a service starting and an
 	// operator's gc must not both resume one held tree.
-	if release, err := linux.LockDir(JournalDir(workDir)); err == nil {
-		defer release()
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return rep, err
+	if workDir != "" {
+		if release, err := linux.LockDir(JournalDir(workDir)); err == nil {
+			defer release()
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return rep, err
+		}
+	}
+	for _, dir := range o.ImagesDirs {
+		plan, err := dumpLeftovers(dir)
+		if err != nil {
+			return rep, err
+		}
+		rep.Leftovers = append(rep.Leftovers, applyAll(plan, apply, log)...)
+	}
+	if workDir == "" {
+		return rep, nil
 	}
 	ents, err := ReadJournal(JournalDir(workDir))
 	if err != nil {
@@ -106,30 +125,39 @@ func GC(workDir string, o GCOptions) (GCReport, error) {
 	return rep, nil
 }
 
-// resolve applies plan in order (with apply), then drops e's entry once
-// nothing of it is left.
-func resolve(workDir string, e JournalEntry, plan []Leftover, apply bool, log *slog.Logger) []Leftover {
-	left := false
+// applyAll applies plan in order (with apply); a leftover without an
+// action stays, listed.
+func applyAll(plan []Leftover, apply bool, log *slog.Logger) []Leftover {
 	for i := range plan {
 		l := &plan[i]
-		l.Migration, l.Role, l.Phase = e.ID, e.Role, e.Phase
-		if l.apply == nil {
-			left = true
-			continue
-		}
-		if !apply {
+		if l.apply == nil || !apply {
 			continue
 		}
 		if err := l.apply(); err != nil {
 			l.Err = err.Error()
-			left = true
-			log.Error("gc", "migration", e.ID, "kind", l.Kind, "what", l.What, "err", err)
+			log.Error("gc", "migration", l.Migration, "kind", l.Kind, "what", l.What, "err", err)
 			continue
 		}
 		l.Done = true
-		log.Warn("gc: "+l.Action, "migration", e.ID, "phase", e.Phase, "kind", l.Kind, "what", l.What, "why", l.Why)
+		log.Warn("gc: "+l.Action, "migration", l.Migration, "phase", l.Phase, "kind", l.Kind, "what", l.What, "why", l.Why)
 	}
-	entry := Leftover{Migration: e.ID, Role: e.Role, Phase: e.Phase, Kind: "journal",
+	return plan
+}
+
+// resolve applies plan in order (with apply), then drops e's entry once
+// nothing of it is left.
+func resolve(workDir string, e JournalEntry, plan []Leftover, apply bool, log *slog.Logger) []Leftover {
+	for i := range plan {
+		plan[i].Migration, plan[i].Role, plan[i].Phase = e.ID, e.Role, e.Phase.String()
+	}
+	applyAll(plan, apply, log)
+	left := false
+	for _, l := range plan {
+		if !l.Done && (l.apply == nil || apply) {
+			left = true
+		}
+	}
+	entry := Leftover{Migration: e.ID, Role: e.Role, Phase: e.Phase.String(), Kind: "journal",
 		What: entryPath(JournalDir(workDir), e.ID, e.Role),
 		Why:  fmt.Sprintf("unfinished: its phaul (pid %d) ended at %s", e.Owner, e.Phase)}
 	if !left {
@@ -170,6 +198,9 @@ func sourceLeftovers(workDir string, e JournalEntry, resolved bool, winner strin
 		if l, ok := lockLeftover(e, criuHolds || resolved); ok {
 			plan = append(plan, l)
 		}
+	}
+	if e.ImagesDir != "" && exists(e.ImagesDir) {
+		plan = append(plan, remapLeftovers(e.ImagesDir, remapsUnneeded(e, criuHolds || resolved))...)
 	}
 	if l, ok := pathLeftover(workDir, e.ImagesDir, "images", "the dump's images, sent or not: no one reads them again"); ok {
 		plan = append(plan, l)
@@ -433,4 +464,81 @@ func waitUntil(timeout time.Duration, done func() bool, format string, args ...a
 		time.Sleep(5 * time.Millisecond)
 	}
 	return nil
+}
+
+// remapsUnneeded reports whether the link remaps of e's dump can go: as
+// its lock (lockLeftover), once the tree runs here again or the
+// destination's copy has run, or the operator resolved the migration;
+// while the destination may still restore a copy in doubt (on storage
+// both hosts share) they stay.
+func remapsUnneeded(e JournalEntry, unlock bool) bool {
+	alive, _ := linux.ProcessExists(e.Root)
+	return alive || unlock || e.Phase == PhasePostcopy || e.Phase == PhaseDone || e.Phase < PhasePrepared
+}
+
+// dumpLeftovers plans what a dump in dir left for a restore that will
+// never happen: its link remaps and its network lock.
+func dumpLeftovers(dir string) ([]Leftover, error) {
+	if _, err := os.Stat(filepath.Join(dir, "inventory.img")); err != nil {
+		return nil, fmt.Errorf("gc: %s is no dump's images dir: %w", dir, err)
+	}
+	plan := remapLeftovers(dir, true)
+	if table := networkLockTable(dir); table != "" {
+		t := linux.NftTable{Family: "inet", Name: table}
+		tables, err := linux.NftTables()
+		if err != nil {
+			return nil, fmt.Errorf("gc: %w", err)
+		}
+		if slices.Contains(tables, t) {
+			plan = append(plan, Leftover{Kind: "nft-table", What: t.String(), Why: "CRIU's network lock of the dump in " + dir,
+				Action: "delete the table", apply: func() error { return ignoreNotExist(linux.DeleteNftTable(t)) }})
+		}
+	}
+	for i := range plan {
+		plan[i].Role = "dump"
+	}
+	return plan, nil
+}
+
+// remapLeftovers plans the link remaps the dump in dir made that still
+// exist. Only links in this mount namespace (the dumped tree shared it:
+// CRIU recorded no mount) named link_remap.N are removed, with unlink
+// (never followed).
+func remapLeftovers(dir string, remove bool) []Leftover {
+	remaps, err := images.ReadLinkRemaps(dir)
+	if err != nil {
+		return []Leftover{{Kind: "link-remap", What: dir, Why: "cannot read the dump's link remaps: " + err.Error()}}
+	}
+	var plan []Leftover
+	for _, r := range remaps {
+		l := Leftover{Kind: "link-remap", What: r.Path, Why: "CRIU's hard link to an unlinked open file, kept for a restore"}
+		switch fi, err := os.Lstat(r.Path); {
+		case r.MntID >= 0:
+			l.What = fmt.Sprintf("%s on mount %d of the tree's mount namespace", r.Path, r.MntID)
+			l.Why += ": in another mount namespace, remove it from there"
+		case !linkRemapName.MatchString(filepath.Base(r.Path)) || !filepath.IsAbs(r.Path):
+			l.Why += ": not named link_remap.N, left alone"
+		case err != nil:
+			continue // gone
+		case !fi.Mode().IsRegular():
+			l.Why += ": not a regular file, left alone"
+		case !remove:
+			l.Why += "; the destination may still restore from it (in doubt)"
+		default:
+			path := r.Path
+			l.Action = "remove"
+			l.apply = func() error { return ignoreNotExist(os.Remove(path)) }
+		}
+		plan = append(plan, l)
+	}
+	return plan
+}
+
+var linkRemapName = regexp.MustCompile(`^link_remap\.[0-9]+$`)
+
+func ignoreNotExist(err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
 }

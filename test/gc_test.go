@@ -1,13 +1,25 @@
 package test
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
 	"regexp"
+	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/phaul/phaul/core/dirty"
+	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
@@ -187,4 +199,141 @@ func waitPhase(t *testing.T, e *env, m *bgMigrate, p phaul.Phase) string {
 		return ents[0].Phase == p, nil
 	})
 	return id
+}
+
+// TestGCDumpLeftovers, in the spirit of CRIU's zdtm gc tests: a tree holding
+// an open file whose name was unlinked (a second hard link keeps it) and an
+// established TCP connection is dumped by CRIU itself with --link-remap
+// and --tcp-established; the dump kills the tree and the restore never
+// happens. CRIU leaves its link_remap.N beside the file and its nftables
+// lock, which drops the connection's packets. `phaul gc --images-dir
+// --show` lists both and removes nothing; `phaul gc --images-dir` removes
+// them, the connection's packets flow again (a SYN on its 4-tuple is
+// answered), and a second --show finds nothing.
+func TestGCDumpLeftovers(t *testing.T) {
+	testenv.RequireRoot(t)
+	criu := testenv.RequireCRIU(t)
+	e := newEnv(t, testenv.HostsOpts{})
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 8, PagesPerSec: 200, TCPPair: true, GhostLink: true})
+	w.WaitProgress(t, 3)
+	local, remote := tcpPairPorts(t, w.PID())
+	anchor := e.hosts.Src.Command(context.Background(), "sleep", "600") // a process in the source netns
+	if err := anchor.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { anchor.Process.Kill(); anchor.Wait() })
+
+	dump := filepath.Join(e.dir, "dump")
+	if err := os.Mkdir(dump, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	out, err := e.hosts.Src.Command(context.Background(), criu, "dump", "-t", strconv.Itoa(w.PID()), "-D", dump,
+		"--tcp-established", "--link-remap", "--network-lock", "nftables", "-o", "dump.log", "-v4").CombinedOutput()
+	if err != nil {
+		t.Fatalf("criu dump: %v\n%s\n%s", err, out, logTail(filepath.Join(dump, "dump.log")))
+	}
+	w.WaitExit(t, 10*time.Second)
+	remaps, _ := filepath.Glob(filepath.Join(w.Dir, "link_remap.*"))
+	inv, err := images.ReadInventory(dump)
+	if len(remaps) != 1 || err != nil {
+		t.Fatalf("after the dump: link remaps %v, inventory %v; want one remap", remaps, err)
+	}
+	table := images.NftLockTable(inv.RunID)
+	if !hasTable(t, anchor.Process.Pid, table) {
+		t.Fatalf("after the dump: no lock table %s in the source netns", table)
+	}
+	if err := synAnswered(t, e.hosts.Src, local, remote); err == nil {
+		t.Fatalf("a SYN on the locked connection's 4-tuple was answered before gc")
+	}
+
+	out2, code := e.phaul(e.hosts.Src, "gc", "--images-dir", dump, "--show")
+	t.Logf("gc --show:\n%s", out2)
+	if code != 1 || !strings.Contains(out2, "link-remap") || !strings.Contains(out2, table) {
+		t.Fatalf("gc --show: exit %d, want 1 listing the link remap and %s\n%s", code, table, out2)
+	}
+	if _, err := os.Stat(remaps[0]); err != nil || !hasTable(t, anchor.Process.Pid, table) {
+		t.Fatalf("gc --show removed something: remap %v, table there %v", err, hasTable(t, anchor.Process.Pid, table))
+	}
+	out2, code = e.phaul(e.hosts.Src, "gc", "--images-dir", dump)
+	t.Logf("gc:\n%s", out2)
+	if code != 0 {
+		t.Fatalf("gc: exit %d\n%s", code, out2)
+	}
+	if _, err := os.Stat(remaps[0]); !errors.Is(err, fs.ErrNotExist) || hasTable(t, anchor.Process.Pid, table) {
+		t.Fatalf("after gc: remap %v, table there %v", err, hasTable(t, anchor.Process.Pid, table))
+	}
+	if err := synAnswered(t, e.hosts.Src, local, remote); err != nil {
+		t.Fatalf("after gc the connection's 4-tuple still gets no answer: %v", err)
+	}
+	if out2, code := e.phaul(e.hosts.Src, "gc", "--images-dir", dump, "--show"); code != 0 || !strings.Contains(out2, "nothing left over") {
+		t.Fatalf("second gc --show: exit %d\n%s", code, out2)
+	}
+}
+
+// tcpPairPorts returns the ports of pid's established loopback TCP pair
+// (client's, server's), from /proc/PID/net/tcp.
+func tcpPairPorts(t *testing.T, pid int) (client, server int) {
+	t.Helper()
+	var ports [][2]int
+	testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/tcp", pid))
+		if err != nil {
+			return false, err
+		}
+		ports = nil
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 4 || f[3] != "01" || !strings.HasPrefix(f[1], "0100007F:") || !strings.HasPrefix(f[2], "0100007F:") {
+				continue
+			}
+			l, _ := strconv.ParseInt(f[1][9:], 16, 32)
+			r, _ := strconv.ParseInt(f[2][9:], 16, 32)
+			ports = append(ports, [2]int{int(l), int(r)})
+		}
+		return len(ports) == 2, nil
+	})
+	// The pair is one connection seen from both ends: the server's port
+	// is the listener's, below the client's ephemeral one or not.
+	return ports[0][0], ports[0][1]
+}
+
+// synAnswered dials from 127.0.0.1:local to 127.0.0.1:remote inside ns,
+// with a listener on remote there: nil if the handshake completes within a
+// second (no lock drops the tuple's packets).
+func synAnswered(t *testing.T, ns *testenv.Netns, local, remote int) error {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine, in ns
+		f, err := os.Open(ns.Path())
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- err
+			return
+		}
+		lc := net.ListenConfig{Control: reuseAddr}
+		ln, err := lc.Listen(context.Background(), "tcp4", fmt.Sprintf("127.0.0.1:%d", remote))
+		if err != nil {
+			errc <- fmt.Errorf("listen: %w", err)
+			return
+		}
+		defer ln.Close()
+		d := net.Dialer{Timeout: time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: local}, Control: reuseAddr}
+		c, err := d.Dial("tcp4", fmt.Sprintf("127.0.0.1:%d", remote))
+		if err == nil {
+			c.Close()
+		}
+		errc <- err
+	}()
+	return <-errc
+}
+
+func reuseAddr(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+	return errors.Join(err, serr)
 }

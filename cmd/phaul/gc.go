@@ -16,7 +16,7 @@ func gcCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "gc",
 		Usage:     "find and remove what unfinished migrations left on this host",
-		UsageText: "phaul gc --work-dir DIR [--show] [--json] [--resolved ID[=source|destination]]...",
+		UsageText: "phaul gc (--work-dir DIR | --images-dir DIR)... [--show] [--json] [--resolved ID[=source|destination]]...",
 		Description: "Reads the journal of a work dir (phaul migrate's or phaul serve's) and resolves each\n" +
 			"migration whose phaul is gone the safe way: a source tree CRIU still holds for a\n" +
 			"migration that never committed resumes; one whose destination has run is killed;\n" +
@@ -24,14 +24,15 @@ func gcCommand() *cli.Command {
 			"whose phaul runs is not touched, nor one in doubt until --resolved names it, nor\n" +
 			"anything no entry names. Exits 1 when something is left (or, with --show, found).",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "work-dir", Required: true, Usage: "the work dir phaul migrate or phaul serve used"},
+			&cli.StringFlag{Name: "work-dir", Usage: "the work dir phaul migrate or phaul serve used"},
+			&cli.StringSliceFlag{Name: "images-dir", Usage: "the images `DIR` of a dump phaul did not drive (criu dump -D) that will never be restored: its link remaps and network lock go (repeatable)"},
 			&cli.BoolFlag{Name: "show", Usage: "list what is left over and why; remove nothing"},
 			&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
 			&cli.StringSliceFlag{Name: "resolved", Usage: "a migration in doubt the operator has resolved: `ID=source` (the source's copy runs: a tree CRIU holds resumes), ID=destination (a held source tree is killed), or bare ID (copies resolved by hand); repeatable"},
 		},
 		Action: func(c *cli.Context) error {
-			if c.NArg() != 0 {
-				return cli.Exit("usage: phaul gc --work-dir DIR [--show] [--json] [--resolved ID[=source|destination]]...", 2)
+			if c.NArg() != 0 || (c.String("work-dir") == "" && len(c.StringSlice("images-dir")) == 0) {
+				return cli.Exit("usage: phaul gc (--work-dir DIR | --images-dir DIR)... [--show] [--json] [--resolved ID[=source|destination]]...", 2)
 			}
 			resolved := map[string]string{}
 			for _, r := range c.StringSlice("resolved") {
@@ -42,7 +43,7 @@ func gcCommand() *cli.Command {
 				resolved[id] = winner
 			}
 			rep, err := phaul.GC(c.String("work-dir"), phaul.GCOptions{Apply: !c.Bool("show"),
-				Resolved: resolved, Logger: newLogger(c)})
+				Resolved: resolved, ImagesDirs: c.StringSlice("images-dir"), Logger: newLogger(c)})
 			if err != nil {
 				return err
 			}
@@ -73,7 +74,7 @@ func writeGCText(w io.Writer, rep phaul.GCReport, show bool) error {
 		fmt.Fprintf(w, "busy: %s\n", b)
 	}
 	if len(rep.Leftovers) == 0 {
-		_, err := fmt.Fprintf(w, "nothing left over in %s\n", rep.WorkDir)
+		_, err := fmt.Fprintf(w, "nothing left over in %s\n", strings.Join(append([]string{rep.WorkDir}, rep.ImagesDirs...), " "))
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -88,7 +89,14 @@ func writeGCText(w io.Writer, rep phaul.GCReport, show bool) error {
 		case l.Action != "" && show:
 			status = "would " + l.Action
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Migration, l.Role, l.Phase, l.Kind, l.What, status, l.Why)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", dash(l.Migration), l.Role, dash(l.Phase), l.Kind, l.What, status, l.Why)
 	}
 	return tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
