@@ -455,7 +455,22 @@ func (e *env) assertMigrated(w *testenv.Workload, r result) int {
 	w.WaitProgress(t, 5)
 	w.CheckHealthy(t)
 	e.assertNoImagesLeft()
+	e.assertNothingForGC()
 	return pid
+}
+
+// assertNothingForGC checks that phaul gc finds nothing on either host
+// after a migration that succeeded.
+func (e *env) assertNothingForGC() {
+	e.t.Helper()
+	for _, h := range []struct {
+		ns  *testenv.Netns
+		dir string
+	}{{e.hosts.Src, e.srcWork}, {e.hosts.Dst, e.dstWork}} {
+		if out, code := e.phaul(h.ns, "gc", "--work-dir", h.dir, "--show"); code != 0 || !strings.Contains(out, "nothing left over") {
+			e.t.Fatalf("phaul gc --show %s after a successful migration: exit %d\n%s", h.dir, code, out)
+		}
+	}
 }
 
 // assertOnSource checks the workload after a failed migration: the source
