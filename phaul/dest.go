@@ -322,6 +322,12 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 	// its copy, and a service that dies then must find this one held, not
 	// undo it as unprepared.
 	in.phase(PhasePrepared)
+	if err := in.hold.gone(); err != nil {
+		// The rebuilt tree died with its CRIU: PREPARED must not go, or
+		// the source ends the only copy.
+		in.abort("the destination's CRIU ended holding the restored tree: " + err.Error())
+		return fmt.Errorf("restore: %w", err)
+	}
 	err = in.ctl.Send(&wire.Message{Body: &wire.Message_Prepared{Prepared: &wire.Prepared{
 		Pid: int32(pid), RestoreNanos: uint64(time.Since(t0)), ReceivedBytes: images.Total(files)}}})
 	if err != nil {

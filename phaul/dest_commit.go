@@ -166,6 +166,12 @@ func (s *Server) commit(in *incoming) error {
 		// The source's copy is gone: the tree must run, wherever it is.
 		in.log.Error("move restored tree to its cgroup parent", "parent", s.cfg.CgroupParent, "err", err)
 	}
+	if err := in.hold.gone(); err != nil {
+		// CRIU died holding the tree, which never ran; the source ended
+		// its copy at PREPARED (docs/protocol.md §6): nothing is left.
+		in.log.Error("COMMIT arrived but CRIU died before it resumed the tree: the workload is lost", "err", err)
+		return fmt.Errorf("resume: %w", err)
+	}
 	if err := in.hold.Resume(); err != nil {
 		in.log.Error("criu after resuming the restored tree", "err", err)
 	}
@@ -266,3 +272,4 @@ func (s *Server) removeImages(in *incoming) {
 		in.log.Warn("remove work dir", "err", err)
 	}
 }
+

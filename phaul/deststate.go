@@ -27,7 +27,11 @@ func (in *incoming) phase(p Phase) {
 	if err != nil {
 		in.log.Error("journal", "phase", p, "err", err)
 	}
-	faultKillAt(RoleDestination, p)
+	criuPID := 0
+	if in.hold != nil {
+		criuPID = in.hold.criuPID
+	}
+	faultAt(RoleDestination, p, criuPID)
 	in.m.enter(p)
 	in.log.Info("phase", "phase", p)
 }

@@ -288,7 +288,10 @@ func (r *dumpRun) onHeld() error {
 // criuStarted records the CRIU that will hold the tree, so that whoever
 // finds this migration unfinished can resolve what CRIU holds.
 func (r *dumpRun) criuStarted(pid int) error {
-	r.sess.started()
+	if r.sess != nil {
+		r.sess.started()
+	}
+	r.s.criuPID = pid
 	st, err := linux.ReadProcessStat(pid)
 	if err != nil {
 		return fmt.Errorf("criu: %w", err)
@@ -312,9 +315,9 @@ func (r *dumpRun) dump(ctx context.Context) error {
 	s := r.s
 	req := criu.DumpRequest{Pid: s.cfg.PID, ImagesDir: r.imagesDir, Options: s.cfg.CRIU}
 	dctx := ctx
+	req.Started = r.criuStarted
 	if r.lazy {
 		req.LazySocket, req.LazyPeer = r.sess.criuEnd, r.sess.peer
-		req.Started = r.criuStarted
 		if r.postcopy {
 			// Once the destination may run, CRIU must hold the tree
 			// whatever phaul is told: a canceled dump would let
@@ -364,6 +367,9 @@ func (r *dumpRun) settle(err error) error {
 		s.log.Warn("page stream ended badly after a good dump", "err", perr)
 	}
 	if err != nil && !r.acked {
+		// CRIU's own rollback unlocks the network; a CRIU that died
+		// left its lock on a tree that runs again.
+		s.removeNetworkLock(r.nftTable)
 		s.phase(PhaseRollback)
 		s.abort(fmt.Sprintf("source dump failed: %v", err))
 		return s.rolledBack(fmt.Errorf("dump: %w", err))
@@ -372,6 +378,7 @@ func (r *dumpRun) settle(err error) error {
 		// CRIU failed after post-dump succeeded. Whether the tree died
 		// decides.
 		if alive, _ := linux.ProcessExists(s.cfg.PID); alive {
+			s.removeNetworkLock(r.nftTable)
 			s.phase(PhaseRollback)
 			s.abort(fmt.Sprintf("source dump failed after post-dump: %v", err))
 			return s.rolledBack(fmt.Errorf("dump: %w", err))

@@ -7,4 +7,4 @@ package phaul
 
 func faultDropCollect() int { return 0 }
 
-func faultKillAt(role string, p Phase) {}
+func faultAt(role string, p Phase, criuPID int) {}

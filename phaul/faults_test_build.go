@@ -5,7 +5,9 @@ package phaul
 import (
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
+	"time"
 )
 
 // Fault injection for the end-to-end tests, built only with -tags
@@ -22,12 +24,29 @@ func faultDropCollect() int {
 	return n
 }
 
-// faultKillAt: with PHAUL_FAULT_KILL_AT=ROLE:PHASE (source or
-// destination), the agent of that role kills itself with SIGKILL as it
-// enters PHASE, once the journal has recorded it and before any of the
-// phase's work: the fault matrix's "agent killed at every state".
-func faultKillAt(role string, p Phase) {
-	if os.Getenv("PHAUL_FAULT_KILL_AT") == role+":"+p.String() {
+// faultAt injects the fault matrix's faults (test/matrix_test.go): with
+// PHAUL_FAULT_AT=ROLE:PHASE:ACTION, the agent of ROLE (source or
+// destination), as it enters PHASE (once the journal has recorded it,
+// before any of the phase's work), does ACTION: "kill" kills itself with
+// SIGKILL; "criu" kills the CRIU it runs (criuPID; none: nothing).
+func faultAt(role string, p Phase, criuPID int) {
+	r, rest, _ := strings.Cut(os.Getenv("PHAUL_FAULT_AT"), ":")
+	phase, action, _ := strings.Cut(rest, ":")
+	if r != role || phase != p.String() {
+		return
+	}
+	switch action {
+	case "kill":
 		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	case "criu":
+		if criuPID > 0 {
+			syscall.Kill(criuPID, syscall.SIGKILL)
+			for i := 0; i < 1000; i++ { // until it is gone (reaped or a zombie)
+				if b, err := os.ReadFile("/proc/" + strconv.Itoa(criuPID) + "/stat"); err != nil || strings.Contains(string(b), ") Z ") {
+					break
+				}
+				time.Sleep(time.Millisecond)
+			}
+		}
 	}
 }

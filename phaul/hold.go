@@ -10,6 +10,7 @@ import (
 
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/linux"
 )
 
 // errRestoreAborted is what the destination answers CRIU's post-restore
@@ -96,6 +97,24 @@ func (h *heldRestore) wait() (int, error) {
 		}
 		return 0, err
 	}
+}
+
+// gone reports, without waiting, whether CRIU has ended (or is dead and
+// not yet reaped): the tree it held can then never resume.
+func (h *heldRestore) gone() error {
+	select {
+	case err := <-h.done:
+		h.done <- err // for Resume or Kill
+		if err == nil {
+			err = errors.New("criu ended")
+		}
+		return err
+	default:
+	}
+	if st, err := linux.ReadProcessStat(h.criuPID); err != nil || st.State == 'Z' || st.State == 'X' {
+		return fmt.Errorf("criu %d is dead", h.criuPID)
+	}
+	return nil
 }
 
 // Resume lets CRIU resume the held tree and waits for CRIU's answer.

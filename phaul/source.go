@@ -79,6 +79,7 @@ type source struct {
 	tcfg      transport.Config // with the identity: a post-copy reconnect dials again
 	m         machine          // starts in PhasePreflight
 	j         *journal         // this end's journal entry; nil before the work dir exists
+	criuPID   int              // the dump's CRIU once it runs (fault injection)
 }
 
 func (s *source) progress(p Phase, bytes uint64) {
@@ -91,7 +92,7 @@ func (s *source) phase(p Phase) {
 	if err := s.j.record(func(e *JournalEntry) { e.Phase = p }); err != nil {
 		s.log.Error("journal", "phase", p, "err", err)
 	}
-	faultKillAt(RoleSource, p)
+	faultAt(RoleSource, p, s.criuPID)
 	s.m.enter(p)
 	s.stats.mark(p)
 	s.log.Info("phase", "phase", p)

@@ -43,13 +43,13 @@ func TestGCPostcopyMigrateKilled(t *testing.T) {
 	w.WaitProgress(t, 3)
 	src := w.PID()
 
-	t.Setenv("PHAUL_FAULT_KILL_AT", "source:commit")
+	t.Setenv("PHAUL_FAULT_AT", "source:commit:kill")
 	m := e.startMigrate(src, "--mode", "postcopy")
 	r := m.wait(2 * time.Minute)
 	if ps := m.cmd.ProcessState; ps.Success() || !strings.Contains(ps.String(), "killed") {
 		t.Fatalf("migrate: %v, want killed by its fault hook at commit\n%s", ps, r.out)
 	}
-	t.Setenv("PHAUL_FAULT_KILL_AT", "")
+	t.Setenv("PHAUL_FAULT_AT", "")
 	id := migrationID(t, r.out)
 	waitServeLog(t, e, regexp.MustCompile(`source lost before COMMIT`), time.Minute, nil)
 	waitDirEmpty(t, e.dstWork, 30*time.Second)

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"context"
 	"fmt"
 	"path/filepath"
 	"regexp"
@@ -11,13 +12,14 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
 )
 
 // The fault matrix, as QEMU's migration tests cancel after every state:
 // each cell kills one agent (SIGKILL, from the test build's fault hook
-// PHAUL_FAULT_KILL_AT) as it enters one state of phaul/machine.go, then
+// PHAUL_FAULT_AT), or the CRIU it runs, as it enters one state of phaul/machine.go, then
 // recovers as an operator would (a killed service restarts; an in-doubt
 // migration is resolved with `phaul gc --resolved` on both hosts, the
 // answer the other end's log gives; `phaul gc` on both hosts) and checks:
@@ -40,11 +42,28 @@ type matrixCell struct {
 	skip string
 }
 
-// faultMatrix has a cell for every state and both agents.
-// TestFaultMatrix fails when a state has none.
-var faultMatrix = map[string]map[phaul.Phase]matrixCell{
-	"source": {
-		phaul.PhasePreflight: {skip: "the initial state: no transition enters it (a kill before connect is covered by connect)"},
+// A fault is an agent's (ROLE) and what happens to it as it enters a
+// state: "kill" (the agent is killed) or "criu" (the CRIU it runs is
+// killed).
+type fault struct{ role, action string }
+
+func (f fault) String() string {
+	return f.role + " " + map[string]string{"kill": "killed", "criu": "CRIU killed"}[f.action]
+}
+
+var faults = []fault{{"source", "kill"}, {"destination", "kill"}, {"source", "criu"}, {"destination", "criu"}}
+
+var (
+	initial = matrixCell{skip: "the initial state: no transition enters it (a fault before connect is covered by connect)"}
+	after   = matrixCell{skip: "entered only after another failure"}
+	noCRIU  = matrixCell{skip: "no CRIU runs in this state"}
+)
+
+// faultMatrix has a cell for every state and fault. TestFaultMatrix fails
+// when a state has none.
+var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
+	{"source", "kill"}: {
+		phaul.PhasePreflight: initial,
 		phaul.PhaseConnect:   {mode: "precopy", survivor: "source"},
 		phaul.PhaseRounds:    {mode: "precopy", survivor: "source"},
 		phaul.PhaseDump:      {mode: "precopy", survivor: "source"},
@@ -58,11 +77,11 @@ var faultMatrix = map[string]map[phaul.Phase]matrixCell{
 		phaul.PhasePostcopy: {skip: "a loss post-copy states (docs/protocol.md §8): the destination runs and its " +
 			"missing pages are only in the source's held copy; no phaul takes over serving them"},
 		phaul.PhaseDone:     {mode: "precopy", survivor: "destination"},
-		phaul.PhaseRollback: {skip: "entered only after another failure"},
-		phaul.PhaseInDoubt:  {skip: "entered only after another failure"},
+		phaul.PhaseRollback: after,
+		phaul.PhaseInDoubt:  after,
 	},
-	"destination": {
-		phaul.PhasePreflight: {skip: "the initial state: no transition enters it"},
+	{"destination", "kill"}: {
+		phaul.PhasePreflight: initial,
 		phaul.PhaseConnect:   {mode: "precopy", survivor: "source"},
 		phaul.PhaseRounds:    {mode: "precopy", survivor: "source"},
 		phaul.PhaseDump:      {mode: "cold", survivor: "source"}, // a pre-copy destination cannot tell the freeze from the rounds
@@ -78,14 +97,49 @@ var faultMatrix = map[string]map[phaul.Phase]matrixCell{
 		phaul.PhasePostcopy: {skip: "a loss the README states: the service's lazy-pages daemon holds the running " +
 			"tree's userfaultfds; killed, the pages it had not placed read as zeros"},
 		phaul.PhaseDone:     {mode: "precopy", survivor: "destination"},
-		phaul.PhaseRollback: {skip: "entered only after another failure"},
-		phaul.PhaseInDoubt:  {skip: "entered only after another failure"},
+		phaul.PhaseRollback: after,
+		phaul.PhaseInDoubt:  after,
+	},
+	{"source", "criu"}: {
+		phaul.PhasePreflight: initial,
+		phaul.PhaseConnect:   noCRIU,
+		phaul.PhaseRounds:    noCRIU,
+		// CRIU is about to freeze the tree (pre-dump), or holds it
+		// frozen with post-dump pending: killed, ptrace lets the tree
+		// go and it runs on; the dump fails and the migration rolls back.
+		phaul.PhaseDump:     {mode: "precopy", survivor: "source"},
+		phaul.PhaseTransfer: {mode: "precopy", survivor: "source"},
+		phaul.PhaseRestore:  {mode: "precopy", survivor: "source"},
+		phaul.PhasePrepared: {mode: "precopy", survivor: "source"},
+		// The source's copy is doomed before COMMIT is sent.
+		phaul.PhaseCommit: {mode: "precopy", survivor: "destination"},
+		phaul.PhasePostcopy: {skip: "the hole docs/protocol.md §8 states: a CRIU killed while it holds a post-copy " +
+			"source lets the tree go, which runs beside the destination's copy"},
+		phaul.PhaseDone:     noCRIU,
+		phaul.PhaseRollback: after,
+		phaul.PhaseInDoubt:  after,
+	},
+	{"destination", "criu"}: {
+		phaul.PhasePreflight: initial,
+		phaul.PhaseConnect:   noCRIU,
+		phaul.PhaseRounds:    noCRIU,
+		phaul.PhaseDump:      noCRIU,
+		phaul.PhaseTransfer:  noCRIU,
+		phaul.PhaseRestore:   noCRIU, // entered before CRIU starts
+		// CRIU dies holding the rebuilt tree before PREPARED leaves.
+		phaul.PhasePrepared: {mode: "precopy", survivor: "source"},
+		phaul.PhaseCommit: {skip: "a loss pre-copy has (docs/protocol.md §6): the source ends its copy at PREPARED, and " +
+			"the only one left dies with the CRIU that held it before the resume (the service says so, not \"committed\")"},
+		phaul.PhasePostcopy: noCRIU, // the tree was resumed at COMMIT: CRIU is gone
+		phaul.PhaseDone:     noCRIU,
+		phaul.PhaseRollback: after,
+		phaul.PhaseInDoubt:  after,
 	},
 }
 
 // matrixResult is what a cell printed in the table.
 type matrixResult struct {
-	role  string
+	f     fault
 	phase phaul.Phase
 	out   string
 }
@@ -100,15 +154,15 @@ func TestFaultMatrix(t *testing.T) {
 		results []matrixResult
 	)
 	t.Cleanup(func() { printMatrix(t, phases, results) })
-	for _, role := range []string{"source", "destination"} {
+	for _, f := range faults {
 		for _, p := range phases {
-			c, ok := faultMatrix[role][p]
+			c, ok := faultMatrix[f][p]
 			if !ok {
-				t.Errorf("state %s has no cell for the %s killed: add it to faultMatrix", p, role)
+				t.Errorf("state %s has no cell for %s: add it to faultMatrix", p, f)
 				continue
 			}
-			t.Run(role+"/"+p.String(), func(t *testing.T) {
-				res := matrixResult{role: role, phase: p, out: "skip: " + c.skip}
+			t.Run(f.role+"-"+f.action+"/"+p.String(), func(t *testing.T) {
+				res := matrixResult{f: f, phase: p, out: "skip: " + c.skip}
 				defer func() {
 					if t.Failed() {
 						res.out = "FAIL"
@@ -118,32 +172,49 @@ func TestFaultMatrix(t *testing.T) {
 					mu.Unlock()
 				}()
 				if c.skip != "" {
-					t.Skipf("SKIP: %s killed at %s: %s", role, p, c.skip)
+					t.Skipf("SKIP: %s at %s: %s", f, p, c.skip)
 				}
-				res.out = runCell(t, role, p, c)
+				res.out = runCell(t, f, p, c)
 			})
 		}
 	}
 }
 
 // runCell runs one cell and returns its line for the table.
-func runCell(t *testing.T, role string, p phaul.Phase, c matrixCell) string {
+func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 	e := newEnv(t, testenv.HostsOpts{})
-	fault := role + ":" + p.String()
-	if role == "destination" {
-		t.Setenv("PHAUL_FAULT_KILL_AT", fault)
+	spec := f.role + ":" + p.String() + ":" + f.action
+	if f.role == "destination" {
+		t.Setenv("PHAUL_FAULT_AT", spec)
 	}
 	e.startServe()
 	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: 2000})
 	w.WaitProgress(t, 3)
 	src := w.PID()
-	t.Setenv("PHAUL_FAULT_KILL_AT", "")
-	if role == "source" {
-		t.Setenv("PHAUL_FAULT_KILL_AT", fault)
+	anchor := e.hosts.Src.Command(context.Background(), "sleep", "600") // the source netns, whatever runs
+	if err := anchor.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { anchor.Process.Kill(); anchor.Wait() })
+	tables := func() []string {
+		ts, err := linux.NftTablesIn(anchor.Process.Pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, tb := range ts {
+			names = append(names, tb.String())
+		}
+		return names
+	}
+	tablesBefore := tables()
+	t.Setenv("PHAUL_FAULT_AT", "")
+	if f.role == "source" {
+		t.Setenv("PHAUL_FAULT_AT", spec)
 	}
 	m := e.startMigrate(src, "--mode", c.mode)
 	r := m.wait(3 * time.Minute)
-	t.Setenv("PHAUL_FAULT_KILL_AT", "")
+	t.Setenv("PHAUL_FAULT_AT", "")
 	before, err := w.LastStep()
 	if err != nil {
 		t.Fatal(err)
@@ -155,7 +226,12 @@ func runCell(t *testing.T, role string, p phaul.Phase, c matrixCell) string {
 		}
 	})
 	killed := m.cmd.ProcessState.String() == "signal: killed"
-	if role == "destination" {
+	switch {
+	case f.action == "criu":
+		if killed {
+			t.Fatalf("migrate was killed; only a CRIU was to be\n%s", r.out)
+		}
+	case f.role == "destination":
 		select {
 		case <-e.serveDone:
 		case <-time.After(time.Minute):
@@ -165,7 +241,7 @@ func runCell(t *testing.T, role string, p phaul.Phase, c matrixCell) string {
 			t.Fatalf("serve ended %v, want killed at %s", e.serve.ProcessState, p)
 		}
 		e.startServe() // recovers what the killed one left
-	} else if !killed {
+	case !killed:
 		t.Fatalf("migrate ended %v (exit %d), want killed at %s\n%s", m.cmd.ProcessState, r.code, p, r.out)
 	}
 
@@ -219,6 +295,9 @@ func runCell(t *testing.T, role string, p phaul.Phase, c matrixCell) string {
 		return last.Verified >= before.Verified+2 && last.N > before.N, err
 	})
 	w.CheckHealthy(t)
+	if after := tables(); !slices.Equal(after, tablesBefore) {
+		t.Fatalf("nftables tables in the source netns after the recovery: %v, before: %v", after, tablesBefore)
+	}
 	for _, dir := range []string{e.srcWork, e.dstWork} {
 		if out, code := e.phaul(e.hostOf(dir), "gc", "--work-dir", dir, "--show"); code != 0 || !strings.Contains(out, "nothing left over") {
 			t.Fatalf("gc --show %s after the recovery: exit %d\n%s", dir, code, out)
@@ -227,6 +306,11 @@ func runCell(t *testing.T, role string, p phaul.Phase, c matrixCell) string {
 	if c.survivor == "source" {
 		if left := dirNames(t, e.srcWork); len(left) > 0 {
 			t.Fatalf("source work dir after gc: %v", left)
+		}
+		if f.role == "destination" && f.action != "kill" {
+			// The service still carries the fault in its environment.
+			e.stopServe()
+			e.startServe()
 		}
 		e.assertMigrated(w, e.migrate(src))
 		steps = append(steps, "migrated again")
@@ -254,21 +338,29 @@ func migrateEnd(m *bgMigrate, r result) string {
 func printMatrix(t *testing.T, phases []phaul.Phase, results []matrixResult) {
 	var b strings.Builder
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "STATE\tSOURCE KILLED\tDESTINATION KILLED")
-	cell := func(role string, p phaul.Phase) string {
-		i := slices.IndexFunc(results, func(r matrixResult) bool { return r.role == role && r.phase == p })
+	fmt.Fprint(tw, "STATE")
+	for _, f := range faults {
+		fmt.Fprintf(tw, "\t%s", strings.ToUpper(f.String()))
+	}
+	fmt.Fprintln(tw)
+	cell := func(f fault, p phaul.Phase) string {
+		i := slices.IndexFunc(results, func(r matrixResult) bool { return r.f == f && r.phase == p })
 		if i < 0 {
 			return "not run"
 		}
-		out := results[i].out
-		if len(out) > 70 {
-			out = out[:67] + "..."
+		out := []rune(results[i].out)
+		if len(out) > 48 {
+			out = append(out[:45], []rune("...")...)
 		}
-		return out
+		return string(out)
 	}
 	for _, p := range phases {
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", p, cell("source", p), cell("destination", p))
+		fmt.Fprint(tw, p)
+		for _, f := range faults {
+			fmt.Fprintf(tw, "\t%s", cell(f, p))
+		}
+		fmt.Fprintln(tw)
 	}
 	tw.Flush()
-	t.Logf("fault matrix (agent killed with SIGKILL as it enters the state):\n%s", b.String())
+	t.Logf("fault matrix (SIGKILL as the agent enters the state):\n%s", b.String())
 }
