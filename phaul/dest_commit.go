@@ -272,4 +272,3 @@ func (s *Server) removeImages(in *incoming) {
 		in.log.Warn("remove work dir", "err", err)
 	}
 }
-
