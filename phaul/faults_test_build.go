@@ -28,16 +28,27 @@ func faultDropCollect() int {
 // PHAUL_FAULT_AT=ROLE:PHASE:ACTION, the agent of ROLE (source or
 // destination), as it enters PHASE (once the journal has recorded it,
 // before any of the phase's work), does ACTION: "kill" kills itself with
-// SIGKILL; "criu" kills the CRIU it runs (criuPID; none: nothing).
+// SIGKILL; "criu" kills the CRIU it runs (criuPID; none: nothing);
+// "pause=DIR" creates DIR/paused and waits (the phase's work does not
+// start) until the test, having cut the link or waited, creates DIR/go.
 func faultAt(role string, p Phase, criuPID int) {
 	r, rest, _ := strings.Cut(os.Getenv("PHAUL_FAULT_AT"), ":")
 	phase, action, _ := strings.Cut(rest, ":")
+	action, dir, _ := strings.Cut(action, "=")
 	if r != role || phase != p.String() {
 		return
 	}
 	switch action {
 	case "kill":
 		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	case "pause":
+		os.WriteFile(dir+"/paused", nil, 0o600)
+		for {
+			if _, err := os.Stat(dir + "/go"); err == nil {
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
 	case "criu":
 		if criuPID > 0 {
 			syscall.Kill(criuPID, syscall.SIGKILL)

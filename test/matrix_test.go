@@ -3,6 +3,7 @@ package test
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -48,10 +49,15 @@ type matrixCell struct {
 type fault struct{ role, action string }
 
 func (f fault) String() string {
-	return f.role + " " + map[string]string{"kill": "killed", "criu": "CRIU killed"}[f.action]
+	return f.role + " " + map[string]string{"kill": "killed", "criu": "CRIU killed", "cut": "link cut", "stall": "stalled 2s"}[f.action]
 }
 
-var faults = []fault{{"source", "kill"}, {"destination", "kill"}, {"source", "criu"}, {"destination", "criu"}}
+var faults = []fault{{"source", "kill"}, {"destination", "kill"}, {"source", "criu"}, {"destination", "criu"},
+	{"source", "cut"}, {"destination", "cut"}, {"source", "stall"}, {"destination", "stall"}}
+
+// stallFor is how long a stalled agent stays stopped: well within every
+// timeout, so the migration must go on as if nothing happened.
+const stallFor = 2 * time.Second
 
 var (
 	initial = matrixCell{skip: "the initial state: no transition enters it (a fault before connect is covered by connect)"}
@@ -119,6 +125,12 @@ var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
 		phaul.PhaseRollback: after,
 		phaul.PhaseInDoubt:  after,
 	},
+	// The link is cut (ss -K on the source's side of the connection)
+	// while the agent is stopped as it enters the state.
+	{"source", "cut"}:        cutCells("source"),
+	{"destination", "cut"}:   cutCells("destination"),
+	{"source", "stall"}:      stallCells,
+	{"destination", "stall"}: stallCells,
 	{"destination", "criu"}: {
 		phaul.PhasePreflight: initial,
 		phaul.PhaseConnect:   noCRIU,
@@ -135,6 +147,53 @@ var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
 		phaul.PhaseRollback: after,
 		phaul.PhaseInDoubt:  after,
 	},
+}
+
+var (
+	// A short stall changes nothing.
+	stallCells = map[phaul.Phase]matrixCell{
+		phaul.PhasePreflight: initial,
+		phaul.PhaseConnect:   {mode: "precopy", survivor: "destination"},
+		phaul.PhaseRounds:    {mode: "precopy", survivor: "destination"},
+		phaul.PhaseDump:      {mode: "cold", survivor: "destination"},
+		phaul.PhaseTransfer:  {mode: "precopy", survivor: "destination"},
+		phaul.PhaseRestore:   {mode: "precopy", survivor: "destination"},
+		phaul.PhasePrepared:  {mode: "precopy", survivor: "destination"},
+		phaul.PhaseCommit:    {mode: "precopy", survivor: "destination"},
+		phaul.PhasePostcopy:  {mode: "postcopy", survivor: "destination"},
+		phaul.PhaseDone:      {mode: "precopy", survivor: "destination"},
+		phaul.PhaseRollback:  after,
+		phaul.PhaseInDoubt:   after,
+	}
+)
+
+// cutCells: the link is cut as role enters each state. A cut before
+// PREPARED reached the source rolls back. A source that has PREPARED ends
+// its copy: the destination's held copy is the one, resolved by the
+// operator; a destination that has COMMIT runs it, and the source, which
+// never heard COMMITTED, is resolved alike. Post-copy reconnects
+// (--postcopy-recover-timeout).
+func cutCells(role string) map[phaul.Phase]matrixCell {
+	cells := map[phaul.Phase]matrixCell{
+		phaul.PhasePreflight: initial,
+		phaul.PhaseConnect:   {mode: "precopy", survivor: "source"},
+		phaul.PhaseRounds:    {mode: "precopy", survivor: "source"},
+		phaul.PhaseDump:      {mode: "cold", survivor: "source"},
+		phaul.PhaseTransfer:  {mode: "precopy", survivor: "source"},
+		phaul.PhaseRestore:   {mode: "precopy", survivor: "source"},
+		// The destination enters prepared before PREPARED goes.
+		phaul.PhasePrepared: {mode: "precopy", survivor: "source"},
+		phaul.PhaseCommit:   {mode: "precopy", survivor: "destination", resolve: "destination"},
+		phaul.PhasePostcopy: {mode: "postcopy", survivor: "destination"},
+		phaul.PhaseDone:     {mode: "precopy", survivor: "destination"},
+		phaul.PhaseRollback: after,
+		phaul.PhaseInDoubt:  after,
+	}
+	if role == "source" {
+		cells[phaul.PhaseConnect] = matrixCell{skip: "the source enters connect before it dials: no link to cut yet"}
+		cells[phaul.PhasePrepared] = matrixCell{mode: "precopy", survivor: "destination", resolve: "destination"}
+	}
+	return cells
 }
 
 // matrixResult is what a cell printed in the table.
@@ -183,7 +242,16 @@ func TestFaultMatrix(t *testing.T) {
 // runCell runs one cell and returns its line for the table.
 func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 	e := newEnv(t, testenv.HostsOpts{})
-	spec := f.role + ":" + p.String() + ":" + f.action
+	action := f.action
+	pause := filepath.Join(e.dir, "pause")
+	if action == "cut" || action == "stall" {
+		action = "pause=" + pause
+		if err := os.Mkdir(pause, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.WriteFile(filepath.Join(pause, "go"), nil, 0o600) }) // never leave an agent paused
+	}
+	spec := f.role + ":" + p.String() + ":" + action
 	if f.role == "destination" {
 		t.Setenv("PHAUL_FAULT_AT", spec)
 	}
@@ -213,6 +281,21 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 		t.Setenv("PHAUL_FAULT_AT", spec)
 	}
 	m := e.startMigrate(src, "--mode", c.mode)
+	if pausing := strings.HasPrefix(action, "pause"); pausing {
+		waitPaused(t, pause, f.role == "source", m)
+		if f.action == "cut" {
+			out, err := e.hosts.Src.Command(context.Background(), "ss", "-K", "dst", e.hosts.Dst.Addr.String()).CombinedOutput()
+			if err != nil {
+				t.Fatalf("ss -K: %v\n%s", err, out)
+			}
+			t.Logf("%s: cut while the %s paused: ss -K:\n%s", time.Now().Format("15:04:05.000"), f.role, out)
+		} else {
+			time.Sleep(stallFor)
+		}
+		if err := os.WriteFile(filepath.Join(pause, "go"), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	r := m.wait(3 * time.Minute)
 	t.Setenv("PHAUL_FAULT_AT", "")
 	before, err := w.LastStep()
@@ -227,6 +310,7 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 	})
 	killed := m.cmd.ProcessState.String() == "signal: killed"
 	switch {
+	case strings.HasPrefix(action, "pause"):
 	case f.action == "criu":
 		if killed {
 			t.Fatalf("migrate was killed; only a CRIU was to be\n%s", r.out)
@@ -249,7 +333,7 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 	if c.resolve != "" {
 		// As an operator, wait until the destination says it holds
 		// the copy in doubt (a lazy restore gets its memory first).
-		waitServeLog(t, e, regexp.MustCompile(`migration in doubt|resuming it`), time.Minute, nil)
+		waitServeLog(t, e, regexp.MustCompile(`migration in doubt|resuming it|committed: tree runs`), time.Minute, nil)
 		for _, dir := range []string{e.dstWork, e.srcWork} {
 			out, code := e.phaul(e.hostOf(dir), "gc", "--work-dir", dir, "--resolved", id+"="+c.resolve)
 			t.Logf("gc --resolved %s=%s %s: exit %d\n%s", id, c.resolve, dir, code, out)
@@ -307,7 +391,7 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 		if left := dirNames(t, e.srcWork); len(left) > 0 {
 			t.Fatalf("source work dir after gc: %v", left)
 		}
-		if f.role == "destination" && f.action != "kill" {
+		if f.role == "destination" && action != "kill" {
 			// The service still carries the fault in its environment.
 			e.stopServe()
 			e.startServe()
@@ -363,4 +447,21 @@ func printMatrix(t *testing.T, phases []phaul.Phase, results []matrixResult) {
 	}
 	tw.Flush()
 	t.Logf("fault matrix (SIGKILL as the agent enters the state):\n%s", b.String())
+}
+
+// waitPaused waits until the agent has paused at the fault (it created
+// dir/paused).
+func waitPaused(t *testing.T, dir string, isMigrate bool, m *bgMigrate) {
+	t.Helper()
+	testenv.WaitFor(t, 3*time.Minute, func() (bool, error) {
+		select {
+		case <-m.done:
+			if isMigrate {
+				return false, fmt.Errorf("migrate ended before it paused\n%s", m.out)
+			}
+		default:
+		}
+		_, err := os.Stat(filepath.Join(dir, "paused"))
+		return err == nil, nil
+	})
 }
