@@ -221,7 +221,7 @@ func TestFaultMatrix(t *testing.T) {
 				continue
 			}
 			t.Run(f.role+"-"+f.action+"/"+p.String(), func(t *testing.T) {
-				res := matrixResult{f: f, phase: p, out: "skip: " + c.skip}
+				res := matrixResult{f: f, phase: p, out: skipMark(c)}
 				defer func() {
 					if t.Failed() {
 						res.out = "FAIL"
@@ -399,7 +399,15 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 		e.assertMigrated(w, e.migrate(src))
 		steps = append(steps, "migrated again")
 	}
-	return c.survivor + " runs; " + strings.Join(steps, ", ")
+	t.Logf("cell %s at %s: %s runs; %s", f, p, c.survivor, strings.Join(steps, ", "))
+	mark := map[string]string{"source": "src", "destination": "dst"}[c.survivor]
+	if c.resolve != "" {
+		mark += " (resolved)"
+	}
+	if c.survivor == "source" {
+		mark += " +again"
+	}
+	return mark
 }
 
 // hostOf is the test host whose work dir dir is.
@@ -418,6 +426,20 @@ func migrateEnd(m *bgMigrate, r result) string {
 	return fmt.Sprintf("exit %d", r.code)
 }
 
+// skipMark is a skipped cell's mark in the table.
+func skipMark(c matrixCell) string {
+	switch c.skip {
+	case initial.skip, after.skip:
+		return "-"
+	case noCRIU.skip:
+		return "no CRIU"
+	}
+	if strings.Contains(c.skip, "no link to cut") {
+		return "no link yet"
+	}
+	return "LOSS (stated)"
+}
+
 // printMatrix logs the matrix: a row per state, a column per agent.
 func printMatrix(t *testing.T, phases []phaul.Phase, results []matrixResult) {
 	var b strings.Builder
@@ -432,11 +454,7 @@ func printMatrix(t *testing.T, phases []phaul.Phase, results []matrixResult) {
 		if i < 0 {
 			return "not run"
 		}
-		out := []rune(results[i].out)
-		if len(out) > 48 {
-			out = append(out[:45], []rune("...")...)
-		}
-		return string(out)
+		return results[i].out
 	}
 	for _, p := range phases {
 		fmt.Fprint(tw, p)
@@ -446,7 +464,10 @@ func printMatrix(t *testing.T, phases []phaul.Phase, results []matrixResult) {
 		fmt.Fprintln(tw)
 	}
 	tw.Flush()
-	t.Logf("fault matrix (SIGKILL as the agent enters the state):\n%s", b.String())
+	t.Logf("fault matrix: the fault as the agent enters the state; the copy that runs afterwards, whole "+
+		"(src: the source's, migrated again after; dst: the destination's; resolved: an operator's gc --resolved "+
+		"on the other end's word; LOSS: a loss the docs state; -: no transition enters the state, or only after "+
+		"another failure):\n%s", b.String())
 }
 
 // waitPaused waits until the agent has paused at the fault (it created
