@@ -97,27 +97,19 @@ func parseProcessStat(s string) (ProcessStat, error) {
 // waiting for it, and returns the function that releases it. The lock dies
 // with the process, so a crash never leaves it held.
 func LockFile(path string) (release func(), err error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	for {
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
-		if err != unix.EINTR {
-			break
-		}
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return func() { f.Close() }, nil
+	return lockPath(path, os.O_RDWR|os.O_CREATE)
 }
 
 // LockDir takes an exclusive flock on directory path (no file is
 // created), waiting for it, and returns its release.
 func LockDir(path string) (release func(), err error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	return lockPath(path, os.O_RDONLY|unix.O_DIRECTORY)
+}
+
+// lockPath opens path with flags and waits for an exclusive flock on it;
+// closing the file releases it.
+func lockPath(path string, flags int) (release func(), err error) {
+	f, err := os.OpenFile(path, flags|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
