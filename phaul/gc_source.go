@@ -1,0 +1,253 @@
+package phaul
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"syscall"
+	"time"
+
+	"github.com/phaul/phaul/core/images"
+	"github.com/phaul/phaul/core/linux"
+)
+
+// What a dump leaves on the source, and how gc resolves it: the tree CRIU
+// may still hold, CRIU's network lock, its link remaps.
+
+// sourceLeftovers plans the source side of e: its held tree first (what
+// CRIU holds decides everything else), then CRIU's network lock, the
+// images, the throttle cgroup.
+func sourceLeftovers(workDir string, e JournalEntry, resolved bool, winner string) []Leftover {
+	var plan []Leftover
+	criuHolds := e.CRIUAlive() && heldBy(e.Root, e.CRIU)
+	if e.Phase == PhaseInDoubt && !criuHolds && !resolved {
+		return []Leftover{{Kind: "in-doubt", What: "migration " + e.ID,
+			Why: "in doubt: the destination's log and state say which copy runs; its lock and images stay until " +
+				"phaul gc --resolved " + e.ID + "=source|destination"}}
+	}
+	if criuHolds {
+		l, inDoubt := heldTree(e, winner)
+		plan = append(plan, l)
+		if inDoubt {
+			// Its lock and images stay with it: the operator resolves
+			// the whole (README, "In doubt").
+			return plan
+		}
+	}
+	if e.NftTable != "" {
+		if l, ok := lockLeftover(e, criuHolds || resolved); ok {
+			plan = append(plan, l)
+		}
+	}
+	if e.ImagesDir != "" && exists(e.ImagesDir) {
+		plan = append(plan, remapLeftovers(e.ImagesDir, remapsUnneeded(e, criuHolds || resolved))...)
+	}
+	if l, ok := pathLeftover(workDir, e.ImagesDir, "images", "the dump's images, sent or not: no one reads them again"); ok {
+		plan = append(plan, l)
+		if conf := filepath.Clean(e.ImagesDir) + ".criu-lazy.conf"; exists(conf) {
+			plan = append(plan, Leftover{Kind: "images", What: conf, Why: "the lazy dump's CRIU config",
+				Action: "remove", apply: func() error { return os.Remove(conf) }})
+		}
+	}
+	for _, cg := range e.Cgroups {
+		plan = append(plan, cgroupLeftover(e, cg)...)
+	}
+	return plan
+}
+
+// heldBy reports whether root is traced by criu: the tree CRIU holds.
+func heldBy(root, criu int) bool {
+	if root <= 0 {
+		return false
+	}
+	t, err := linux.TracerPid(root)
+	return err == nil && t == criu
+}
+
+// heldTree plans what to do with a source tree a CRIU still holds after
+// its phaul died. Before COMMIT was sent, the destination never ran it:
+// killing CRIU resumes the tree (ptrace lets it go). Once post-copy ran
+// on the destination, the held copy must never run again: the tree is
+// killed first, then CRIU. At COMMIT itself, or in doubt, only the
+// destination knows: left, unless the operator says which copy runs
+// (winner).
+func heldTree(e JournalEntry, winner string) (Leftover, bool) {
+	l := Leftover{Kind: "criu", What: fmt.Sprintf("criu pid %d holding tree %d", e.CRIU, e.Root)}
+	switch {
+	case winner == "source" && e.Phase != PhasePostcopy:
+		l.Why = "in doubt, resolved by the operator: the source's copy runs"
+		l.Action = "kill CRIU: the source tree resumes"
+		l.apply = func() error { return killCRIU(e) }
+	case winner == "destination":
+		l.Kind = "held-tree"
+		l.Why = "in doubt, resolved by the operator: the destination's copy runs"
+		l.Action = "kill the held tree, then CRIU"
+		l.apply = func() error { return killHeldTree(e) }
+	case e.Phase < PhaseCommit:
+		l.Why = "CRIU holds the source tree frozen (lazy dump) for a migration that never committed"
+		l.Action = "kill CRIU: the source tree resumes"
+		l.apply = func() error { return killCRIU(e) }
+	case e.Phase == PhasePostcopy:
+		l.Kind = "held-tree"
+		l.Why = "the destination's copy has run (post-copy): this frozen copy must never run again"
+		l.Action = "kill the held tree, then CRIU"
+		l.apply = func() error { return killHeldTree(e) }
+	default:
+		l.Kind = "held-tree"
+		l.Why = fmt.Sprintf("in doubt (%s): the destination's log says whether it committed; then "+
+			"phaul gc --resolved %s=source resumes this copy, =destination drops it", e.Phase, e.ID)
+		return l, true
+	}
+	return l, false
+}
+
+// killCRIU kills e's CRIU (by pidfd: never a process that reused its pid)
+// and waits until it is gone and its tree runs untraced.
+func killCRIU(e JournalEntry) error {
+	p, err := linux.PidfdOpen(e.CRIU)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	if !e.CRIUAlive() { // the pidfd may name a newer process
+		return nil
+	}
+	if err := p.Signal(syscall.SIGKILL); err != nil {
+		return err
+	}
+	return waitUntil(10*time.Second, func() bool {
+		t, err := linux.TracerPid(e.Root)
+		return !e.CRIUAlive() && (err != nil || t == 0)
+	}, "criu %d still holds tree %d", e.CRIU, e.Root)
+}
+
+// killHeldTree kills every process of the tree CRIU holds, then CRIU: the
+// tree is doomed before CRIU could let it go.
+func killHeldTree(e JournalEntry) error {
+	pfds, err := openTree(e.Root)
+	if err != nil {
+		return err
+	}
+	defer closeAll(pfds)
+	if !heldBy(e.Root, e.CRIU) { // the pidfds may name newer processes
+		return fmt.Errorf("tree %d is no longer held by criu %d", e.Root, e.CRIU)
+	}
+	for _, p := range pfds {
+		if err := p.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+			return err
+		}
+	}
+	if err := linux.WaitDoomed(pfds, 10*time.Second); err != nil {
+		return err
+	}
+	return killCRIU(e)
+}
+
+// lockLeftover plans CRIU's network-lock table of e: kept after a dump
+// that kills the tree (for a restore elsewhere), or after CRIU was killed
+// holding the tree. CRIU's own rollback removes it. It goes once the
+// tree runs here again (it only blocks it) or the destination's copy has
+// run (post-copy, done); while the destination may still hold the copy in
+// doubt it keeps this host from resetting the tree's connections, and
+// stays until the operator says the migration is resolved (unlock: the
+// tree is resumed, or the migration resolved).
+func lockLeftover(e JournalEntry, unlock bool) (Leftover, bool) {
+	t := linux.NftTable{Family: "inet", Name: e.NftTable}
+	tables, err := linux.NftTables()
+	if err != nil {
+		return Leftover{Kind: "nft-table", What: t.String(), Why: "cannot list nftables: " + err.Error()}, true
+	}
+	if !slices.Contains(tables, t) {
+		return Leftover{}, false
+	}
+	why := "CRIU's network lock of a dump whose tree is gone"
+	alive, _ := linux.ProcessExists(e.Root)
+	switch {
+	case alive:
+		why = "CRIU's network lock, left when its CRIU was killed: the tree's connections are blocked"
+	case !unlock && e.Phase != PhasePostcopy && e.Phase != PhaseDone:
+		return Leftover{Kind: "nft-table", What: t.String(), Why: "CRIU's network lock of a dump whose tree is gone, " +
+			"while the destination may hold its copy in doubt: kept (phaul gc --resolved " + e.ID + "=source|destination once resolved)"}, true
+	}
+	return Leftover{Kind: "nft-table", What: t.String(), Why: why, Action: "delete the table",
+		apply: func() error {
+			if err := linux.DeleteNftTable(t); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+			return nil
+		}}, true
+}
+
+// remapsUnneeded reports whether the link remaps of e's dump can go: as
+// its lock (lockLeftover), once the tree runs here again or the
+// destination's copy has run, or the operator resolved the migration;
+// while the destination may still restore a copy in doubt (on storage
+// both hosts share) they stay.
+func remapsUnneeded(e JournalEntry, unlock bool) bool {
+	alive, _ := linux.ProcessExists(e.Root)
+	return alive || unlock || e.Phase == PhasePostcopy || e.Phase == PhaseDone || e.Phase < PhasePrepared
+}
+
+// dumpLeftovers plans what a dump in dir left for a restore that will
+// never happen: its link remaps and its network lock.
+func dumpLeftovers(dir string) ([]Leftover, error) {
+	if _, err := os.Stat(filepath.Join(dir, "inventory.img")); err != nil {
+		return nil, fmt.Errorf("gc: %s is no dump's images dir: %w", dir, err)
+	}
+	plan := remapLeftovers(dir, true)
+	if table := networkLockTable(dir); table != "" {
+		t := linux.NftTable{Family: "inet", Name: table}
+		tables, err := linux.NftTables()
+		if err != nil {
+			return nil, fmt.Errorf("gc: %w", err)
+		}
+		if slices.Contains(tables, t) {
+			plan = append(plan, Leftover{Kind: "nft-table", What: t.String(), Why: "CRIU's network lock of the dump in " + dir,
+				Action: "delete the table", apply: func() error { return ignoreNotExist(linux.DeleteNftTable(t)) }})
+		}
+	}
+	for i := range plan {
+		plan[i].Role = "dump"
+	}
+	return plan, nil
+}
+
+// remapLeftovers plans the link remaps the dump in dir made that still
+// exist. Only links in this mount namespace (the dumped tree shared it:
+// CRIU recorded no mount) named link_remap.N are removed, with unlink
+// (never followed).
+func remapLeftovers(dir string, remove bool) []Leftover {
+	remaps, err := images.ReadLinkRemaps(dir)
+	if err != nil {
+		return []Leftover{{Kind: "link-remap", What: dir, Why: "cannot read the dump's link remaps: " + err.Error()}}
+	}
+	var plan []Leftover
+	for _, r := range remaps {
+		l := Leftover{Kind: "link-remap", What: r.Path, Why: "CRIU's hard link to an unlinked open file, kept for a restore"}
+		switch fi, err := os.Lstat(r.Path); {
+		case r.MntID >= 0:
+			l.What = fmt.Sprintf("%s on mount %d of the tree's mount namespace", r.Path, r.MntID)
+			l.Why += ": in another mount namespace, remove it from there"
+		case !linkRemapName.MatchString(filepath.Base(r.Path)) || !filepath.IsAbs(r.Path):
+			l.Why += ": not named link_remap.N, left alone"
+		case err != nil:
+			continue // gone
+		case !fi.Mode().IsRegular():
+			l.Why += ": not a regular file, left alone"
+		case !remove:
+			l.Why += "; the destination may still restore from it (in doubt)"
+		default:
+			path := r.Path
+			l.Action = "remove"
+			l.apply = func() error { return ignoreNotExist(os.Remove(path)) }
+		}
+		plan = append(plan, l)
+	}
+	return plan
+}
+
+var linkRemapName = regexp.MustCompile(`^link_remap\.[0-9]+$`)
