@@ -118,6 +118,9 @@ func GC(workDir string, o GCOptions) (GCReport, error) {
 		}
 		rep.Leftovers = append(rep.Leftovers, resolve(workDir, e, plan, apply, log)...)
 	}
+	if o.Role == "" {
+		rep.Leftovers = append(rep.Leftovers, applyAll(strayCRIUs(workDir, ents), apply, log)...)
+	}
 	return rep, nil
 }
 

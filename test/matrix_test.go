@@ -303,6 +303,7 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 		t.Fatal(err)
 	}
 	id := migrationID(t, r.out)
+	t.Cleanup(func() { removeCgroup(t, id) }) // a failed cell's held copy and its CRIU
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("restore.log:\n%s", logTail(filepath.Join(e.dstWork, id, "restore.log")))

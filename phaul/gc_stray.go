@@ -1,0 +1,113 @@
+package phaul
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/phaul/phaul/core/linux"
+)
+
+// strayCRIUs plans the CRIU processes that work in workDir (CRIU's cwd is
+// its work dir: a migration's directory there, named by its id) whose
+// migration has no journal entry: it is gone (a work dir cleaned by hand, a
+// crash before the entry named them). One that holds no process (it
+// traces none and has no children) is killed; one that does is listed and
+// left: no entry says whether that tree may run.
+func strayCRIUs(workDir string, ents []JournalEntry) []Leftover {
+	known, ids := map[int]bool{}, map[string]bool{}
+	for _, e := range ents {
+		known[e.CRIU], ids[e.ID] = true, true
+	}
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var plan []Leftover
+	for _, d := range procs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil || known[pid] || !isCRIU(pid) {
+			continue
+		}
+		cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid))
+		if err != nil {
+			continue
+		}
+		cwd = strings.TrimSuffix(cwd, " (deleted)")
+		rel, ok := strings.CutPrefix(cwd, filepath.Clean(workDir)+"/")
+		if !ok || ids[strings.Split(rel, "/")[0]] {
+			continue // not here, or its migration's entry speaks for it
+		}
+		l := Leftover{Kind: "criu", What: fmt.Sprintf("criu pid %d in %s", pid, cwd),
+			Why: "a CRIU working in this work dir that no journal entry names"}
+		if held := heldProcesses(pid); len(held) > 0 {
+			l.Why += fmt.Sprintf("; it holds processes %v, which no entry says may run or not: left", held)
+		} else {
+			st, err := linux.ReadProcessStat(pid)
+			if err != nil {
+				continue
+			}
+			l.Action = "kill it (it holds no process)"
+			l.apply = func() error { return killExact(pid, st.StartTicks) }
+		}
+		plan = append(plan, l)
+	}
+	return plan
+}
+
+// isCRIU reports whether pid runs CRIU (its command line names criu and
+// one of its commands as phaul runs them).
+func isCRIU(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+	named := slices.ContainsFunc(args, func(a string) bool { return filepath.Base(a) == "criu" })
+	return named && slices.ContainsFunc(args, func(a string) bool { return a == "swrk" || a == "dump" || a == "restore" })
+}
+
+// heldProcesses lists the processes pid traces or is the parent of.
+func heldProcesses(pid int) []int {
+	var held []int
+	procs, _ := os.ReadDir("/proc")
+	for _, d := range procs {
+		p, err := strconv.Atoi(d.Name())
+		if err != nil || p == pid {
+			continue
+		}
+		if t, err := linux.TracerPid(p); err == nil && t == pid {
+			held = append(held, p)
+			continue
+		}
+		if st, err := linux.ReadProcessStat(p); err == nil && st.PPID == pid {
+			held = append(held, p)
+		}
+	}
+	return held
+}
+
+// killExact kills pid by pidfd if it is still the process that started at
+// start, and waits until it is gone.
+func killExact(pid int, start uint64) error {
+	p, err := linux.PidfdOpen(pid)
+	if err != nil {
+		return ignoreNotExist(err)
+	}
+	defer p.Close()
+	if st, err := linux.ReadProcessStat(pid); err != nil || st.StartTicks != start {
+		return nil // gone, or the pid names another process now
+	}
+	if err := p.Signal(syscall.SIGKILL); err != nil {
+		return err
+	}
+	return waitUntil(10*time.Second, func() bool {
+		st, err := linux.ReadProcessStat(pid)
+		return err != nil || st.StartTicks != start || st.State == 'Z'
+	}, "criu %d still runs", pid)
+}
