@@ -1,9 +1,12 @@
 package phaul
 
 import (
+	"encoding/json"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -11,6 +14,7 @@ import (
 
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/test/testenv"
+	"golang.org/x/sys/unix"
 )
 
 // TestGCStrayCRIU: a CRIU working in a migration's directory of the work
@@ -74,3 +78,60 @@ func TestGCStrayCRIU(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestGCTrackerLeftovers: a userfaultfd in a running task of a migration's
+// tree (a tracker killed while injecting leaves one) is listed by gc.
+func TestGCTrackerLeftovers(t *testing.T) {
+	if os.Getenv("PHAUL_TEST_UFFD_CHILD") == "1" {
+		if _, _, errno := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC, 0, 0); errno != 0 {
+			os.Exit(3)
+		}
+		os.Stdout.WriteString("ready\n")
+		time.Sleep(time.Minute)
+		os.Exit(0)
+	}
+	testenv.RequireRoot(t)
+	cmd := exec.Command(os.Args[0], "-test.run", "^TestGCTrackerLeftovers$")
+	cmd.Env = append(os.Environ(), "PHAUL_TEST_UFFD_CHILD=1")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	buf := make([]byte, 6)
+	if n, err := io.ReadFull(out, buf); err != nil || string(buf[:n]) != "ready\n" {
+		t.Skipf("SKIP: the child cannot create a userfaultfd here: %q, %v", buf[:n], err)
+	}
+	st, err := linux.ReadProcessStat(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	work := t.TempDir()
+	if err := os.MkdirAll(JournalDir(work), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	e := JournalEntry{ID: "00000000000000f6", Role: RoleSource, Phase: PhaseRounds, Owner: 1 << 30,
+		OwnerStart: st.StartTicks + 1, Root: cmd.Process.Pid}
+	b, _ := json.Marshal(e)
+	if err := os.WriteFile(entryPath(JournalDir(work), e.ID, e.Role), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := GC(work, GCOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := slices.IndexFunc(rep.Leftovers, func(l Leftover) bool { return l.Kind == "tracker" })
+	if i < 0 || !strings.Contains(rep.Leftovers[i].What, "userfaultfd") {
+		t.Fatalf("gc --show: %+v; want the child's userfaultfd listed", rep.Leftovers)
+	}
+	// Listed, never acted on: the entry stays until it is gone.
+	if _, err := GC(work, GCOptions{Apply: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(entryPath(JournalDir(work), e.ID, e.Role)); err != nil {
+		t.Fatalf("the entry of a tree with tracker state left: %v", err)
+	}
+}

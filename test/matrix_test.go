@@ -13,6 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/phaul"
 	"github.com/phaul/phaul/test/testenv"
@@ -389,6 +390,9 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 		}
 	}
 	if c.survivor == "source" {
+		if left, err := dirty.Leftovers(src); err != nil || len(left) > 0 {
+			t.Fatalf("the workload keeps tracking state after the recovery: %v (%v)", left, err)
+		}
 		if left := dirNames(t, e.srcWork); len(left) > 0 {
 			t.Fatalf("source work dir after gc: %v", left)
 		}
