@@ -10,6 +10,10 @@ var (
 	// ErrCAKeyPresent is returned by LoadTLS for a tls-dir that holds
 	// ca.key. It is pki.ErrCAKeyPresent, so either name matches.
 	ErrCAKeyPresent = pki.ErrCAKeyPresent
+	// ErrKeyExposed is returned by LoadTLS for a node.key that group or
+	// others may read, or that is a symlink: a key anyone else on the host
+	// can read lets them act as this node.
+	ErrKeyExposed = errors.New("transport: private key readable by others")
 	// ErrBadIdentity is returned by LoadTLS when the files are present but
 	// unusable: unparsable, mismatched, expired or not from ca.crt.
 	ErrBadIdentity = errors.New("transport: unusable node certificate")

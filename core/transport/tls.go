@@ -6,10 +6,12 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/phaul/phaul/core/pki"
 )
@@ -42,12 +44,16 @@ func LoadTLS(dir string) (*Identity, error) {
 	}
 	files := make(map[string][]byte, 3)
 	for _, name := range []string{pki.CACertFile, pki.NodeCertFile, pki.NodeKeyFile} {
-		data, err := os.ReadFile(filepath.Join(dir, name))
+		read := os.ReadFile
+		if name == pki.NodeKeyFile {
+			read = readPrivate
+		}
+		data, err := read(filepath.Join(dir, name))
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("load TLS from %s: missing %s (create it with phaul certs): %w", dir, name, err)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("load TLS from %s: %w", dir, err)
+			return nil, fmt.Errorf("load TLS from %s: %s: %w", dir, name, err)
 		}
 		files[name] = data
 	}
@@ -177,4 +183,25 @@ func refusalReason(err error) string {
 func isRemoteAlert(err error) bool {
 	var opErr *net.OpError
 	return errors.As(err, &opErr) && opErr.Op == "remote error"
+}
+
+// readPrivate reads a private key file, refusing one that is a symlink or
+// that group or others may read (ErrKeyExposed).
+func readPrivate(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("%w: %s is a symlink", ErrKeyExposed, path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("%w: %s has mode %04o (chmod 600 it)", ErrKeyExposed, path, perm)
+	}
+	return io.ReadAll(f)
 }

@@ -40,6 +40,25 @@ func TestLoadTLS(t *testing.T) {
 		{"missing node key", func(t *testing.T, dir string) {
 			removeFile(t, dir, pki.NodeKeyFile)
 		}, fs.ErrNotExist, pki.NodeKeyFile},
+		{"key readable by others", func(t *testing.T, dir string) {
+			if err := os.Chmod(filepath.Join(dir, pki.NodeKeyFile), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}, ErrKeyExposed, pki.NodeKeyFile},
+		{"key readable by the group", func(t *testing.T, dir string) {
+			if err := os.Chmod(filepath.Join(dir, pki.NodeKeyFile), 0o640); err != nil {
+				t.Fatal(err)
+			}
+		}, ErrKeyExposed, pki.NodeKeyFile},
+		{"key a symlink", func(t *testing.T, dir string) {
+			key := filepath.Join(dir, pki.NodeKeyFile)
+			if err := os.Rename(key, key+".real"); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(key+".real", key); err != nil {
+				t.Fatal(err)
+			}
+		}, ErrKeyExposed, pki.NodeKeyFile},
 		{"foreign key", func(t *testing.T, dir string) {
 			copyFile(t, p.issue(t, "b"), dir, pki.NodeKeyFile)
 		}, ErrBadIdentity, pki.NodeCertFile},
