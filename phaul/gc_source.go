@@ -3,7 +3,6 @@ package phaul
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -141,15 +140,7 @@ func heldTree(e JournalEntry, winner string) (Leftover, bool) {
 // killCRIU kills e's CRIU (by pidfd: never a process that reused its pid)
 // and waits until it is gone and its tree runs untraced.
 func killCRIU(e JournalEntry) error {
-	p, err := linux.PidfdOpen(e.CRIU)
-	if err != nil {
-		return err
-	}
-	defer p.Close()
-	if !e.CRIUAlive() { // the pidfd may name a newer process
-		return nil
-	}
-	if err := p.Signal(syscall.SIGKILL); err != nil {
+	if err := killExact(e.CRIU, e.CRIUStart); err != nil {
 		return err
 	}
 	return waitUntil(10*time.Second, func() bool {
@@ -190,11 +181,11 @@ func killHeldTree(e JournalEntry) error {
 // tree is resumed, or the migration resolved).
 func lockLeftover(e JournalEntry, unlock bool) (Leftover, bool) {
 	t := linux.NftTable{Family: "inet", Name: e.NftTable}
-	tables, err := linux.NftTables()
+	present, err := nftPresent(t)
 	if err != nil {
 		return Leftover{Kind: "nft-table", What: t.String(), Why: "cannot list nftables: " + err.Error()}, true
 	}
-	if !slices.Contains(tables, t) {
+	if !present {
 		return Leftover{}, false
 	}
 	why := "CRIU's network lock of a dump whose tree is gone"
@@ -206,13 +197,19 @@ func lockLeftover(e JournalEntry, unlock bool) (Leftover, bool) {
 		return Leftover{Kind: "nft-table", What: t.String(), Why: "CRIU's network lock of a dump whose tree is gone, " +
 			"while the destination may hold its copy in doubt: kept (phaul gc --resolved " + e.ID + "=source|destination once resolved)"}, true
 	}
+	return nftLeftover(t, why), true
+}
+
+// nftPresent reports whether table t exists in this network namespace.
+func nftPresent(t linux.NftTable) (bool, error) {
+	tables, err := linux.NftTables()
+	return slices.Contains(tables, t), err
+}
+
+// nftLeftover plans deleting CRIU's lock table t.
+func nftLeftover(t linux.NftTable, why string) Leftover {
 	return Leftover{Kind: "nft-table", What: t.String(), Why: why, Action: "delete the table",
-		apply: func() error {
-			if err := linux.DeleteNftTable(t); err != nil && !errors.Is(err, fs.ErrNotExist) {
-				return err
-			}
-			return nil
-		}}, true
+		apply: func() error { return ignoreNotExist(linux.DeleteNftTable(t)) }}
 }
 
 // remapsUnneeded reports whether the link remaps of e's dump can go: as
@@ -234,13 +231,12 @@ func dumpLeftovers(dir string) ([]Leftover, error) {
 	plan := remapLeftovers(dir, true)
 	if table := networkLockTable(dir); table != "" {
 		t := linux.NftTable{Family: "inet", Name: table}
-		tables, err := linux.NftTables()
+		present, err := nftPresent(t)
 		if err != nil {
 			return nil, fmt.Errorf("gc: %w", err)
 		}
-		if slices.Contains(tables, t) {
-			plan = append(plan, Leftover{Kind: "nft-table", What: t.String(), Why: "CRIU's network lock of the dump in " + dir,
-				Action: "delete the table", apply: func() error { return ignoreNotExist(linux.DeleteNftTable(t)) }})
+		if present {
+			plan = append(plan, nftLeftover(t, "CRIU's network lock of the dump in "+dir))
 		}
 	}
 	for i := range plan {

@@ -102,14 +102,11 @@ func (h *heldRestore) wait() (int, error) {
 // gone reports, without waiting, whether CRIU has ended (or is dead and
 // not yet reaped): the tree it held can then never resume.
 func (h *heldRestore) gone() error {
-	select {
-	case err := <-h.done:
-		h.done <- err // for Resume or Kill
+	if err, ended := peek(h.done); ended {
 		if err == nil {
 			err = errors.New("criu ended")
 		}
 		return err
-	default:
 	}
 	if st, err := linux.ReadProcessStat(h.criuPID); err != nil || st.State == 'Z' || st.State == 'X' {
 		return fmt.Errorf("criu %d is dead", h.criuPID)

@@ -82,12 +82,19 @@ func (l *lazyRestore) park() error { return l.d.Park() }
 // with an error: before the tree resumes, its lazy pages are then not
 // coming from it.
 func (l *lazyRestore) failed() error {
+	err, _ := peek(l.done)
+	return err
+}
+
+// peek returns, without waiting, the result a one-slot channel holds, and
+// leaves it there for its reader; ok is false while there is none.
+func peek(ch chan error) (err error, ok bool) {
 	select {
-	case err := <-l.done:
-		l.done <- err // for wait or abort
-		return err
+	case err = <-ch:
+		ch <- err
+		return err, true
 	default:
-		return nil
+		return nil, false
 	}
 }
 

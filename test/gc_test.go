@@ -270,9 +270,10 @@ func TestGCDumpLeftovers(t *testing.T) {
 	}
 }
 
-// tcpPairPorts returns the ports of pid's established loopback TCP pair
-// (client's, server's), from /proc/PID/net/tcp.
-func tcpPairPorts(t *testing.T, pid int) (client, server int) {
+// tcpPairPorts returns the 4-tuple's ports of pid's established loopback
+// TCP pair as one of its ends sees it (local, remote), from
+// /proc/PID/net/tcp: the lock drops that tuple's packets either way.
+func tcpPairPorts(t *testing.T, pid int) (local, remote int) {
 	t.Helper()
 	var ports [][2]int
 	testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
@@ -292,8 +293,6 @@ func tcpPairPorts(t *testing.T, pid int) (client, server int) {
 		}
 		return len(ports) == 2, nil
 	})
-	// The pair is one connection seen from both ends: the server's port
-	// is the listener's, below the client's ephemeral one or not.
 	return ports[0][0], ports[0][1]
 }
 
