@@ -54,7 +54,13 @@ func (s *Server) awaitCommit(ctx context.Context, in *incoming, stream *transpor
 	case *wire.Message_Commit:
 		in.phase(PhaseCommit)
 		if err := s.commit(in); err != nil {
-			in.phase(PhaseInDoubt)
+			// The tree never ran and is gone: the source's copy, held
+			// until COMMITTED, is the one to resume.
+			abort := &wire.Message{Body: &wire.Message_Abort{Abort: &wire.Abort{Reason: "not committed: " + err.Error()}}}
+			if serr := in.ctl.Send(abort); serr != nil {
+				in.log.Error("restored tree lost before it ran, and the source could not be told", "err", serr)
+			}
+			s.cleanup(in)
 			return false, err
 		}
 		in.log.Info("committed: tree runs", "pid", in.pid)
@@ -155,22 +161,23 @@ func (s *Server) commit(in *incoming) error {
 			// reading as zeros.
 			if err := in.lazy.refill(filepath.Join(in.dir, "images"), in.pid); err != nil {
 				in.log.Error("lazy-pages daemon failed before the tree ran and its pages cannot be written otherwise: "+
-					"the tree is dropped, not run without them; the migration is lost", "daemon", lerr, "err", err)
+					"the tree is dropped, not run without them; the source's copy resumes", "daemon", lerr, "err", err)
 				in.hold.Kill()
 				in.hold = nil
 				return fmt.Errorf("restored tree dropped: its lazy pages are lost: %w", lerr)
 			}
 		}
 	}
+	if err := in.hold.gone(); err != nil {
+		// CRIU died holding the tree, which never ran: the source
+		// resumes its copy, held until COMMITTED (docs/protocol.md §6).
+		// What CRIU left is still in phaul/<id>, where cleanup kills it.
+		in.log.Error("COMMIT arrived but CRIU died before it resumed the tree: dropped, the source's copy resumes", "err", err)
+		return fmt.Errorf("resume: %w", err)
+	}
 	if err := in.group.MoveAll(s.cfg.CgroupParent); err != nil {
 		// The source's copy is gone: the tree must run, wherever it is.
 		in.log.Error("move restored tree to its cgroup parent", "parent", s.cfg.CgroupParent, "err", err)
-	}
-	if err := in.hold.gone(); err != nil {
-		// CRIU died holding the tree, which never ran; the source ended
-		// its copy at PREPARED (docs/protocol.md §6): nothing is left.
-		in.log.Error("COMMIT arrived but CRIU died before it resumed the tree: the workload is lost", "err", err)
-		return fmt.Errorf("resume: %w", err)
 	}
 	if err := in.hold.Resume(); err != nil {
 		in.log.Error("criu after resuming the restored tree", "err", err)

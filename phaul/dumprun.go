@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
@@ -57,6 +58,10 @@ type dumpRun struct {
 	// keepHeld leaves CRIU holding the tree when phaul exits: in doubt
 	// at COMMIT, only the destination knows which copy may run.
 	keepHeld bool
+	// resuming: endHeld lets the tree run again (a rollback), instead of
+	// killing it.
+	resuming bool
+	hold     *cgroup.Hold // the held tree's frozen cgroup (freezehold.go)
 	cleanup  []func()     // run by close, last first
 	unlock   func() error // the host's dump lock
 }
@@ -72,9 +77,17 @@ func newDumpRun(s *source, bin *criu.Binary, imagesDir string, ctlStream *transp
 				"pid", s.cfg.PID, "migration", s.stats.MigrationID)
 			return
 		}
-		r.sess.end()
+		if r.resuming {
+			r.sess.reject()
+		} else {
+			r.sess.end()
+			r.killHold() // CRIU kills it too; a frozen tree dies once thawed
+		}
 		if err := r.endDump(<-r.dumpDone); err != nil {
-			s.log.Warn("criu failed after post-copy", "err", err)
+			s.log.Warn("criu failed after the tree was held", "err", err)
+		}
+		if r.resuming {
+			r.releaseHold()
 		}
 	})
 	return r
@@ -116,9 +129,9 @@ func (s *source) dumpAndCommit(ctx context.Context, bin *criu.Binary, imagesDir 
 			s.phase(PhaseInDoubt)
 			return fmt.Errorf("%w: %w", ErrInDoubt, s.postcopyLost(r.pre.remote, r.fetch, err))
 		}
-		if r.heldTree {
-			r.endHeld()
-		}
+	}
+	if r.heldTree {
+		r.endHeld()
 	}
 	s.removeNetworkLock(r.nftTable)
 	s.phase(PhaseDone)
@@ -262,12 +275,27 @@ func (r *dumpRun) onDumped(ctx context.Context) error {
 }
 
 // onHeld: post-dump succeeded, so CRIU goes on to serve phaul's session,
-// holding the tree. Post-copy keeps the session open (the destination
-// fetches from the tree); otherwise it ends it cleanly, which kills the
-// tree (the destination holds it, PREPARED). CRIU reads the session once
-// it has the notification's answer.
+// holding the tree, which phaul freezes in its hold (freezehold.go). The
+// session stays open through COMMIT (and, in post-copy, until the
+// destination has every page): a destination that fails to resume its
+// copy says so, and this one resumes. Without a hold, a pre-copy ends the
+// session now, which kills the tree (the destination holds it,
+// PREPARED): CRIU killed later would let it run beside the destination's.
+// CRIU reads the session once it has the notification's answer.
 func (r *dumpRun) onHeld() error {
-	if r.postcopy {
+	if err := r.holdTree(); err != nil {
+		r.releaseHold()
+		if errors.Is(err, errTreeRan) {
+			return err
+		}
+		r.s.log.Warn("source tree not held in a frozen cgroup: a CRIU killed holding it would let it run", "err", err)
+	}
+	r.cleanup = append(r.cleanup, func() {
+		if !r.keepHeld {
+			r.releaseHold() // a rollback the run ended without endHeld
+		}
+	})
+	if r.postcopy || r.hold != nil {
 		close(r.held)
 		return nil
 	}
@@ -333,8 +361,8 @@ func (r *dumpRun) dump(ctx context.Context) error {
 	case err := <-r.dumpDone:
 		return r.endDump(err)
 	case <-r.held:
-		// Post-copy: CRIU holds the tree until the destination has
-		// every page; the dump ends after that.
+		// CRIU and phaul's hold keep the tree until COMMITTED (post-copy:
+		// until the destination has every page); the dump ends after.
 		r.heldTree = true
 		r.cleanup = append(r.cleanup, r.endHeld)
 		return nil
@@ -397,8 +425,11 @@ func (r *dumpRun) settle(err error) error {
 // CRIU resumes the held tree, as if post-dump had failed.
 func (r *dumpRun) resumeHeld(why error) error {
 	s := r.s
-	r.sess.reject()
-	r.endHeld() // waits for CRIU, which resumed the tree
+	r.resuming = true
+	r.endHeld() // waits for CRIU, which let the tree go; then it thaws
+	// CRIU leaves its network lock after a failed lazy session: the tree
+	// runs here again, and the lock would only cut it off.
+	s.removeNetworkLock(r.nftTable)
 	s.phase(PhaseRollback)
 	s.log.Warn("rolled back: the source's copy resumes", "why", why)
 	return s.rolledBack(fmt.Errorf("commit: %w", why))
@@ -413,7 +444,12 @@ func (r *dumpRun) commit(ctx context.Context) (time.Time, error) {
 	stop := deadline(ctx, r.ctlStream, s.cfg.CommitTimeout)
 	defer stop()
 	destPID, err := s.commit()
-	if err != nil && r.heldTree {
+	if errors.Is(err, errNotCommitted) && r.heldTree {
+		// The destination's copy never ran (its CRIU died before the
+		// resume): this one is whole and held.
+		return time.Time{}, r.resumeHeld(err)
+	}
+	if err != nil && r.heldTree && r.postcopy {
 		// Post-copy: the destination's tree may run and need the held
 		// one's pages. A resume is accepted only once it committed; a
 		// destination that dropped the migration says so.

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/dirty"
 	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
@@ -23,7 +24,14 @@ import (
 // images, the throttle cgroup.
 func sourceLeftovers(workDir string, e JournalEntry, resolved bool, winner string) []Leftover {
 	var plan []Leftover
-	criuHolds := e.CRIUAlive() && heldBy(e.Root, e.CRIU)
+	hold, holdProcs := sourceHold(e)
+	// The tree is held: by its CRIU, or frozen in phaul's hold cgroup
+	// (whatever became of CRIU, it cannot run).
+	criuHolds := e.CRIUAlive() && heldBy(e.Root, e.CRIU) || holdProcs > 0
+	if hold != nil && holdProcs == 0 {
+		plan = append(plan, Leftover{Kind: "cgroup", What: hold.Dir(), Why: "the source's hold cgroup, empty",
+			Action: "remove", apply: func() error { return hold.Kill(time.Second) }})
+	}
 	if e.Phase == PhaseInDoubt && !criuHolds && !resolved {
 		return []Leftover{{Kind: "in-doubt", What: "migration " + e.ID,
 			Why: "in doubt: the destination's log and state say which copy runs; its lock and images stay until " +
@@ -109,20 +117,23 @@ func heldBy(root, criu int) bool {
 // (winner).
 func heldTree(e JournalEntry, winner string) (Leftover, bool) {
 	l := Leftover{Kind: "criu", What: fmt.Sprintf("criu pid %d holding tree %d", e.CRIU, e.Root)}
+	if !e.CRIUAlive() || !heldBy(e.Root, e.CRIU) {
+		l.What = fmt.Sprintf("tree %d frozen in phaul/%s (its CRIU is gone)", e.Root, e.Hold)
+	}
 	switch {
 	case winner == "source" && e.Phase != PhasePostcopy:
 		l.Why = "in doubt, resolved by the operator: the source's copy runs"
-		l.Action = "kill CRIU: the source tree resumes"
-		l.apply = func() error { return killCRIU(e) }
+		l.Action = "let the source tree go (kill CRIU, thaw it where it was): it resumes"
+		l.apply = func() error { return resumeSource(e) }
 	case winner == "destination":
 		l.Kind = "held-tree"
 		l.Why = "in doubt, resolved by the operator: the destination's copy runs"
 		l.Action = "kill the held tree, then CRIU"
 		l.apply = func() error { return killHeldTree(e) }
 	case e.Phase < PhaseCommit:
-		l.Why = "CRIU holds the source tree frozen (lazy dump) for a migration that never committed"
-		l.Action = "kill CRIU: the source tree resumes"
-		l.apply = func() error { return killCRIU(e) }
+		l.Why = "the source tree is held frozen (lazy dump) for a migration that never committed"
+		l.Action = "let the source tree go (kill CRIU, thaw it where it was): it resumes"
+		l.apply = func() error { return resumeSource(e) }
 	case e.Phase == PhasePostcopy:
 		l.Kind = "held-tree"
 		l.Why = "the destination's copy has run (post-copy): this frozen copy must never run again"
@@ -137,21 +148,60 @@ func heldTree(e JournalEntry, winner string) (Leftover, bool) {
 	return l, false
 }
 
-// killCRIU kills e's CRIU (by pidfd: never a process that reused its pid)
-// and waits until it is gone and its tree runs untraced.
+// sourceHold opens e's hold cgroup (freezehold.go) if it is left, and
+// counts the processes it holds frozen.
+func sourceHold(e JournalEntry) (*cgroup.Hold, int) {
+	if e.Hold == "" {
+		return nil, 0
+	}
+	h, err := cgroup.OpenHold(e.Hold, e.HoldBack)
+	if err != nil || h == nil {
+		return nil, 0
+	}
+	procs, _ := h.Procs()
+	return h, len(procs)
+}
+
+// resumeSource lets e's held tree run again: its CRIU killed (by pidfd:
+// never a process that reused its pid) lets it go, then it leaves phaul's
+// hold cgroup for the cgroup it came from.
+func resumeSource(e JournalEntry) error {
+	if e.CRIUAlive() {
+		if err := killCRIU(e); err != nil {
+			return err
+		}
+	}
+	if h, _ := sourceHold(e); h != nil {
+		return h.Release()
+	}
+	return nil
+}
+
+// killCRIU kills e's CRIU and waits until it is gone and no longer traces
+// its tree.
 func killCRIU(e JournalEntry) error {
 	if err := killExact(e.CRIU, e.CRIUStart); err != nil {
 		return err
 	}
 	return waitUntil(10*time.Second, func() bool {
 		t, err := linux.TracerPid(e.Root)
-		return !e.CRIUAlive() && (err != nil || t == 0)
+		return !e.CRIUAlive() && (err != nil || t != e.CRIU)
 	}, "criu %d still holds tree %d", e.CRIU, e.Root)
 }
 
-// killHeldTree kills every process of the tree CRIU holds, then CRIU: the
-// tree is doomed before CRIU could let it go.
+// killHeldTree kills every process of the held tree, then its CRIU: the
+// tree is doomed before CRIU could let it go. A tree frozen in phaul's
+// hold dies there (SIGKILL, then thawed).
 func killHeldTree(e JournalEntry) error {
+	if h, n := sourceHold(e); n > 0 {
+		if err := h.Kill(10 * time.Second); err != nil {
+			return err
+		}
+		if e.CRIUAlive() {
+			return killCRIU(e)
+		}
+		return nil
+	}
 	pfds, err := openTree(e.Root)
 	if err != nil {
 		return err

@@ -53,6 +53,12 @@ type JournalEntry struct {
 	// ThrottleBack is the cpu cgroup auto-converge's throttle moves the
 	// tree back to.
 	ThrottleBack string `json:"throttle_back,omitempty"`
+	// Hold (source) is the frozen cgroup, phaul/NAME of the freezer
+	// hierarchy, that keeps the lazily dumped tree stopped whatever its
+	// CRIU does (from PREPARED until the tree is killed or resumed);
+	// HoldBack the cgroup its processes return to when it resumes.
+	Hold     string `json:"hold,omitempty"`
+	HoldBack string `json:"hold_back,omitempty"`
 	// CRIU is the pid of the CRIU serving the migration while it runs
 	// (source: the lazy dump that holds the tree), CRIUStart its start.
 	CRIU      int    `json:"criu,omitempty"`

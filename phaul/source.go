@@ -310,9 +310,13 @@ func (s *source) commit() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("wait for committed: %w", err)
 	}
+	if a := m.GetAbort(); a != nil {
+		// The destination's copy never ran, and is dropped.
+		return 0, fmt.Errorf("%w: answered COMMIT with ABORT: %s", errNotCommitted, a.GetReason())
+	}
 	c := m.GetCommitted()
 	if c == nil {
-		return 0, fmt.Errorf("destination answered %s to commit: %s", wire.Name(m), m.GetAbort().GetReason())
+		return 0, fmt.Errorf("destination answered %s to commit", wire.Name(m))
 	}
 	return int(c.GetPid()), nil
 }

@@ -34,6 +34,10 @@ type Stats struct {
 	CRIUDumpMS    float64     `json:"criu_dump_ms"`
 	CRIURestoreMS float64     `json:"criu_restore_ms"`
 	RTTMS         float64     `json:"rtt_ms"`
+	// HoldMS is how long moving the lazily dumped tree into its frozen
+	// hold cgroup took (inside the freeze); 0 when it was not held so
+	// (a full dump, no freezer).
+	HoldMS float64 `json:"hold_ms,omitempty"`
 	BytesWire     uint64      `json:"bytes_wire"`
 	BytesImages   uint64      `json:"bytes_images"`
 	Rounds        []Round     `json:"rounds"`

@@ -305,7 +305,27 @@ func (e *env) migrateQuiet(pid int, extra ...string) result {
 		e.t.Cleanup(func() { removeCgroup(e.t, id) })
 	}
 	checkPhases(e.t, r)
+	checkHold(e.t, r)
 	return r
+}
+
+// checkHold fails the test if a migration whose source tree was lazily
+// dumped committed without holding it in a frozen cgroup on a host that
+// has a freezer: a CRIU killed after COMMIT would have let it run beside
+// the destination's (docs/protocol.md §6).
+func checkHold(t testing.TB, r result) {
+	lazy := r.str("final_dump") == "lazy" || r.str("mode") == "postcopy" || r.str("mode") == "hybrid"
+	if r.str("result") != "ok" || !lazy {
+		return
+	}
+	_, v1 := linux.FreezerV1Root()
+	if v1 != nil && linux.HaveFreezerV2() != nil {
+		return // no freezer: the source ends its copy at PREPARED
+	}
+	if r.num("hold_ms") <= 0 {
+		t.Errorf("a lazily dumped source committed without its frozen hold (hold_ms %v, final dump %q, mode %q)",
+			r.stats["hold_ms"], r.str("final_dump"), r.str("mode"))
+	}
 }
 
 // checkPhases fails the test if the phases a migration recorded are not a
@@ -373,6 +393,11 @@ func testCgroup(t testing.TB, name string) string {
 // removeCgroup removes phaul/<id> once its tree is gone (test cleanup kills
 // workloads first: cleanups run last-in first-out).
 func removeCgroup(t testing.TB, id string) {
+	if h, err := cgroup.OpenHold(id+"-hold", "/"); err == nil && h != nil {
+		if err := h.Kill(5 * time.Second); err != nil {
+			t.Errorf("source hold of %s: %v", id, err)
+		}
+	}
 	g, err := cgroup.Open(id)
 	if err != nil {
 		return

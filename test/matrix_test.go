@@ -79,7 +79,9 @@ var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
 		// CRIU's post-dump is not answered yet: it resumes the source;
 		// the destination holds its copy in doubt.
 		phaul.PhasePrepared: {mode: "precopy", survivor: "source", resolve: "source"},
-		// The source's copy was killed at PREPARED; COMMIT never left.
+		// COMMIT never left; the source's copy stays held (CRIU and the
+		// frozen hold) and the destination's in doubt: the operator says
+		// which runs.
 		phaul.PhaseCommit: {mode: "precopy", survivor: "destination", resolve: "destination"},
 		phaul.PhasePostcopy: {skip: "a loss post-copy states (docs/protocol.md §8): the destination runs and its " +
 			"missing pages are only in the source's held copy; no phaul takes over serving them"},
@@ -118,10 +120,13 @@ var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
 		phaul.PhaseTransfer: {mode: "precopy", survivor: "source"},
 		phaul.PhaseRestore:  {mode: "precopy", survivor: "source"},
 		phaul.PhasePrepared: {mode: "precopy", survivor: "source"},
-		// The source's copy is doomed before COMMIT is sent.
+		// The source's copy is frozen in phaul's hold before COMMIT is
+		// sent: CRIU's death does not let it run; phaul kills it after
+		// COMMITTED.
 		phaul.PhaseCommit: {mode: "precopy", survivor: "destination"},
-		phaul.PhasePostcopy: {skip: "the hole docs/protocol.md §8 states: a CRIU killed while it holds a post-copy " +
-			"source lets the tree go, which runs beside the destination's copy"},
+		// The held tree stays frozen without its CRIU: phaul serves the
+		// destination's faults from it (process_vm_readv) to the end.
+		phaul.PhasePostcopy: {mode: "postcopy", survivor: "destination"},
 		phaul.PhaseDone:     noCRIU,
 		phaul.PhaseRollback: after,
 		phaul.PhaseInDoubt:  after,
@@ -141,8 +146,10 @@ var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
 		phaul.PhaseRestore:   noCRIU, // entered before CRIU starts
 		// CRIU dies holding the rebuilt tree before PREPARED leaves.
 		phaul.PhasePrepared: {mode: "precopy", survivor: "source"},
-		phaul.PhaseCommit: {skip: "a loss pre-copy has (docs/protocol.md §6): the source ends its copy at PREPARED, and " +
-			"the only one left dies with the CRIU that held it before the resume (the service says so, not \"committed\")"},
+		// CRIU dies holding the rebuilt tree before the resume: the
+		// destination answers COMMIT with ABORT, and the source resumes
+		// its copy, held until COMMITTED.
+		phaul.PhaseCommit: {mode: "precopy", survivor: "source"},
 		phaul.PhasePostcopy: noCRIU, // the tree was resumed at COMMIT: CRIU is gone
 		phaul.PhaseDone:     noCRIU,
 		phaul.PhaseRollback: after,

@@ -120,6 +120,21 @@ func ProcessCgroupV1(pid int, controller string) (string, error) {
 	return parseProcCgroup(string(b), controller)
 }
 
+// ProcessCgroup2 returns the path of pid's cgroup in the v2 hierarchy, the
+// "0::PATH" line of /proc/PID/cgroup.
+func ProcessCgroup2(pid int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "", fmt.Errorf("cgroups of %d: %w", pid, err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if p, ok := strings.CutPrefix(line, "0::"); ok {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("cgroups of %d: %w: no cgroup2 line", pid, ErrNotSupported)
+}
+
 // parseProcCgroup finds "id:controllers:path" with controller among the
 // comma-separated controllers.
 func parseProcCgroup(s, controller string) (string, error) {
