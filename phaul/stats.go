@@ -37,10 +37,10 @@ type Stats struct {
 	// HoldMS is how long moving the lazily dumped tree into its frozen
 	// hold cgroup took (inside the freeze); 0 when it was not held so
 	// (a full dump, no freezer).
-	HoldMS float64 `json:"hold_ms,omitempty"`
-	BytesWire     uint64      `json:"bytes_wire"`
-	BytesImages   uint64      `json:"bytes_images"`
-	Rounds        []Round     `json:"rounds"`
+	HoldMS      float64 `json:"hold_ms,omitempty"`
+	BytesWire   uint64  `json:"bytes_wire"`
+	BytesImages uint64  `json:"bytes_images"`
+	Rounds      []Round `json:"rounds"`
 	// Pre-copy: why the rounds stopped, and the tracker that ran.
 	StopReason string `json:"stop_reason,omitempty"`
 	Tracker    string `json:"tracker,omitempty"`

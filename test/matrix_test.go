@@ -149,7 +149,7 @@ var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
 		// CRIU dies holding the rebuilt tree before the resume: the
 		// destination answers COMMIT with ABORT, and the source resumes
 		// its copy, held until COMMITTED.
-		phaul.PhaseCommit: {mode: "precopy", survivor: "source"},
+		phaul.PhaseCommit:   {mode: "precopy", survivor: "source"},
 		phaul.PhasePostcopy: noCRIU, // the tree was resumed at COMMIT: CRIU is gone
 		phaul.PhaseDone:     noCRIU,
 		phaul.PhaseRollback: after,
