@@ -67,6 +67,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzReadLazyVMAs -fuzztime $(FUZZTIME) ./lazy/
 	$(GO) test -run '^$$' -fuzz FuzzReadStackPointer -fuzztime $(FUZZTIME) ./lazy/
 	$(GO) test -run '^$$' -fuzz FuzzReadTaskCount -fuzztime $(FUZZTIME) ./lazy/
+	$(GO) test -run '^$$' -fuzz FuzzRemoteSet -fuzztime $(FUZZTIME) ./phaul/
 
 # A host setting, the operator's choice: raises fs.pipe-max-size to 4 MiB
 # (deploy/sysctl.d). Undo: bash deploy/install-sysctl.sh --undo.

@@ -46,8 +46,9 @@ type dumpRun struct {
 	sent           []images.File
 	nftTable       string // CRIU's network-lock table, named by the dump's inventory
 
-	dumpDone chan error    // CRIU's dump returned
-	held     chan struct{} // post-copy: the tree is held by phaul's open session
+	dumpDone    chan error    // CRIU's dump returned
+	remoteSaved chan error    // post-copy: the remote set is on disk
+	held        chan struct{} // post-copy: the tree is held by phaul's open session
 	// gone reports that no process of the lazily dumped tree can run
 	// again after phaul ended CRIU's session (each has exited or is being
 	// killed): the commit need not wait for CRIU's cleanup nor for the
@@ -70,7 +71,7 @@ func newDumpRun(s *source, bin *criu.Binary, imagesDir string, ctlStream *transp
 	postcopy := s.cfg.Mode.postcopy()
 	r := &dumpRun{s: s, bin: bin, imagesDir: imagesDir, ctlStream: ctlStream,
 		postcopy: postcopy, lazy: postcopy || (s.cfg.Mode == ModePrecopy && s.cfg.FinalDump == FinalDumpLazy),
-		dumpDone: make(chan error, 1), held: make(chan struct{}), gone: make(chan error, 1)}
+		dumpDone: make(chan error, 1), remoteSaved: make(chan error, 1), held: make(chan struct{}), gone: make(chan error, 1)}
 	r.endHeld = sync.OnceFunc(func() {
 		if r.keepHeld {
 			s.log.Error("in doubt: CRIU keeps holding the source's frozen copy; `phaul gc --show` names it",
@@ -262,6 +263,10 @@ func (r *dumpRun) onDumped(ctx context.Context) error {
 		}
 		if r.postcopy {
 			r.fetch.serve(r.pre.remote, s.log)
+			// For a phaul that takes over if this one dies (phaul
+			// recover); written while the destination restores.
+			remote, path := r.pre.remote, remotePath(s.cfg.WorkDir, s.stats.MigrationID)
+			go func() { r.remoteSaved <- writeRemoteSet(path, remote) }() // owned by the run: commit drains it
 		}
 	}
 	var err error
@@ -440,6 +445,11 @@ func (r *dumpRun) resumeHeld(why error) error {
 // runs, and records the downtime.
 func (r *dumpRun) commit(ctx context.Context) (time.Time, error) {
 	s := r.s
+	if r.postcopy {
+		if err := <-r.remoteSaved; err != nil {
+			s.log.Warn("post-copy: remote set not saved: if this phaul dies, phaul recover cannot take over", "err", err)
+		}
+	}
 	s.phase(PhaseCommit)
 	stop := deadline(ctx, r.ctlStream, s.cfg.CommitTimeout)
 	defer stop()

@@ -162,8 +162,8 @@ func resolve(workDir string, e JournalEntry, plan []Leftover, apply bool, log *s
 	if !left {
 		entry.Action = "remove the entry"
 		if apply {
-			err := os.Remove(entry.What)
-			if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			err := errors.Join(ignoreNotExist(os.Remove(remotePath(workDir, e.ID))), ignoreNotExist(os.Remove(entry.What)))
+			if err != nil {
 				entry.Err = err.Error()
 			} else {
 				entry.Done = true

@@ -135,10 +135,12 @@ func heldTree(e JournalEntry, winner string) (Leftover, bool) {
 		l.Action = "let the source tree go (kill CRIU, thaw it where it was): it resumes"
 		l.apply = func() error { return resumeSource(e) }
 	case e.Phase == PhasePostcopy:
+		// Killing it would lose what the destination still lacks.
 		l.Kind = "held-tree"
-		l.Why = "the destination's copy has run (post-copy): this frozen copy must never run again"
-		l.Action = "kill the held tree, then CRIU"
-		l.apply = func() error { return killHeldTree(e) }
+		l.Why = fmt.Sprintf("post-copy whose phaul died: the destination runs and may still wait for pages only this frozen "+
+			"copy has: phaul recover --work-dir DIR %s serves them, then drops it; once the destination has them or gave up, "+
+			"phaul gc --resolved %s=destination drops it (it must never run again)", e.ID, e.ID)
+		return l, true
 	default:
 		l.Kind = "held-tree"
 		l.Why = fmt.Sprintf("in doubt (%s): the destination's log says whether it committed; then "+

@@ -72,6 +72,10 @@ type JournalEntry struct {
 	// is what a held one has of them (memory* in hold.go; "" unknown).
 	Lazy   bool   `json:"lazy,omitempty"`
 	Memory string `json:"memory,omitempty"`
+	// To and TLSDir (source): the destination and the identity, for a
+	// phaul recover that takes over a post-copy.
+	To     string `json:"to,omitempty"`
+	TLSDir string `json:"tls_dir,omitempty"`
 	// NftTable is CRIU's network-lock table ("inet CRIU-…"), once known.
 	NftTable string    `json:"nft_table,omitempty"`
 	Updated  time.Time `json:"updated"`
@@ -138,6 +142,10 @@ func (j *journal) remove() error {
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	// A post-copy source's remote set (remotefile.go) goes with it.
+	if err := os.Remove(strings.TrimSuffix(j.path, ".json") + ".remote"); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("journal: %w", err)
+	}
 	if err := os.Remove(j.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("journal: %w", err)
 	}

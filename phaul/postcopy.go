@@ -359,7 +359,9 @@ func (s *source) resumeSession(ctx context.Context, fs *fetchServer, remote *rem
 	ok = true
 	old := s.sess
 	s.sess, s.ctl, s.ctlStream = sess, ctl, stream
-	old.Close()
+	if old != nil { // nil in a phaul recover
+		old.Close()
+	}
 	fs.reattach(streams, remote, s.log)
 	return nil
 }

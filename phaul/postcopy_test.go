@@ -2,9 +2,12 @@ package phaul
 
 import (
 	"bytes"
+	"encoding/binary"
+	"errors"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -111,4 +114,61 @@ func equalSpans(a, b []span) bool {
 		}
 	}
 	return true
+}
+
+// TestRemoteSetFile: a remote set survives its file; a truncated or
+// overlapping one is refused.
+func TestRemoteSetFile(t *testing.T) {
+	r := newRemoteSet()
+	r.add(1, 100, 0x1000, 2)
+	r.add(1, 100, 0x3000, 1) // merged with the first
+	r.add(1, 100, 0x8000, 4)
+	r.add(7, 107, 0x7f0000000000, 16)
+	path := filepath.Join(t.TempDir(), "x.remote")
+	if err := writeRemoteSet(path, r); err != nil {
+		t.Fatal(err)
+	}
+	got, err := readRemoteSet(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.pages != r.pages || len(got.tasks) != 2 || !slices.Equal(got.tasks[1].spans, r.tasks[1].spans) ||
+		got.tasks[7].pid != 107 || !slices.Equal(got.tasks[7].spans, r.tasks[7].spans) {
+		t.Fatalf("read back %+v, wrote %+v", got, r)
+	}
+	b, _ := os.ReadFile(path)
+	if _, err := decodeRemoteSet(bytes.NewReader(b[:len(b)-1])); !errors.Is(err, errRemoteFile) {
+		t.Fatalf("truncated: %v", err)
+	}
+	bad := slices.Clone(b)
+	binary.LittleEndian.PutUint64(bad[12+20+16:], 0x1000) // second span starts inside the first
+	if _, err := decodeRemoteSet(bytes.NewReader(bad)); !errors.Is(err, errRemoteFile) {
+		t.Fatalf("overlapping: %v", err)
+	}
+}
+
+func FuzzRemoteSet(f *testing.F) {
+	r := newRemoteSet()
+	r.add(1, 100, 0x1000, 2)
+	r.add(3, 103, 0x9000, 1)
+	path := filepath.Join(f.TempDir(), "seed")
+	if err := writeRemoteSet(path, r); err != nil {
+		f.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	f.Add(b)
+	f.Add([]byte(remoteMagic))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r, err := decodeRemoteSet(bytes.NewReader(data))
+		if err != nil {
+			return
+		}
+		for id, task := range r.tasks {
+			for i, s := range task.spans {
+				if s.start >= s.end || (i > 0 && task.spans[i-1].end >= s.start) {
+					t.Fatalf("task %d: bad span %d %+v", id, i, s)
+				}
+			}
+		}
+	})
 }

@@ -138,7 +138,7 @@ func (s *source) run(ctx context.Context) error {
 	}()
 	recoverSource(cfg.WorkDir, s.log)
 	s.j, err = openJournal(JournalDir(cfg.WorkDir), s.stats.MigrationID, RoleSource,
-		JournalEntry{Phase: PhasePreflight, Mode: cfg.Mode, Root: cfg.PID, ImagesDir: imagesDir})
+		JournalEntry{Phase: PhasePreflight, Mode: cfg.Mode, Root: cfg.PID, ImagesDir: imagesDir, To: cfg.To, TLSDir: absPath(cfg.TLSDir)})
 	if err != nil {
 		return err
 	}
@@ -636,4 +636,12 @@ func networkLockTable(imagesDir string) string {
 		return ""
 	}
 	return images.NftLockTable(inv.RunID)
+}
+
+// absPath is p made absolute, or p when that fails.
+func absPath(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
 }

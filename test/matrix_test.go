@@ -39,6 +39,9 @@ type matrixCell struct {
 	// resolve is the operator's answer for a migration left in doubt
 	// (`phaul gc --resolved ID=resolve` on both hosts); "" if none is.
 	resolve string
+	// recover: the source's migration is taken over (phaul recover on
+	// the source host) after its migrate was killed.
+	recover bool
 	// skip, if set, says why the cell does not run: a state the role
 	// never enters, or a loss the design states.
 	skip string
@@ -83,8 +86,9 @@ var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
 		// frozen hold) and the destination's in doubt: the operator says
 		// which runs.
 		phaul.PhaseCommit: {mode: "precopy", survivor: "destination", resolve: "destination"},
-		phaul.PhasePostcopy: {skip: "a loss post-copy states (docs/protocol.md §8): the destination runs and its " +
-			"missing pages are only in the source's held copy; no phaul takes over serving them"},
+		// The destination runs and waits for pages only the source's
+		// held copy has: phaul recover serves them from it.
+		phaul.PhasePostcopy: {mode: "postcopy", survivor: "destination", recover: true},
 		phaul.PhaseDone:     {mode: "precopy", survivor: "destination"},
 		phaul.PhaseRollback: after,
 		phaul.PhaseInDoubt:  after,
@@ -339,6 +343,14 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 	}
 
 	steps := []string{fmt.Sprintf("migrate %s", migrateEnd(m, r))}
+	if c.recover {
+		out, code := e.phaul(e.hosts.Src, "recover", "--work-dir", e.srcWork, id)
+		t.Logf("phaul recover %s: exit %d\n%s", id, code, out)
+		if code != 0 {
+			t.Fatalf("phaul recover: exit %d\n%s\nserve log:\n%s", code, out, e.readServeLog())
+		}
+		steps = append(steps, "phaul recover")
+	}
 	if c.resolve != "" {
 		// As an operator, wait until the destination says it holds
 		// the copy in doubt (a lazy restore gets its memory first).

@@ -35,6 +35,7 @@ func main() {
 			pageServerCommand(),
 			gcCommand(),
 			cancelCommand(),
+			recoverCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main reports errors once
 	}
