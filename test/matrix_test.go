@@ -428,6 +428,9 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 	if c.resolve != "" {
 		mark += " (resolved)"
 	}
+	if c.recover {
+		mark += " (recover)"
+	}
 	if c.survivor == "source" {
 		mark += " +again"
 	}
@@ -490,7 +493,7 @@ func printMatrix(t *testing.T, phases []phaul.Phase, results []matrixResult) {
 	tw.Flush()
 	t.Logf("fault matrix: the fault as the agent enters the state; the copy that runs afterwards, whole "+
 		"(src: the source's, migrated again after; dst: the destination's; resolved: an operator's gc --resolved "+
-		"on the other end's word; LOSS: a loss the docs state; -: no transition enters the state, or only after "+
+		"on the other end's word; recover: after phaul recover took the post-copy over; LOSS: a loss the docs state; -: no transition enters the state, or only after "+
 		"another failure):\n%s", b.String())
 }
 
