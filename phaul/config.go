@@ -173,8 +173,17 @@ type ServeConfig struct {
 	TLSDir   string
 	CRIUPath string
 
-	Transport transport.Config // Identity is loaded from TLSDir
+	Transport transport.Config // Identity is loaded from TLSDir; Peers from the fields below
 	Limits    images.Limits
+
+	// AllowPeers names the sources this service admits (a certificate of
+	// the CA must name one in its subject alternative names); AllowAnyPeer
+	// admits every certificate of the CA instead. One of them is required.
+	// DenyList is a file of revoked certificate serials, read again when it
+	// changes.
+	AllowPeers   []string
+	AllowAnyPeer bool
+	DenyList     string
 	Logger    *slog.Logger
 
 	// MaxMigrations bounds the migrations in progress at once.
@@ -253,6 +262,9 @@ func (c ServeConfig) Validate() error {
 	if !filepath.IsAbs(c.CgroupParent) || strings.Contains(c.CgroupParent, "..") {
 		errs = append(errs, fmt.Errorf("--cgroup-parent %q: want an absolute cgroup path", c.CgroupParent))
 	}
+	if err := c.peerPolicy().Validate(); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -261,4 +273,9 @@ func discardIfNil(l *slog.Logger) *slog.Logger {
 		return slog.New(slog.DiscardHandler)
 	}
 	return l
+}
+
+// peerPolicy is the sources this service admits.
+func (c ServeConfig) peerPolicy() *transport.PeerPolicy {
+	return &transport.PeerPolicy{Allow: c.AllowPeers, AnyPeer: c.AllowAnyPeer, DenyFile: c.DenyList}
 }

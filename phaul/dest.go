@@ -66,9 +66,16 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 	if err := linux.HaveUserfaultfd(); cfg.LazyRestore && err != nil {
 		log.Warn("--lazy-restore: restores write all memory here: no userfaultfd", "err", err)
 	}
+	if !id.Serves() {
+		return fmt.Errorf("tls dir: %s's certificate is for a source only (phaul certs --role destination or both)", cfg.TLSDir)
+	}
 	tcfg := cfg.Transport
 	tcfg.Identity = id
 	tcfg.Logger = log
+	tcfg.Peers = cfg.peerPolicy()
+	if cfg.AllowAnyPeer {
+		log.Warn("--allow-any-peer: every certificate of the CA may migrate a tree here and have it restored as root")
+	}
 	ln, err := transport.Listen(ctx, cfg.Listen, tcfg)
 	if err != nil {
 		return err

@@ -111,6 +111,9 @@ func (s *source) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("tls dir: %w", err)
 	}
+	if !id.Dials() {
+		return fmt.Errorf("tls dir: %s's certificate is for a destination only (phaul certs --role source or both)", cfg.TLSDir)
+	}
 	bin, err := criu.Locate(ctx, cfg.CRIUPath, s.log)
 	if err != nil {
 		return err

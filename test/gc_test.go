@@ -93,7 +93,7 @@ func TestGCPostcopyMigrateKilled(t *testing.T) {
 	// operator resolves for the source.
 	out, code := e.phaul(e.hosts.Src, "gc", "--work-dir", e.srcWork, "--resolved", id+"=source")
 	t.Logf("gc --resolved %s=source: exit %d\n%s", id, code, out)
-	if code != 0 || !strings.Contains(out, "done: kill CRIU: the source tree resumes") {
+	if code != 0 || !strings.Contains(out, "done: let the source tree go") {
 		t.Fatalf("gc --resolved: exit %d, want 0, CRIU killed\n%s", code, out)
 	}
 	e.assertOnSource(w) // one copy, the source's, stepping and verifying its memory

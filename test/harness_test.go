@@ -85,8 +85,8 @@ func newEnv(t testing.TB, opts testenv.HostsOpts) *env {
 	e.srcWork = filepath.Join(e.dir, "work-src")
 	e.dstWork = filepath.Join(e.dir, "work-dst")
 	ca := filepath.Join(e.dir, "ca")
-	e.run(nil, "certs", "--ca-dir", ca, "--out", e.srcTLS, "--host", e.hosts.Src.Addr.String())
-	e.run(nil, "certs", "--ca-dir", ca, "--out", e.dstTLS, "--host", e.hosts.Dst.Addr.String())
+	e.run(nil, "certs", "--ca-dir", ca, "--out", e.srcTLS, "--host", e.hosts.Src.Addr.String(), "--role", "source")
+	e.run(nil, "certs", "--ca-dir", ca, "--out", e.dstTLS, "--host", e.hosts.Dst.Addr.String(), "--role", "destination")
 	return e
 }
 
@@ -169,7 +169,8 @@ func (e *env) startServeAt(addr string, extra ...string) {
 	}
 	defer logf.Close()
 	args := append([]string{"--log-level", "debug", "serve", "--listen", addr,
-		"--work-dir", e.dstWork, "--tls-dir", e.dstTLS, "--cgroup-parent", e.cgParent}, extra...)
+		"--work-dir", e.dstWork, "--tls-dir", e.dstTLS, "--cgroup-parent", e.cgParent,
+		"--allow-peer", e.hosts.Src.Addr.String()}, extra...)
 	e.serve = e.hosts.Dst.Command(context.Background(), e.bin, args...)
 	if e.dstOwnDir != "" || e.dstOwnPIDNS {
 		// The destination host gets a mount namespace of its own, with a

@@ -77,6 +77,13 @@ func TestBadInput(t *testing.T) {
 	// A destination certificate that does not name the address dialled.
 	wrongName := filepath.Join(e.dir, "tls-wrong-name")
 	e.run(nil, "certs", "--ca-dir", filepath.Join(e.dir, "ca"), "--out", wrongName, "--host", "10.77.0.99")
+	// A source certificate of the same CA for a name the destination does
+	// not allow (serve --allow-peer names only the source's address), and
+	// one issued for a destination only.
+	otherName := filepath.Join(e.dir, "tls-other-name")
+	e.run(nil, "certs", "--ca-dir", filepath.Join(e.dir, "ca"), "--out", otherName, "--host", "nodeb.example", "--role", "source")
+	destOnly := filepath.Join(e.dir, "tls-dest-only")
+	e.run(nil, "certs", "--ca-dir", filepath.Join(e.dir, "ca"), "--out", destOnly, "--host", e.hosts.Src.Addr.String(), "--role", "destination")
 
 	garbage := garbageServer(t)
 	failingCRIU := filepath.Join(e.dir, "criu-fails")
@@ -98,6 +105,8 @@ func TestBadInput(t *testing.T) {
 		{"ancestor", nil, fmt.Sprint(os.Getpid()), "ancestor of phaul"},
 		{"destination not listening", []string{"--to", e.hosts.Dst.Addr.String() + ":7999"}, "", "connection refused"},
 		{"source cert from another CA", []string{"--tls-dir", otherSrc}, "", "not trusted"},
+		{"source cert of the CA, name not allowed", []string{"--tls-dir", otherName}, "", "rejected"},
+		{"destination-only cert", []string{"--tls-dir", destOnly}, "", "destination only"},
 		{"tls dir holds ca.key", []string{"--tls-dir", withKey}, "", "ca.key"},
 		{"garbage server", []string{"--to", garbage}, "", "tls"},
 		{"criu missing", []string{"--criu", "/nonexistent/criu"}, "", "criu"},

@@ -32,7 +32,18 @@ func TestServeBadInput(t *testing.T) {
 		{"work dir not writable", []string{"--listen", "127.0.0.1:0", "--work-dir", filepath.Join(notDir, "sub"), "--tls-dir", e.dstTLS}, "work dir"},
 		{"bad listen address", []string{"--listen", "no-port", "--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, "listen"},
 		{"criu missing", []string{"--criu", "/nonexistent/criu", "--listen", "127.0.0.1:0", "--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, "criu"},
+		{"source-only cert", []string{"--listen", "127.0.0.1:0", "--work-dir", e.dstWork, "--tls-dir", e.srcTLS}, "source only"},
+		{"deny list missing", []string{"--listen", "127.0.0.1:0", "--work-dir", e.dstWork, "--tls-dir", e.dstTLS, "--deny-list", filepath.Join(e.dir, "none")}, "deny list"},
 	}
+	// Every case names its peers but one: serve refuses to start without.
+	for i := range tests {
+		tests[i].args = append(tests[i].args, "--allow-peer", "nodea.example")
+	}
+	tests = append(tests, struct {
+		name string
+		args []string
+		want string
+	}{"no peer allowed", []string{"--listen", "127.0.0.1:0", "--work-dir", e.dstWork, "--tls-dir", e.dstTLS}, "--allow-peer"})
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

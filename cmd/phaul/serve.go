@@ -11,12 +11,15 @@ func serveCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "serve",
 		Usage:     "receive and restore migrations (destination service)",
-		UsageText: "phaul serve --listen ADDR:PORT --work-dir DIR --tls-dir DIR",
+		UsageText: "phaul serve --listen ADDR:PORT --work-dir DIR --tls-dir DIR (--allow-peer NAME... | --allow-any-peer) [--deny-list FILE]",
 		Flags: []cli.Flag{
 			criuFlag(),
 			&cli.StringFlag{Name: "listen", Required: true, Usage: "address to listen on, ADDR:PORT"},
 			&cli.StringFlag{Name: "work-dir", Value: def.WorkDir, Usage: "directory this service owns: one subdirectory per migration"},
 			&cli.StringFlag{Name: "tls-dir", Required: true, Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
+			&cli.StringSliceFlag{Name: "allow-peer", Usage: "a source this service admits: a DNS name or IP its certificate names (repeatable); one of --allow-peer, --allow-any-peer is required"},
+			&cli.BoolFlag{Name: "allow-any-peer", Usage: "admit every certificate of the CA as a source (each one can then have trees restored here as root)"},
+			&cli.StringFlag{Name: "deny-list", Usage: "file of revoked certificate serials (hex, one a line, # comments), read again whenever it changes; unreadable, it refuses every peer"},
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
 			&cli.DurationFlag{Name: "restore-timeout", Value: def.RestoreTimeout, Usage: "kill a CRIU restore that takes longer and abort the migration"},
 			&cli.DurationFlag{Name: "postcopy-recover-timeout", Value: def.PostcopyRecoverTimeout, Usage: "post-copy: how long to wait for a source whose connection was lost to reconnect (the restored tree's threads that touch a missing page wait meanwhile)"},
@@ -26,12 +29,13 @@ func serveCommand() *cli.Command {
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 0 {
-				return cli.Exit("usage: phaul serve --listen ADDR:PORT --work-dir DIR --tls-dir DIR", 2)
+				return cli.Exit("usage: "+c.Command.UsageText, 2)
 			}
 			cfg := phaul.DefaultServeConfig()
 			cfg.Listen = c.String("listen")
 			cfg.WorkDir = c.String("work-dir")
 			cfg.TLSDir = c.String("tls-dir")
+			cfg.AllowPeers, cfg.AllowAnyPeer, cfg.DenyList = c.StringSlice("allow-peer"), c.Bool("allow-any-peer"), c.String("deny-list")
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.MaxMigrations = c.Int("max-migrations")
 			cfg.CommitWait = c.Duration("commit-wait")

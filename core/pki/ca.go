@@ -31,7 +31,7 @@ const (
 // fresh certificate.
 const (
 	CAValidity   = 10 * 365 * 24 * time.Hour
-	NodeValidity = 2 * 365 * 24 * time.Hour
+	NodeValidity = 90 * 24 * time.Hour
 	clockSkew    = 5 * time.Minute
 )
 

@@ -7,9 +7,10 @@
 // chaining to the certificates already deployed.
 //
 // A node directory (a "tls-dir") holds ca.crt, node.crt and node.key, written
-// by IssueNode. A node certificate is valid NodeValidity, carries both the
-// ServerAuth and ClientAuth extended key usages (every node serves and dials)
-// and names each host it was issued for: DNS names as DNS SANs, IP literals as
+// by IssueNode or IssueNodeWith. A node certificate is valid NodeValidity (90
+// days) unless told otherwise, carries the extended key usages of its role
+// (a source: ClientAuth, it dials; a destination: ServerAuth, it listens;
+// both) and names each host it was issued for: DNS names as DNS SANs, IP literals as
 // IP SANs. A node directory never holds ca.key: IssueNode refuses a directory
 // that does (ErrCAKeyPresent), and so does transport.LoadTLS, because a node
 // that holds the CA key can mint certificates for every other node.

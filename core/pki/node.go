@@ -34,6 +34,54 @@ const (
 // be used as both TLS server and TLS client. IssueNode returns the new
 // certificate.
 func IssueNode(ca *CA, hosts []string, outDir string) (*x509.Certificate, error) {
+	return IssueNodeWith(ca, NodeOptions{Hosts: hosts}, outDir)
+}
+
+// Role is what a node certificate may do: dial as a source (TLS client),
+// listen as a destination (TLS server), or both.
+type Role string
+
+const (
+	RoleSource      Role = "source"
+	RoleDestination Role = "destination"
+	RoleBoth        Role = "both"
+)
+
+// usages are the extended key usages of r.
+func (r Role) usages() ([]x509.ExtKeyUsage, error) {
+	switch r {
+	case RoleSource:
+		return []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, nil
+	case RoleDestination:
+		return []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, nil
+	case RoleBoth, "":
+		return []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, nil
+	}
+	return nil, fmt.Errorf("role %q: want source, destination or both", r)
+}
+
+// NodeOptions are what IssueNodeWith puts in a node certificate.
+type NodeOptions struct {
+	Hosts    []string
+	Role     Role          // "" is RoleBoth
+	Validity time.Duration // 0 is NodeValidity
+}
+
+// IssueNodeWith is IssueNode with a role (a source-only certificate
+// cannot serve, a destination-only one cannot dial) and a lifetime.
+func IssueNodeWith(ca *CA, o NodeOptions, outDir string) (*x509.Certificate, error) {
+	hosts := o.Hosts
+	usages, err := o.Role.usages()
+	if err != nil {
+		return nil, fmt.Errorf("issue node certificate: %w", err)
+	}
+	validity := o.Validity
+	if validity == 0 {
+		validity = NodeValidity
+	}
+	if validity < time.Hour || validity > CAValidity {
+		return nil, fmt.Errorf("issue node certificate: validity %v: want between an hour and the CA's", validity)
+	}
 	dnsNames, ips, err := parseHosts(hosts)
 	if err != nil {
 		return nil, fmt.Errorf("issue node certificate: %w", err)
@@ -47,7 +95,7 @@ func IssueNode(ca *CA, hosts []string, outDir string) (*x509.Certificate, error)
 	case ok:
 		return nil, fmt.Errorf("issue node certificate into %s: %w", outDir, ErrCAKeyPresent)
 	}
-	cert, certPEM, keyPEM, err := ca.sign(hosts[0], dnsNames, ips, time.Now())
+	cert, certPEM, keyPEM, err := ca.sign(hosts[0], dnsNames, ips, usages, validity, time.Now())
 	if err != nil {
 		return nil, fmt.Errorf("issue node certificate: %w", err)
 	}
@@ -71,7 +119,8 @@ func IssueNode(ca *CA, hosts []string, outDir string) (*x509.Certificate, error)
 }
 
 // sign creates a node key and a certificate for it, valid from now.
-func (ca *CA) sign(cn string, dnsNames []string, ips []net.IP, now time.Time) (*x509.Certificate, []byte, []byte, error) {
+func (ca *CA) sign(cn string, dnsNames []string, ips []net.IP, usages []x509.ExtKeyUsage, validity time.Duration,
+	now time.Time) (*x509.Certificate, []byte, []byte, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, nil, err
@@ -80,7 +129,7 @@ func (ca *CA) sign(cn string, dnsNames []string, ips []net.IP, now time.Time) (*
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	notAfter := now.Add(NodeValidity)
+	notAfter := now.Add(validity)
 	if notAfter.After(ca.Cert.NotAfter) {
 		// A chain is only as valid as its CA.
 		notAfter = ca.Cert.NotAfter
@@ -91,7 +140,7 @@ func (ca *CA) sign(cn string, dnsNames []string, ips []net.IP, now time.Time) (*
 		NotBefore:             now.Add(-clockSkew),
 		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		ExtKeyUsage:           usages,
 		BasicConstraintsValid: true,
 		DNSNames:              dnsNames,
 		IPAddresses:           ips,

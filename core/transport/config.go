@@ -65,6 +65,10 @@ type Config struct {
 	// peer's close before it is reset.
 	StreamCloseTimeout time.Duration
 
+	// Peers, if set, is the listener's peer policy: which certificates of
+	// the CA it admits (PeerPolicy). Dial ignores it.
+	Peers *PeerPolicy
+
 	// MaxHandshakes bounds the server handshakes in progress at once; a
 	// peer that never speaks holds one slot for HandshakeTimeout.
 	MaxHandshakes int

@@ -54,7 +54,7 @@ func Listen(ctx context.Context, addr string, cfg Config) (*Listener, error) {
 		ln:      ln,
 		cfg:     cfg,
 		log:     cfg.logger(),
-		tlsConf: cfg.Identity.serverTLS(),
+		tlsConf: cfg.Identity.serverTLS(cfg.Peers),
 		ready:   make(chan *Session),
 	}
 	l.ctx, l.cancel = context.WithCancel(ctx)
@@ -171,7 +171,7 @@ func (l *Listener) handshake(tcp net.Conn) {
 		log.Warn("peer refused", "reason", "session setup", "err", err)
 		return
 	}
-	log.Info("peer authenticated", "name", s.peer.CommonName)
+	log.Info("peer authenticated", "name", s.peer.CommonName, "serial", SerialString(s.peer.Cert.SerialNumber))
 	select {
 	case l.ready <- s:
 	case <-l.ctx.Done():

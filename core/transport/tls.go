@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 
 	"github.com/phaul/phaul/core/pki"
@@ -97,9 +98,20 @@ func parseRoots(data []byte) (*x509.CertPool, error) {
 	return pool, nil
 }
 
-// serverTLS demands a client certificate chaining to id's roots.
-func (id *Identity) serverTLS() *tls.Config {
+// serverTLS demands a client certificate chaining to id's roots, for
+// client use, that peers admits (nil: any).
+func (id *Identity) serverTLS(peers *PeerPolicy) *tls.Config {
+	var verify func(tls.ConnectionState) error
+	if peers != nil {
+		verify = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("no client certificate")
+			}
+			return peers.Authorize(cs.PeerCertificates[0])
+		}
+	}
 	return &tls.Config{
+		VerifyConnection:       verify,
 		MinVersion:             tls.VersionTLS13,
 		Certificates:           []tls.Certificate{id.Cert},
 		ClientAuth:             tls.RequireAndVerifyClientCert,
@@ -165,6 +177,8 @@ func refusalReason(err error) string {
 	switch {
 	case errors.As(err, &verify):
 		return "client certificate not trusted"
+	case errors.Is(err, ErrPeerNotAllowed):
+		return "peer not allowed"
 	case isRemoteAlert(err):
 		return "client refused our certificate"
 	case errors.As(err, &record):
@@ -204,4 +218,16 @@ func readPrivate(path string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %s has mode %04o (chmod 600 it)", ErrKeyExposed, path, perm)
 	}
 	return io.ReadAll(f)
+}
+
+// Serves reports whether the identity's certificate may act as a TLS
+// server (a destination): its extended key usages name server auth.
+func (id *Identity) Serves() bool {
+	return slices.Contains(id.Cert.Leaf.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
+}
+
+// Dials reports whether the identity's certificate may act as a TLS
+// client (a source).
+func (id *Identity) Dials() bool {
+	return slices.Contains(id.Cert.Leaf.ExtKeyUsage, x509.ExtKeyUsageClientAuth)
 }

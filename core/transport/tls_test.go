@@ -249,7 +249,7 @@ func TestDialNotPhaul(t *testing.T) {
 	}{
 		{"garbage", func(c net.Conn) { c.Write([]byte("HTTP/1.1 400 Bad Request\r\n\r\n")) }, nil, new(tls.RecordHeaderError)},
 		{"no preface", func(c net.Conn) {
-			tc := tls.Server(c, serverID.serverTLS())
+			tc := tls.Server(c, serverID.serverTLS(nil))
 			if tc.Handshake() == nil {
 				tc.Write([]byte{0x42})
 			}
@@ -257,7 +257,7 @@ func TestDialNotPhaul(t *testing.T) {
 		}, ErrProtocol, nil},
 		{"silent", func(c net.Conn) { io.Copy(io.Discard, c) }, nil, new(net.Error)},
 		{"no ALPN", func(c net.Conn) {
-			conf := serverID.serverTLS()
+			conf := serverID.serverTLS(nil)
 			conf.NextProtos = nil
 			tc := tls.Server(c, conf)
 			if tc.Handshake() == nil {
