@@ -184,7 +184,7 @@ type ServeConfig struct {
 	AllowPeers   []string
 	AllowAnyPeer bool
 	DenyList     string
-	Logger    *slog.Logger
+	Logger       *slog.Logger
 
 	// MaxMigrations bounds the migrations in progress at once.
 	MaxMigrations int
