@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -55,6 +54,8 @@ type MigrateConfig struct {
 	// freeze, so that the restore reuses it.
 	Prefault bool
 	DumpLock string // host-wide lock file serialising CRIU dumps
+	// DumpLockTimeout bounds the wait for another migration's dump.
+	DumpLockTimeout time.Duration
 
 	Transport transport.Config // Identity is loaded from TLSDir
 	Logger    *slog.Logger
@@ -104,12 +105,14 @@ func DefaultMigrateConfig() MigrateConfig {
 		MaxRounds:      30,
 		HybridRounds:   5,
 		Prefault:       true,
-		WorkDir:        filepath.Join(os.TempDir(), "phaul-source"),
-		DumpLock:       filepath.Join(os.TempDir(), "phaul-dump.lock"),
-		Transport:      defaultTransport(),
-		HelloTimeout:   30 * time.Second,
-		PrepareTimeout: 10 * time.Minute,
-		CommitTimeout:  time.Minute,
+		WorkDir:        "/var/lib/phaul/source",
+		DumpLock:       "/run/phaul/dump.lock",
+
+		DumpLockTimeout: 5 * time.Minute,
+		Transport:       defaultTransport(),
+		HelloTimeout:    30 * time.Second,
+		PrepareTimeout:  10 * time.Minute,
+		CommitTimeout:   time.Minute,
 
 		PostcopyRecoverTimeout: time.Minute,
 	}
@@ -133,8 +136,8 @@ func (c MigrateConfig) Validate() error {
 	if c.WorkDir == "" {
 		errs = append(errs, errors.New("work dir is required"))
 	}
-	if c.DumpLock == "" {
-		errs = append(errs, errors.New("dump lock path is required"))
+	if c.DumpLock == "" || !filepath.IsAbs(c.DumpLock) || c.DumpLockTimeout <= 0 {
+		errs = append(errs, errors.New("dump lock: an absolute path and a positive timeout are required"))
 	}
 	if err := c.CRIU.Validate(); err != nil {
 		errs = append(errs, err)

@@ -54,7 +54,7 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 		return err
 	}
 	log.Info("using criu", "path", bin.Path, "from", bin.Source, "version", bin.Version.String())
-	if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
+	if err := privateDir(cfg.WorkDir); err != nil {
 		return fmt.Errorf("work dir: %w", err)
 	}
 	if err := writable(cfg.WorkDir); err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -197,7 +198,10 @@ func (r *dumpRun) start(ctx context.Context) error {
 	// One CRIU dump at a time on this host: concurrent dumps collide in
 	// CRIU's parasite ("Can't create a directory (-17)", seen with two
 	// migrations started together).
-	unlock, err := linux.LockFile(cfg.DumpLock)
+	if err := privateDir(filepath.Dir(cfg.DumpLock)); err != nil {
+		return fail(fmt.Errorf("dump lock: %w", err))
+	}
+	unlock, err := linux.LockFile(cfg.DumpLock, cfg.DumpLockTimeout)
 	if err != nil {
 		return fail(fmt.Errorf("dump lock: %w", err))
 	}

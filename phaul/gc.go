@@ -79,7 +79,7 @@ func GC(workDir string, o GCOptions) (GCReport, error) {
 	// One resolver at a time per journal: a service starting and an
 	// operator's gc must not both resume one held tree.
 	if workDir != "" {
-		if release, err := linux.LockDir(JournalDir(workDir)); err == nil {
+		if release, err := linux.LockDir(JournalDir(workDir), 30*time.Second); err == nil {
 			defer release()
 		} else if !errors.Is(err, fs.ErrNotExist) {
 			return rep, err

@@ -40,8 +40,9 @@ func strayCRIUs(workDir string, ents []JournalEntry) []Leftover {
 		}
 		cwd = strings.TrimSuffix(cwd, " (deleted)")
 		rel, ok := strings.CutPrefix(cwd, filepath.Clean(workDir)+"/")
-		if !ok || ids[strings.Split(rel, "/")[0]] {
-			continue // not here, or its migration's entry speaks for it
+		first := strings.Split(rel, "/")[0]
+		if !ok || ids[first] || !migrationID.MatchString(first) {
+			continue // not here, its migration's entry speaks for it, or no migration's directory
 		}
 		l := Leftover{Kind: "criu", What: fmt.Sprintf("criu pid %d in %s", pid, cwd),
 			Why: "a CRIU working in this work dir that no journal entry names"}

@@ -128,7 +128,7 @@ func (s *source) run(ctx context.Context) error {
 	}
 
 	imagesDir := filepath.Join(cfg.WorkDir, s.stats.MigrationID)
-	if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
+	if err := privateDir(cfg.WorkDir); err != nil {
 		return fmt.Errorf("work dir: %w", err)
 	}
 	if err := os.Mkdir(imagesDir, 0o700); err != nil {

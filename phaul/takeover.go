@@ -90,7 +90,7 @@ func Recover(ctx context.Context, cfg RecoverConfig) (*Stats, error) {
 // set. gc's lock on the journal keeps the check and the write whole.
 func adoptPostcopy(workDir, id string) (JournalEntry, *journal, error) {
 	dir := JournalDir(workDir)
-	release, err := linux.LockDir(dir)
+	release, err := linux.LockDir(dir, 30*time.Second)
 	if err != nil {
 		return JournalEntry{}, nil, fmt.Errorf("recover: %w", err)
 	}

@@ -92,6 +92,13 @@ func TestBadInput(t *testing.T) {
 	os.MkdirAll(readOnly, 0o500)
 	os.WriteFile(filepath.Join(readOnly, "file"), nil, 0o400)
 
+	// Work dirs another local user could write into or swap.
+	openWork := filepath.Join(e.dir, "work-open")
+	os.Mkdir(openWork, 0o755)
+	os.Chmod(openWork, 0o755)
+	linkWork := filepath.Join(e.dir, "work-link")
+	os.Symlink(e.dir, linkWork)
+
 	tests := []struct {
 		name string
 		args []string // before the pid
@@ -112,6 +119,8 @@ func TestBadInput(t *testing.T) {
 		{"criu missing", []string{"--criu", "/nonexistent/criu"}, "", "criu"},
 		{"criu failing", []string{"--criu", failingCRIU}, "", "exit 42"},
 		{"work dir not writable", []string{"--work-dir", filepath.Join(readOnly, "file", "sub")}, "", "work dir"},
+		{"work dir others may enter", []string{"--work-dir", openWork}, "", "chmod 700"},
+		{"work dir a symlink", []string{"--work-dir", linkWork}, "", "symlink"},
 		{"bad mode", []string{"--mode", "warm"}, "", "mode"},
 		{"bad manage-cgroups", []string{"--manage-cgroups=bogus"}, "", "manage-cgroups"},
 		// Bare, as CRIU takes it, the flag means soft: "bogus" is then a second

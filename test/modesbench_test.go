@@ -2,6 +2,8 @@ package test
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -224,7 +226,10 @@ func waitDumpLock(b *testing.B) {
 	b.Helper()
 	path := phaul.DefaultMigrateConfig().DumpLock
 	t0 := time.Now()
-	release, err := linux.LockFile(path)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		b.Fatal(err)
+	}
+	release, err := linux.LockFile(path, time.Hour)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -93,37 +93,55 @@ func parseProcessStat(s string) (ProcessStat, error) {
 		Flags: flags}, nil
 }
 
+// ErrLockTimeout: a lock another process holds was not released in time.
+var ErrLockTimeout = errors.New("lock held by another process")
+
 // LockFile takes an exclusive flock on path (created 0600 if missing),
-// waiting for it, and returns the function that releases it. The lock dies
-// with the process, so a crash never leaves it held.
-func LockFile(path string) (release func(), err error) {
-	return lockPath(path, os.O_RDWR|os.O_CREATE)
+// waiting up to timeout for it, and returns the function that releases it.
+// The lock dies with the process, so a crash never leaves it held. path
+// must be a regular file of this user: a symlink (O_NOFOLLOW) or another
+// user's file is refused.
+func LockFile(path string, timeout time.Duration) (release func(), err error) {
+	return lockPath(path, os.O_RDWR|os.O_CREATE, timeout)
 }
 
 // LockDir takes an exclusive flock on directory path (no file is
-// created), waiting for it, and returns its release.
-func LockDir(path string) (release func(), err error) {
-	return lockPath(path, os.O_RDONLY|unix.O_DIRECTORY)
+// created), waiting up to timeout for it, and returns its release.
+func LockDir(path string, timeout time.Duration) (release func(), err error) {
+	return lockPath(path, os.O_RDONLY|unix.O_DIRECTORY, timeout)
 }
 
 // lockPath opens path with flags and waits for an exclusive flock on it;
 // closing the file releases it.
-func lockPath(path string, flags int) (release func(), err error) {
-	f, err := os.OpenFile(path, flags|unix.O_CLOEXEC, 0o600)
+func lockPath(path string, flags int, timeout time.Duration) (release func(), err error) {
+	f, err := os.OpenFile(path, flags|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
-	for {
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
-		if err != unix.EINTR {
-			break
-		}
-	}
-	if err != nil {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
-	return func() { f.Close() }, nil
+	if st.Uid != uint32(os.Geteuid()) {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: owned by uid %d, not this user (%d)", path, st.Uid, os.Geteuid())
+	}
+	for deadline := time.Now().Add(timeout); ; {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if err != unix.EWOULDBLOCK && err != unix.EINTR {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w for %v", path, ErrLockTimeout, timeout)
+		}
+		time.Sleep(10 * time.Millisecond) // flock has no timed wait
+	}
 }
 
 // ThreadCPUTime returns the CPU time the calling OS thread has used

@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"syscall"
@@ -148,13 +149,16 @@ func TestTracerPid(t *testing.T) {
 
 func TestLockDir(t *testing.T) {
 	dir := t.TempDir()
-	release, err := LockDir(dir)
+	release, err := LockDir(dir, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if _, err := LockDir(dir, 50*time.Millisecond); !errors.Is(err, ErrLockTimeout) {
+		t.Fatalf("a held lock within a timeout: %v, want ErrLockTimeout", err)
+	}
 	got := make(chan struct{})
 	go func() {
-		r2, err := LockDir(dir)
+		r2, err := LockDir(dir, time.Minute)
 		if err == nil {
 			r2()
 		}
@@ -170,7 +174,17 @@ func TestLockDir(t *testing.T) {
 	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 		t.Errorf("LockDir created %d files", len(ents))
 	}
-	if _, err := LockDir(dir + "/none"); !errors.Is(err, fs.ErrNotExist) {
+	if _, err := LockDir(dir+"/none", time.Second); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("LockDir of no directory: %v", err)
+	}
+	// A planted symlink is not followed.
+	target := filepath.Join(dir, "target")
+	os.WriteFile(target, nil, 0o600)
+	link := filepath.Join(dir, "lock")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LockFile(link, time.Second); err == nil {
+		t.Error("LockFile followed a symlink")
 	}
 }
