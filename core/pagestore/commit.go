@@ -110,7 +110,7 @@ func (s *Store) stage() (names []string, err error) {
 			return nil, err
 		}
 	}
-	if err := os.MkdirAll(staging, 0o700); err != nil {
+	if err := makeOwnDir(staging); err != nil {
 		return nil, err
 	}
 	var created []string

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -228,5 +229,36 @@ func TestPartialCommit(t *testing.T) {
 	}
 	if left, err := Partial(t.TempDir()); err != nil || len(left) != 0 {
 		t.Fatalf("partial of a clean dir: %v, %v", left, err)
+	}
+}
+
+// TestStagingSymlinkRefused: a symlink planted where the store stages
+// (DIR.partial, beside the images dir, where another local user may create
+// names) is refused, and nothing is written where it points (issue 12:
+// the page server's staging followed it). The negative control: the same
+// store without the link commits.
+func TestStagingSymlinkRefused(t *testing.T) {
+	tmp := t.TempDir()
+	dir := filepath.Join(tmp, "images")
+	target := filepath.Join(tmp, "elsewhere")
+	if err := os.Mkdir(target, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(target, stagingDir(dir)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(Config{Dir: dir}); err == nil || !strings.Contains(err.Error(), "symlink") {
+		t.Fatalf("store over a planted staging symlink: %v, want refused", err)
+	}
+	if ents, _ := os.ReadDir(target); len(ents) != 0 {
+		t.Fatalf("wrote %d files through the planted link", len(ents))
+	}
+	os.Remove(stagingDir(dir))
+	s := newTestStore(t, Config{Dir: dir})
+	if err := s.AddZero(task, base, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(); err != nil {
+		t.Fatalf("negative control: %v", err)
 	}
 }

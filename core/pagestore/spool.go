@@ -25,7 +25,7 @@ type spool struct {
 // file unlinked at once where the filesystem lacks it), so no page data
 // outlives the process unless Commit links the file as an image.
 func openSpool(dir string) (*spool, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := makeOwnDir(dir); err != nil {
 		return nil, fmt.Errorf("spool dir: %w", err)
 	}
 	f, err := linux.OpenTmpfile(dir)
