@@ -69,9 +69,13 @@ type Config struct {
 	// the CA it admits (PeerPolicy). Dial ignores it.
 	Peers *PeerPolicy
 
-	// MaxHandshakes bounds the server handshakes in progress at once; a
-	// peer that never speaks holds one slot for HandshakeTimeout.
-	MaxHandshakes int
+	// MaxHandshakes bounds the server handshakes in progress at once, and
+	// MaxHandshakesPerAddr those from one address (0: no bound of its
+	// own). A connection beyond a bound drops the oldest handshake under
+	// it, so peers that never speak cannot keep a real one waiting for
+	// HandshakeTimeout.
+	MaxHandshakes        int
+	MaxHandshakesPerAddr int
 
 	// Control, if not nil, is called on every socket before it connects
 	// (Dial) or listens (Listen; accepted sockets inherit its options),
@@ -93,6 +97,8 @@ func DefaultConfig() Config {
 		WriteTimeout:       10 * time.Second,
 		StreamCloseTimeout: time.Minute,
 		MaxHandshakes:      16,
+
+		MaxHandshakesPerAddr: 4,
 	}
 }
 

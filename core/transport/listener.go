@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -102,19 +104,16 @@ func (l *Listener) Close() error {
 }
 
 // acceptLoop accepts connections and starts a handshake for each until the
-// listener closes.
+// listener closes. Handshakes in progress are bounded (Config.MaxHandshakes
+// in all, Config.MaxHandshakesPerAddr from one address): a new connection
+// beyond a bound drops the oldest handshake in progress under it, so
+// connections that never speak cannot keep a real peer waiting.
 func (l *Listener) acceptLoop() {
-	slots := make(chan struct{}, l.cfg.MaxHandshakes)
+	hs := &handshakes{}
 	var backoff time.Duration
 	for {
-		select {
-		case slots <- struct{}{}:
-		case <-l.ctx.Done():
-			return
-		}
 		raw, err := l.ln.Accept()
 		if err != nil {
-			<-slots
 			if l.ctx.Err() != nil {
 				return
 			}
@@ -130,18 +129,75 @@ func (l *Listener) acceptLoop() {
 			continue
 		}
 		backoff = 0
+		h := hs.add(raw, l.cfg.MaxHandshakes, l.cfg.MaxHandshakesPerAddr)
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
-			defer func() { <-slots }()
-			l.handshake(raw)
+			defer hs.remove(h)
+			l.handshake(raw, h)
 		}()
+	}
+}
+
+// handshakes are the server handshakes in progress.
+type handshakes struct {
+	mu  sync.Mutex
+	all []*pending // oldest first
+}
+
+type pending struct {
+	conn    net.Conn
+	host    string
+	dropped atomic.Bool // closed to make room: its handshake logs why
+}
+
+// add records conn, first dropping the oldest handshake of its address if
+// that address has perAddr already, else the oldest of all if there are
+// max.
+func (hs *handshakes) add(conn net.Conn, max, perAddr int) *pending {
+	host, _, _ := net.SplitHostPort(conn.RemoteAddr().String())
+	p := &pending{conn: conn, host: host}
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	n := 0
+	oldestHere := -1
+	for i, o := range hs.all {
+		if o.host == host {
+			if oldestHere < 0 {
+				oldestHere = i
+			}
+			n++
+		}
+	}
+	drop := -1
+	switch {
+	case perAddr > 0 && n >= perAddr:
+		drop = oldestHere
+	case len(hs.all) >= max:
+		drop = 0
+	}
+	if drop >= 0 {
+		o := hs.all[drop]
+		hs.all = append(hs.all[:drop], hs.all[drop+1:]...)
+		o.dropped.Store(true)
+		_ = o.conn.Close() // its handshake fails at once, and logs it
+	}
+	hs.all = append(hs.all, p)
+	return p
+}
+
+// remove forgets p once its handshake ended (a dropped one is gone).
+func (hs *handshakes) remove(p *pending) {
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	if i := slices.Index(hs.all, p); i >= 0 {
+		hs.all = append(hs.all[:i], hs.all[i+1:]...)
 	}
 }
 
 // handshake authenticates raw and hands the session to Accept, or logs why
 // the peer was refused and closes raw.
-func (l *Listener) handshake(tcp net.Conn) {
+func (l *Listener) handshake(tcp net.Conn, h *pending) {
 	log := l.log.With("peer", tcp.RemoteAddr().String())
 	raw := &countingConn{Conn: tcp}
 	conn := tls.Server(raw, l.tlsConf)
@@ -157,7 +213,10 @@ func (l *Listener) handshake(tcp net.Conn) {
 	})
 	if err != nil {
 		_ = raw.Close() // refused; nothing more to say to this peer
-		if l.ctx.Err() == nil {
+		switch {
+		case h.dropped.Load():
+			log.Warn("peer refused", "reason", "handshake dropped for a newer connection")
+		case l.ctx.Err() == nil:
 			log.Warn("peer refused", "reason", refusalReason(err), "err", err)
 		}
 		return
