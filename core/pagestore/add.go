@@ -100,11 +100,16 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 
 	// Count first, so that a range over a limit changes nothing. And see
 	// whether the range keeps p's spool in image order (pagemap.ordered).
-	var newPages, newData, freed uint64
+	var newPages, newData, freed, newChunks uint64
 	ordered, next := p.ordered, p.next
 	cur := cursor{p: p}
 	for i := range nrPages {
 		pn := first + i
+		if i == 0 || pn&(chunkPages-1) == 0 {
+			if p.chunks[pn>>chunkShift] == nil {
+				newChunks++
+			}
+		}
 		old := cur.get(pn)
 		nd := withData != nil && withData[i]
 		content := flags&FlagPresent != 0
@@ -131,11 +136,16 @@ func (s *Store) add(k Key, vaddr, nrPages uint64, flags uint32, data []byte) err
 			}
 		}
 	}
+	if !reserve(&s.chunks, newChunks, s.cfg.MaxIndexBytes/chunkBytes) {
+		return fmt.Errorf("%w: %d more bytes of page index, at most %d", ErrLimit, newChunks*chunkBytes, s.cfg.MaxIndexBytes)
+	}
 	if !reserve(&s.pages, newPages, s.cfg.MaxPages) {
+		s.chunks.Add(-newChunks)
 		return fmt.Errorf("%w: %d more pages recorded, at most %d", ErrLimit, newPages, s.cfg.MaxPages)
 	}
 	if newData > freed && !reserve(&s.dataPages, newData-freed, s.cfg.MaxBytes/PageSize) {
 		s.pages.Add(-newPages)
+		s.chunks.Add(-newChunks)
 		return fmt.Errorf("%w: %d more bytes held, at most %d", ErrLimit, (newData-freed)*PageSize, s.cfg.MaxBytes)
 	}
 	if freed > newData {

@@ -13,8 +13,13 @@ const (
 	// DefaultMaxBytes is Config.MaxBytes when zero: 64 GiB of page data.
 	DefaultMaxBytes = 64 << 30
 	// DefaultMaxPages is Config.MaxPages when zero: 2^26 pages (256 GiB of
-	// address space), at most 512 MiB of index.
+	// address space).
 	DefaultMaxPages = 1 << 26
+	// DefaultMaxIndexBytes is Config.MaxIndexBytes when zero: 512 MiB,
+	// DefaultMaxPages recorded densely. Sparse pages cost a chunk of index
+	// each (4 KiB for 2 MiB of address space): without this bound 2^26
+	// pages one per chunk would take 256 GiB.
+	DefaultMaxIndexBytes = 512 << 20
 )
 
 // Config configures a Store.
@@ -31,6 +36,10 @@ type Config struct {
 	// MaxPages bounds the pages recorded, of every kind (zero, lazy and
 	// parent pages included); 0 means DefaultMaxPages.
 	MaxPages uint64
+	// MaxIndexBytes bounds the index the store keeps for the pages it
+	// records (chunks of 512 slots, 4 KiB each); 0 means
+	// DefaultMaxIndexBytes.
+	MaxIndexBytes uint64
 	// Logger receives debug and info lines; nil discards them.
 	Logger *slog.Logger
 	// NoSync skips the fsyncs of Commit: for images consumed at once by a
@@ -79,6 +88,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.MaxPages == 0 {
 		c.MaxPages = DefaultMaxPages
+	}
+	if c.MaxIndexBytes == 0 {
+		c.MaxIndexBytes = DefaultMaxIndexBytes
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

@@ -188,3 +188,31 @@ func TestSpoolSlotsReused(t *testing.T) {
 		t.Fatalf("spool grew from %d to %d bytes while the data held stayed", size, got)
 	}
 }
+
+// TestIndexBytesBounded: one lazy page every 2 MiB costs a chunk of index
+// each (issue 12: 6.4 MB of such headers took a page server from 11 MB to
+// 843 MB); the index stops at MaxIndexBytes with ErrLimit, and pages in
+// chunks already made still go in. Under the default bound the same
+// pattern would take 256 GiB at MaxPages.
+func TestIndexBytesBounded(t *testing.T) {
+	const chunks = 64
+	s := newTestStore(t, Config{MaxIndexBytes: chunks * chunkBytes})
+	const stride = chunkPages * PageSize
+	for i := range uint64(chunks) {
+		if err := s.Add(task, i*stride, 1, FlagLazy, nil); err != nil {
+			t.Fatalf("sparse page %d: %v", i, err)
+		}
+	}
+	if err := s.Add(task, chunks*stride, 1, FlagLazy, nil); !errors.Is(err, ErrLimit) {
+		t.Fatalf("a page needing chunk %d of %d: %v, want ErrLimit", chunks+1, chunks, err)
+	}
+	if err := s.Add(task, PageSize, chunkPages-1, FlagLazy, nil); err != nil {
+		t.Fatalf("pages inside a chunk already made: %v", err)
+	}
+	if got := s.chunks.Load(); got != chunks {
+		t.Fatalf("%d chunks accounted, want %d", got, chunks)
+	}
+	if DefaultMaxIndexBytes/chunkBytes*chunkPages < DefaultMaxPages {
+		t.Fatalf("the default index bound does not hold DefaultMaxPages recorded densely")
+	}
+}

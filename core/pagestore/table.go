@@ -47,6 +47,9 @@ const (
 
 type chunk [chunkPages]slot
 
+// chunkBytes is what one chunk of index costs.
+const chunkBytes = chunkPages * 8
+
 // pagemap is the index of one key.
 type pagemap struct {
 	key    Key
