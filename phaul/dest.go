@@ -151,9 +151,13 @@ type incoming struct {
 func (s *Server) handle(ctx context.Context, sess *transport.Session) {
 	defer sess.Close()
 	log := s.log.With("peer", sess.Peer().String())
-	stream, err := sess.AcceptStream(ctx)
+	// A session that never opens its control stream holds a connection
+	// and a goroutine: it gets HelloTimeout, as the hello itself does.
+	first, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)
+	stream, err := sess.AcceptStream(first)
+	cancel()
 	if err != nil {
-		log.Warn("no control stream", "err", err)
+		log.Warn("no control stream", "err", err, "within", s.cfg.HelloTimeout)
 		return
 	}
 	defer stream.Close()

@@ -20,6 +20,7 @@ func serveCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "allow-peer", Usage: "a source this service admits: a DNS name or IP its certificate names (repeatable); one of --allow-peer, --allow-any-peer is required"},
 			&cli.BoolFlag{Name: "allow-any-peer", Usage: "admit every certificate of the CA as a source (each one can then have trees restored here as root)"},
 			&cli.StringFlag{Name: "deny-list", Usage: "file of revoked certificate serials (hex, one a line, # comments), read again whenever it changes; unreadable, it refuses every peer"},
+			&cli.DurationFlag{Name: "hello-timeout", Value: def.HelloTimeout, Usage: "how long an authenticated session may take to open its control stream and say hello; then it is dropped"},
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
 			&cli.DurationFlag{Name: "restore-timeout", Value: def.RestoreTimeout, Usage: "kill a CRIU restore that takes longer and abort the migration"},
 			&cli.DurationFlag{Name: "postcopy-recover-timeout", Value: def.PostcopyRecoverTimeout, Usage: "post-copy: how long to wait for a source whose connection was lost to reconnect (the restored tree's threads that touch a missing page wait meanwhile)"},
@@ -38,6 +39,7 @@ func serveCommand() *cli.Command {
 			cfg.AllowPeers, cfg.AllowAnyPeer, cfg.DenyList = c.StringSlice("allow-peer"), c.Bool("allow-any-peer"), c.String("deny-list")
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.MaxMigrations = c.Int("max-migrations")
+			cfg.HelloTimeout = c.Duration("hello-timeout")
 			cfg.CommitWait = c.Duration("commit-wait")
 			cfg.PostcopyRecoverTimeout = c.Duration("postcopy-recover-timeout")
 			cfg.CgroupParent = c.String("cgroup-parent")

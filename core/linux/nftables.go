@@ -108,6 +108,10 @@ func DeleteNftTableIn(pid int, t NftTable) error {
 	return inNetns(pid, func() error { return DeleteNftTable(t) })
 }
 
+// InNetns runs fn on an OS thread that has joined the network namespace
+// of pid (sockets fn creates belong to that namespace for good).
+func InNetns(pid int, fn func() error) error { return inNetns(pid, fn) }
+
 // inNetns runs fn on an OS thread that has joined the network namespace of
 // pid. The thread stays locked, so Go ends it when the goroutine returns
 // instead of handing it, in the wrong namespace, to other goroutines.
