@@ -3,6 +3,7 @@ package phaul
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
@@ -26,10 +27,12 @@ var errTreeRan = errors.New("the dumped tree may have run since its dump")
 // journal first), then checks it was held by CRIU all along.
 func (r *dumpRun) holdTree() error {
 	s := r.s
-	pids, err := treePids(s.cfg.PID)
+	all, err := treePids(s.cfg.PID)
 	if err != nil {
 		return fmt.Errorf("hold: %w", err)
 	}
+	// A zombie never runs again, and CRIU does not trace it.
+	pids := slices.DeleteFunc(all, memoryless)
 	h, err := cgroup.NewHold(s.stats.MigrationID+"-hold", pids)
 	if err != nil {
 		return err

@@ -276,6 +276,7 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { anchor.Process.Kill(); anchor.Wait() })
+	testenv.WaitFor(t, 10*time.Second, func() (bool, error) { return e.hosts.Src.Contains(anchor.Process.Pid) })
 	tables := func() []string {
 		ts, err := linux.NftTablesIn(anchor.Process.Pid)
 		if err != nil {

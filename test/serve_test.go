@@ -7,11 +7,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -94,4 +97,49 @@ func TestConcurrentMigrations(t *testing.T) {
 	if !strings.Contains(e.readServeLog(), fmt.Sprintf("migration=%s", results[1].str("migration_id"))) {
 		t.Fatalf("serve log does not mention the second migration")
 	}
+}
+
+// TestSilentSessionDropped: an authenticated source that opens no stream
+// is dropped after --hello-timeout (issue 12: such a session held its
+// connection and a goroutine for ever); the negative control is the
+// session staying up while the timeout has not passed.
+func TestSilentSessionDropped(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.startServe("--hello-timeout", "2s")
+	id, err := transport.LoadTLS(e.srcTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := transport.DefaultConfig()
+	cfg.Identity = id
+	anchor := e.hosts.Src.Command(context.Background(), "sleep", "600") // a process in the source netns
+	if err := anchor.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { anchor.Process.Kill(); anchor.Wait() })
+	// Only once it has entered the namespace: traffic to the test hosts'
+	// addresses must never leave from the host's own.
+	testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
+		return e.hosts.Src.Contains(anchor.Process.Pid)
+	})
+	var sess *transport.Session
+	err = linux.InNetns(anchor.Process.Pid, func() (err error) {
+		sess, err = transport.Dial(context.Background(), e.destAddr(), cfg)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("%v\nserve log:\n%s", err, e.readServeLog())
+	}
+	defer sess.Close()
+	select {
+	case <-sess.Done():
+		t.Fatal("dropped before the hello timeout")
+	case <-time.After(time.Second):
+	}
+	select {
+	case <-sess.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("a session that opened no stream is still up 20s after a 2s hello timeout")
+	}
+	waitServeLog(t, e, regexp.MustCompile(`no control stream`), 10*time.Second, nil)
 }
