@@ -1,6 +1,7 @@
 package transport
 
 import (
+	"crypto"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
@@ -65,6 +66,15 @@ func LoadTLS(dir string) (*Identity, error) {
 	cert, err := tls.X509KeyPair(files[pki.NodeCertFile], files[pki.NodeKeyFile])
 	if err != nil {
 		return nil, fmt.Errorf("load TLS from %s: %s: %w: %w", dir, pki.NodeCertFile, ErrBadIdentity, err)
+	}
+	// node.key must not be the CA's key under another name: a node that
+	// holds it could mint certificates for every other node.
+	if pub, ok := cert.Leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); ok {
+		for block, rest := pem.Decode(files[pki.CACertFile]); block != nil; block, rest = pem.Decode(rest) {
+			if ca, err := x509.ParseCertificate(block.Bytes); err == nil && pub.Equal(ca.PublicKey) {
+				return nil, fmt.Errorf("load TLS from %s: %s: %w: it is the CA's key", dir, pki.NodeKeyFile, ErrCAKeyPresent)
+			}
+		}
 	}
 	// Catch a wrong CA or an expired certificate here, not at the peer.
 	opts := x509.VerifyOptions{

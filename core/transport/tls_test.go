@@ -59,7 +59,22 @@ func TestLoadTLS(t *testing.T) {
 				t.Fatal(err)
 			}
 		}, ErrKeyExposed, pki.NodeKeyFile},
-		{"foreign key", func(t *testing.T, dir string) {
+		{"node key is the CA's key", func(t *testing.T, dir string) {
+			b, err := os.ReadFile(filepath.Join(p.dir, pki.CAKeyFile))
+			if err != nil {
+				t.Fatal(err)
+			}
+			writeFile(t, dir, pki.NodeKeyFile, string(b))
+			if err := os.Chmod(filepath.Join(dir, pki.NodeKeyFile), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			c, err := os.ReadFile(filepath.Join(dir, pki.CACertFile))
+			if err != nil {
+				t.Fatal(err)
+			}
+			writeFile(t, dir, pki.NodeCertFile, string(c))
+		}, ErrCAKeyPresent, pki.NodeKeyFile},
+				{"foreign key", func(t *testing.T, dir string) {
 			copyFile(t, p.issue(t, "b"), dir, pki.NodeKeyFile)
 		}, ErrBadIdentity, pki.NodeCertFile},
 		{"cert from another CA", func(t *testing.T, dir string) {
