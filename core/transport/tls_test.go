@@ -74,7 +74,7 @@ func TestLoadTLS(t *testing.T) {
 			}
 			writeFile(t, dir, pki.NodeCertFile, string(c))
 		}, ErrCAKeyPresent, pki.NodeKeyFile},
-				{"foreign key", func(t *testing.T, dir string) {
+		{"foreign key", func(t *testing.T, dir string) {
 			copyFile(t, p.issue(t, "b"), dir, pki.NodeKeyFile)
 		}, ErrBadIdentity, pki.NodeCertFile},
 		{"cert from another CA", func(t *testing.T, dir string) {
