@@ -213,7 +213,16 @@ func checkLazyPagemap(t *testing.T, dir string, w *workload) uint64 {
 		}
 	}
 	if covered != w.pages {
-		t.Fatalf("lazy entries cover %d of the workload's %d pages", covered, w.pages)
+		// Say what CRIU wrote for the region, to tell a CRIU that did not
+		// mark it lazy from a region it did not find.
+		var near []string
+		for _, e := range m.Entries {
+			if e.Vaddr < end && e.Vaddr+e.NrPages*pageSize > w.region {
+				near = append(near, fmt.Sprintf("%#x+%d flags %d", e.Vaddr, e.NrPages, e.Flags))
+			}
+		}
+		t.Fatalf("lazy entries cover %d of the workload's %d pages at %#x; entries over the region: %v (%d entries in all)",
+			covered, w.pages, w.region, near, len(m.Entries))
 	}
 	return lazy
 }
