@@ -45,3 +45,30 @@ func StartWriteback(f *os.File, off, n int64) error {
 	}
 	return nil
 }
+
+// PrivateDir makes dir (and missing parents) with mode 0700 and refuses
+// one that another user could write into or swap: it must be a real
+// directory (not a symlink) of this user that neither group nor others
+// may read, write or search. phaul's work dirs and the page store's
+// staging use it: root writes there what is later restored as root, and
+// follows paths inside.
+func PrivateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	switch {
+	case st.Mode&unix.S_IFMT == unix.S_IFLNK:
+		return fmt.Errorf("%s is a symlink: want a directory of its own", dir)
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return fmt.Errorf("%s is not a directory", dir)
+	case int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("%s belongs to uid %d, not this user (%d): chown it, or choose another", dir, st.Uid, os.Geteuid())
+	case st.Mode&0o077 != 0:
+		return fmt.Errorf("%s has mode %#o: group and others must have no access (chmod 700 %s)", dir, st.Mode&0o777, dir)
+	}
+	return nil
+}

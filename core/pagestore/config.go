@@ -4,9 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"syscall"
+
+	"github.com/phaul/phaul/core/linux"
 )
 
 const (
@@ -101,26 +101,7 @@ func (c Config) withDefaults() Config {
 // stagingDir is where Commit writes before moving into dir.
 func stagingDir(dir string) string { return filepath.Clean(dir) + ".partial" }
 
-// makeOwnDir makes dir (mode 0700, parents too) and refuses one that is a
-// symlink, another user's, or open to group or others: the staging and
-// spool directories sit beside the images dir, where a local user could
-// have planted a link that the store (root) would then write through.
-func makeOwnDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return err
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	switch {
-	case fi.Mode()&os.ModeSymlink != 0 || !fi.IsDir():
-		return fmt.Errorf("%s: a symlink or not a directory: refused", dir)
-	case !ok || int(st.Uid) != os.Geteuid():
-		return fmt.Errorf("%s: belongs to uid %d, not this user: refused", dir, st.Uid)
-	case fi.Mode().Perm()&0o077 != 0:
-		return fmt.Errorf("%s: mode %#o: group or others have access: refused", dir, fi.Mode().Perm())
-	}
-	return nil
-}
+// makeOwnDir is linux.PrivateDir: the staging and spool directories sit
+// beside the images dir, where a local user could have planted a link
+// that the store (root) would then write through.
+func makeOwnDir(dir string) error { return linux.PrivateDir(dir) }
