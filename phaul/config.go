@@ -187,6 +187,9 @@ type ServeConfig struct {
 	AllowPeers   []string
 	AllowAnyPeer bool
 	DenyList     string
+	// RestorePolicy is the file of the restore policy (RestorePolicy);
+	// "" is DefaultRestorePolicy.
+	RestorePolicy string
 	Logger       *slog.Logger
 
 	// MaxMigrations bounds the migrations in progress at once.

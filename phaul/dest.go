@@ -27,9 +27,10 @@ var migrationIDRe = regexp.MustCompile(`^[0-9a-f]{16}$`)
 // Server is the destination service: it accepts migrations, restores them
 // and runs them on COMMIT.
 type Server struct {
-	cfg  ServeConfig
-	log  *slog.Logger
-	crit *criu.Binary
+	cfg    ServeConfig
+	log    *slog.Logger
+	crit   *criu.Binary
+	policy RestorePolicy // what a source may have restored here
 
 	mu      sync.Mutex
 	active  map[string]*incoming // guarded by mu
@@ -69,6 +70,12 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 	if !id.Serves() {
 		return fmt.Errorf("tls dir: %s's certificate is for a source only (phaul certs --role destination or both)", cfg.TLSDir)
 	}
+	policy := DefaultRestorePolicy()
+	if cfg.RestorePolicy != "" {
+		if policy, err = LoadRestorePolicy(cfg.RestorePolicy); err != nil {
+			return err
+		}
+	}
 	tcfg := cfg.Transport
 	tcfg.Identity = id
 	tcfg.Logger = log
@@ -81,7 +88,7 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 		return err
 	}
 	defer ln.Close()
-	s := &Server{cfg: cfg, log: log, crit: bin, active: map[string]*incoming{}, inDoubt: map[string]int{}}
+	s := &Server{cfg: cfg, log: log, crit: bin, policy: policy, active: map[string]*incoming{}, inDoubt: map[string]int{}}
 	s.recoverJournal() // before anyone is told it serves
 	log.Info("serving", "addr", ln.Addr().String(), "work_dir", cfg.WorkDir)
 	if cfg.Ready != nil {
@@ -220,6 +227,9 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 	if err := opts.Validate(); err != nil {
 		return nil, refuse(err.Error())
 	}
+	if err := s.policy.checkOptions(opts); err != nil {
+		return nil, refuse(err.Error())
+	}
 	local, err := localReport(ctx, s.cfg.CRIUPath, log)
 	if err != nil {
 		return nil, refuse(fmt.Sprintf("destination pre-flight: %v", err))
@@ -314,6 +324,16 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 		if ctx.Err() != nil {
 			in.abort("destination shutting down")
 		}
+		return err
+	}
+	// What the images would make, checked before CRIU runs.
+	facts, err := images.ReadTreeFacts(filepath.Join(in.dir, "images"))
+	if err == nil {
+		err = s.policy.checkTree(facts)
+	}
+	if err != nil {
+		err = fmt.Errorf("restore refused: %w", err)
+		in.abort(err.Error())
 		return err
 	}
 	t0 := time.Now()

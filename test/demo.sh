@@ -48,9 +48,16 @@ say "certificates: one CA, a source certificate and a destination certificate"
 "$phaul" certs --ca-dir "$demo/ca" --out "$demo/tls-src" --host 10.77.0.1 --role source
 "$phaul" certs --ca-dir "$demo/ca" --out "$demo/tls-dst" --host 10.77.0.2 --role destination
 
+say "destination: a restore policy that lets the demo's workload (root, all capabilities) through"
+cat >"$demo/restore-policy.json" <<'POLICY'
+{"allow_root": true, "allow_capabilities": true, "write_paths": ["/tmp/", "/var/tmp/", "/dev/"]}
+POLICY
+chmod 600 "$demo/restore-policy.json"
+
 say "destination: phaul serve in $dst"
 nsenter --net=/run/netns/$dst -- "$phaul" serve --listen 10.77.0.2:7000 \
-	--work-dir "$demo/work-dst" --tls-dir "$demo/tls-dst" --allow-peer 10.77.0.1 2>"$demo/serve.log" &
+	--work-dir "$demo/work-dst" --tls-dir "$demo/tls-dst" --allow-peer 10.77.0.1 \
+	--restore-policy "$demo/restore-policy.json" 2>"$demo/serve.log" &
 serve_pid=$!
 for _ in $(seq 100); do grep -q 'msg=serving' "$demo/serve.log" && break; sleep 0.1; done
 grep -q 'msg=serving' "$demo/serve.log" || { cat "$demo/serve.log"; exit 1; }

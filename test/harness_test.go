@@ -160,6 +160,23 @@ func (e *env) startServe(extra ...string) {
 	e.startServeAt(e.destAddr(), extra...)
 }
 
+// permissivePolicy writes (once) a restore policy that lets the tests'
+// workloads through: they run as root, with every capability, and use
+// every CRIU option phaul carries. TestRestorePolicy checks the default.
+func (e *env) permissivePolicy() string {
+	path := filepath.Join(e.dir, "restore-policy.json")
+	if _, err := os.Stat(path); err == nil {
+		return path
+	}
+	policy := `{"criu_options": ["tcp-established", "file-locks", "shell-job", "ext-unix-sk", "ghost-limit", "link-remap", "manage-cgroups"],
+ "host_namespaces": ["pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time"],
+ "allow_root": true, "allow_capabilities": true, "read_paths": ["/"], "write_paths": ["/"]}`
+	if err := os.WriteFile(path, []byte(policy), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+	return path
+}
+
 // startServeAt runs phaul serve on addr, logging to e.serveLog.
 func (e *env) startServeAt(addr string, extra ...string) {
 	e.t.Helper()
@@ -170,7 +187,7 @@ func (e *env) startServeAt(addr string, extra ...string) {
 	defer logf.Close()
 	args := append([]string{"--log-level", "debug", "serve", "--listen", addr,
 		"--work-dir", e.dstWork, "--tls-dir", e.dstTLS, "--cgroup-parent", e.cgParent,
-		"--allow-peer", e.hosts.Src.Addr.String()}, extra...)
+		"--allow-peer", e.hosts.Src.Addr.String(), "--restore-policy", e.permissivePolicy()}, extra...)
 	e.serve = e.hosts.Dst.Command(context.Background(), e.bin, args...)
 	if e.dstOwnDir != "" || e.dstOwnPIDNS {
 		// The destination host gets a mount namespace of its own, with a

@@ -143,3 +143,38 @@ func TestSilentSessionDropped(t *testing.T) {
 	}
 	waitServeLog(t, e, regexp.MustCompile(`no control stream`), 10*time.Second, nil)
 }
+
+// TestRestorePolicy: under serve's default restore policy a source asking
+// for a CRIU option that changes the host (--link-remap) is refused at
+// hello, and a tree of root tasks (the test workload) is refused once its
+// images arrive, before CRIU runs; both times the workload runs on at the
+// source, and nothing is left on the destination. The negative control is
+// every other test: the same workload migrates under a policy that allows
+// root (permissivePolicy).
+func TestRestorePolicy(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.startServe("--restore-policy", "") // the default policy
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500})
+	w.WaitProgress(t, 3)
+
+	r := e.migrate(w.PID(), "--link-remap")
+	if r.code != 1 || !strings.Contains(lastLine(r.out), "restore policy") || !strings.Contains(lastLine(r.out), "link-remap") {
+		t.Fatalf("--link-remap under the default policy: exit %d, %q; want refused by the restore policy", r.code, lastLine(r.out))
+	}
+	e.assertOnSource(w)
+
+	r = e.migrate(w.PID())
+	if r.code != 1 || !strings.Contains(r.out, "restore policy") || !strings.Contains(r.out, "allow_root") {
+		t.Fatalf("a root tree under the default policy: exit %d, want refused (allow_root)\n%s", r.code, r.out)
+	}
+	e.assertOnSource(w)
+	log := e.readServeLog()
+	if !strings.Contains(log, "restore refused") {
+		t.Fatalf("serve did not log the refusal\n%s", log)
+	}
+	if strings.Contains(log, "script=pre-restore") || strings.Contains(log, `msg="lazy restore"`) {
+		t.Fatalf("CRIU's restore ran for a tree the policy refused\n%s", log)
+	}
+	waitDirEmpty(t, e.dstWork, 30*time.Second)
+	w.CheckHealthy(t)
+}

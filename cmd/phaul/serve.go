@@ -20,6 +20,7 @@ func serveCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "allow-peer", Usage: "a source this service admits: a DNS name or IP its certificate names (repeatable); one of --allow-peer, --allow-any-peer is required"},
 			&cli.BoolFlag{Name: "allow-any-peer", Usage: "admit every certificate of the CA as a source (each one can then have trees restored here as root)"},
 			&cli.StringFlag{Name: "deny-list", Usage: "file of revoked certificate serials (hex, one a line, # comments), read again whenever it changes; unreadable, it refuses every peer"},
+			&cli.StringFlag{Name: "restore-policy", Usage: "JSON file (this user's, not writable by others) saying what a source may have restored: criu_options, host_namespaces, allow_root, allow_capabilities, read_paths, write_paths; without it: unprivileged trees only, no link-remap or manage-cgroups (README)"},
 			&cli.DurationFlag{Name: "hello-timeout", Value: def.HelloTimeout, Usage: "how long an authenticated session may take to open its control stream and say hello; then it is dropped"},
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
 			&cli.DurationFlag{Name: "restore-timeout", Value: def.RestoreTimeout, Usage: "kill a CRIU restore that takes longer and abort the migration"},
@@ -37,6 +38,7 @@ func serveCommand() *cli.Command {
 			cfg.WorkDir = c.String("work-dir")
 			cfg.TLSDir = c.String("tls-dir")
 			cfg.AllowPeers, cfg.AllowAnyPeer, cfg.DenyList = c.StringSlice("allow-peer"), c.Bool("allow-any-peer"), c.String("deny-list")
+			cfg.RestorePolicy = c.String("restore-policy")
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.MaxMigrations = c.Int("max-migrations")
 			cfg.HelloTimeout = c.Duration("hello-timeout")

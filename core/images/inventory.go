@@ -49,26 +49,48 @@ func ReadInventory(dir string) (Inventory, error) {
 }
 
 func decodeInventory(r io.Reader) (Inventory, error) {
+	var inv Inventory
+	err := decodeInventoryEntry(r, func(e *inventory.InventoryEntry) {
+		inv = Inventory{RunID: e.GetDumpCriuRunId(), NetworkLock: uint32(e.GetNetworkLockMethod())}
+	})
+	return inv, err
+}
+
+// readInventory decodes dir/inventory.img and hands its entry to use.
+func readInventory(dir string, use func(*inventory.InventoryEntry)) error {
+	f, err := os.Open(filepath.Join(dir, "inventory.img"))
+	if err != nil {
+		return fmt.Errorf("read inventory: %w", err)
+	}
+	defer f.Close()
+	if err := decodeInventoryEntry(f, use); err != nil {
+		return fmt.Errorf("read inventory in %s: %w", dir, err)
+	}
+	return nil
+}
+
+func decodeInventoryEntry(r io.Reader, use func(*inventory.InventoryEntry)) error {
 	var h [8]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
-		return Inventory{}, fmt.Errorf("%w: header: %w", ErrInventory, err)
+		return fmt.Errorf("%w: header: %w", ErrInventory, err)
 	}
 	if m := binary.LittleEndian.Uint32(h[0:4]); m != inventoryMagic {
-		return Inventory{}, fmt.Errorf("%w: magic %#x", ErrInventory, m)
+		return fmt.Errorf("%w: magic %#x", ErrInventory, m)
 	}
 	n := binary.LittleEndian.Uint32(h[4:8])
 	if n > maxInventoryBytes {
-		return Inventory{}, fmt.Errorf("%w: entry of %d bytes", ErrInventory, n)
+		return fmt.Errorf("%w: entry of %d bytes", ErrInventory, n)
 	}
 	b := make([]byte, n) // n is bounded above
 	if _, err := io.ReadFull(r, b); err != nil {
-		return Inventory{}, fmt.Errorf("%w: entry: %w", ErrInventory, err)
+		return fmt.Errorf("%w: entry: %w", ErrInventory, err)
 	}
 	var e inventory.InventoryEntry
 	if err := proto.Unmarshal(b, &e); err != nil {
-		return Inventory{}, fmt.Errorf("%w: %w", ErrInventory, err)
+		return fmt.Errorf("%w: %w", ErrInventory, err)
 	}
-	return Inventory{RunID: e.GetDumpCriuRunId(), NetworkLock: uint32(e.GetNetworkLockMethod())}, nil
+	use(&e)
+	return nil
 }
 
 // NftLockTable returns the name of the nftables table CRIU 4.1+ creates
