@@ -190,7 +190,7 @@ type ServeConfig struct {
 	// RestorePolicy is the file of the restore policy (RestorePolicy);
 	// "" is DefaultRestorePolicy.
 	RestorePolicy string
-	Logger       *slog.Logger
+	Logger        *slog.Logger
 
 	// MaxMigrations bounds the migrations in progress at once.
 	MaxMigrations int
