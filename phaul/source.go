@@ -6,13 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/phaul/phaul/core/criu"
@@ -20,7 +17,6 @@ import (
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/core/wire"
-	"github.com/phaul/phaul/pageserver"
 )
 
 // Sentinels callers (and tests) branch on.
@@ -417,109 +413,6 @@ func (s *source) transfer(ctx context.Context, imagesDir string, ctlStream *tran
 	return sent, p, nil
 }
 
-// pageStream is a migration's page path on the source: CRIU dumps into a
-// page server on one end of a socket pair (criuEnd is the other, handed to
-// CRIU as its page-server socket: no listening socket another local process
-// could reach first), and the server forwards every page over the yamux
-// streams (lanes) to the destination's page store.
-type pageStream struct {
-	criuEnd *os.File
-	local   net.Conn
-	streams []*transport.Stream
-	fw      *pageserver.Forwarder
-	done    chan error
-	serve   func()
-	started bool
-}
-
-// startPages opens the page streams and the page server CRIU will dump
-// into; store wraps the forwarder into what that server writes to.
-func (s *source) startPages(ctx context.Context, store func(*pageserver.Forwarder) pageserver.Store) (p *pageStream, err error) {
-	p = &pageStream{done: make(chan error, 1)}
-	defer func() {
-		if err != nil {
-			p.close()
-		}
-	}()
-	var lanes []io.ReadWriter
-	for range max(s.cfg.PageStreams, 1) {
-		st, err := s.sess.OpenStream(ctx, transport.KindPages)
-		if err != nil {
-			return nil, fmt.Errorf("pages stream: %w", err)
-		}
-		p.streams = append(p.streams, st)
-		lanes = append(lanes, ctxStream{ctx, st})
-	}
-	if p.fw, err = pageserver.NewForwarder(pageserver.ForwardConfig{Compress: s.cfg.Compress}, lanes...); err != nil {
-		return nil, err
-	}
-	if p.local, p.criuEnd, err = linux.StreamPair(); err != nil {
-		return nil, err
-	}
-	pcfg := pageserver.DefaultConfig()
-	pcfg.Store, pcfg.Logger = store(p.fw), s.log
-	srv, err := pageserver.NewServer(pcfg)
-	if err != nil {
-		return nil, err
-	}
-	p.serve = func() {
-		go func() { p.done <- srv.ServeConn(ctx, p.local) }() // owned by p; finish waits
-	}
-	return p, nil
-}
-
-// start serves CRIU's page-server session; call it right before the dump
-// (the session's handshake timeout runs from here, and pre-copy rounds
-// come first).
-func (p *pageStream) start() {
-	p.serve()
-	p.started = true
-}
-
-// finish ends the page path after the dump: CRIU has closed its end (or
-// died); closing ours lets the server see EOF.
-func (p *pageStream) finish() (pageserver.ForwardStats, error) {
-	p.criuEnd.Close()
-	var err error
-	if p.started {
-		err = <-p.done
-	}
-	p.close()
-	return p.fw.Stats(), err
-}
-
-// close releases what startPages set up: the streams first, so that a
-// forwarder lane blocked writing returns.
-func (p *pageStream) close() {
-	if p.criuEnd != nil {
-		p.criuEnd.Close()
-	}
-	if p.local != nil {
-		p.local.Close()
-	}
-	for _, st := range p.streams {
-		st.Close()
-	}
-	if p.fw != nil {
-		p.fw.Close()
-	}
-}
-
-// ctxStream is a stream whose writes fail once ctx is done: a write
-// deadline does not wake a write that waits for the connection (slow link),
-// so every write checks ctx first.
-type ctxStream struct {
-	ctx context.Context
-	*transport.Stream
-}
-
-func (c ctxStream) Write(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.Stream.Write(p)
-}
-
 // peerReason returns the destination's ABORT reason when one is waiting on
 // the control stream (it explains a broken data stream), else err.
 func (s *source) peerReason(ctlStream *transport.Stream, err error) error {
@@ -546,31 +439,6 @@ func deadline(ctx context.Context, st *transport.Stream, timeout time.Duration) 
 	}
 }
 
-// checkTarget refuses processes phaul must not move: none, pid 1, phaul
-// itself or any of its ancestors (moving one would kill phaul mid-way).
-func checkTarget(pid int) error {
-	if pid == 1 {
-		return fmt.Errorf("%w: pid 1 is the host's init", ErrBadTarget)
-	}
-	if alive, err := linux.ProcessExists(pid); err != nil || !alive {
-		return fmt.Errorf("%w: pid %d does not exist", ErrBadTarget, pid)
-	}
-	for p := os.Getpid(); p > 1; {
-		if p == pid {
-			if p == os.Getpid() {
-				return fmt.Errorf("%w: pid %d is phaul itself", ErrBadTarget, pid)
-			}
-			return fmt.Errorf("%w: pid %d is an ancestor of phaul", ErrBadTarget, pid)
-		}
-		st, err := linux.ReadProcessStat(p)
-		if err != nil {
-			break
-		}
-		p = st.PPID
-	}
-	return nil
-}
-
 func newID() string {
 	var b [8]byte
 	rand.Read(b[:])
@@ -585,29 +453,6 @@ func optionsToWire(o criu.Options) *wire.CriuOptions {
 func optionsFromWire(w *wire.CriuOptions) criu.Options {
 	return criu.Options{TCPEstablished: w.GetTcpEstablished(), FileLocks: w.GetFileLocks(), ExtUnixSk: w.GetExtUnixSk(),
 		ShellJob: w.GetShellJob(), LinkRemap: w.GetLinkRemap(), GhostLimit: w.GetGhostLimit(), ManageCgroups: w.GetManageCgroups()}
-}
-
-// lazyBlocker returns why CRIU's lazy dump cannot take the tree rooted at
-// root, or "" if it can. CRIU 4.2's lazy dump cannot splice the pages of a
-// memfd mapped private ("Can't splice all pages to pipe"); its full dump
-// can. The check runs just before the freeze, after the rounds.
-func lazyBlocker(root int) string {
-	pids, err := treePids(root)
-	if err != nil {
-		return ""
-	}
-	for _, pid := range pids {
-		ms, err := linux.ReadMaps(pid)
-		if err != nil {
-			continue // exited, or a zombie: no mappings
-		}
-		for _, m := range ms {
-			if m.Private() && strings.HasPrefix(m.Path, "/memfd:") {
-				return fmt.Sprintf("process %d maps memfd %q private, which CRIU's lazy dump cannot splice", pid, m.Path)
-			}
-		}
-	}
-	return ""
 }
 
 // removeNetworkLock deletes the nftables table CRIU's dump locked the

@@ -88,3 +88,51 @@ func closeAll(pfds []*linux.Pidfd) {
 		p.Close()
 	}
 }
+
+// checkTarget refuses processes phaul must not move: none, pid 1, phaul
+// itself or any of its ancestors (moving one would kill phaul mid-way).
+func checkTarget(pid int) error {
+	if pid == 1 {
+		return fmt.Errorf("%w: pid 1 is the host's init", ErrBadTarget)
+	}
+	if alive, err := linux.ProcessExists(pid); err != nil || !alive {
+		return fmt.Errorf("%w: pid %d does not exist", ErrBadTarget, pid)
+	}
+	for p := os.Getpid(); p > 1; {
+		if p == pid {
+			if p == os.Getpid() {
+				return fmt.Errorf("%w: pid %d is phaul itself", ErrBadTarget, pid)
+			}
+			return fmt.Errorf("%w: pid %d is an ancestor of phaul", ErrBadTarget, pid)
+		}
+		st, err := linux.ReadProcessStat(p)
+		if err != nil {
+			break
+		}
+		p = st.PPID
+	}
+	return nil
+}
+
+// lazyBlocker returns why CRIU's lazy dump cannot take the tree rooted at
+// root, or "" if it can. CRIU 4.2's lazy dump cannot splice the pages of a
+// memfd mapped private ("Can't splice all pages to pipe"); its full dump
+// can. The check runs just before the freeze, after the rounds.
+func lazyBlocker(root int) string {
+	pids, err := treePids(root)
+	if err != nil {
+		return ""
+	}
+	for _, pid := range pids {
+		ms, err := linux.ReadMaps(pid)
+		if err != nil {
+			continue // exited, or a zombie: no mappings
+		}
+		for _, m := range ms {
+			if m.Private() && strings.HasPrefix(m.Path, "/memfd:") {
+				return fmt.Sprintf("process %d maps memfd %q private, which CRIU's lazy dump cannot splice", pid, m.Path)
+			}
+		}
+	}
+	return ""
+}
