@@ -138,6 +138,9 @@ func (p RestorePolicy) checkTree(t images.TreeFacts) error {
 	var errs []error
 	hostMnt := false
 	for _, task := range t.Tasks {
+		if task.Zombie {
+			continue // never runs again
+		}
 		if !p.AllowRoot && (slices.Contains(task.UIDs[:], 0) || slices.Contains(task.GIDs[:], 0)) {
 			errs = append(errs, fmt.Errorf("task %d runs as uid %v gid %v (allow_root)", task.Pid, task.UIDs, task.GIDs))
 		}

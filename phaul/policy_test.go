@@ -45,6 +45,11 @@ func TestRestorePolicyChecks(t *testing.T) {
 			t.Errorf("%s: %v, want ErrPolicy", name, err)
 		}
 	}
+	// A zombie never runs again: its images carry no credentials.
+	zombie := images.Task{Pid: 2, Zombie: true}
+	if err := p.checkTree(images.TreeFacts{Tasks: []images.Task{user, zombie}}); err != nil {
+		t.Errorf("a zombie in an unprivileged tree: %v", err)
+	}
 	noNet := p
 	noNet.HostNamespaces = []string{"mnt"}
 	if err := noNet.checkTree(ok); err == nil || !strings.Contains(err.Error(), "net namespace") {

@@ -40,7 +40,16 @@ type Task struct {
 	// HostNS lists the namespace kinds the task shares with the CRIU
 	// that dumped it: a restore puts it in the restorer's own.
 	HostNS []string
+	// Zombie: a dead task, restored only to be reaped (no credentials,
+	// memory or namespaces of its own in the images).
+	Zombie bool
 }
+
+// CRIU's task states (compel's COMPEL_TASK_DEAD, COMPEL_TASK_ZOMBIE).
+const (
+	taskDead   = 2
+	taskZombie = 6
+)
 
 // OpenFile is a regular file the tree has open or mapped, by the path CRIU
 // reopens on restore.
@@ -132,6 +141,9 @@ func readTask(dir string, pid uint32, root *criucore.TaskKobjIdsEntry) (Task, er
 		if err := proto.Unmarshal(b, &e); err != nil {
 			return err
 		}
+		if st := e.GetTc().GetTaskState(); st == taskDead || st == taskZombie {
+			t.Zombie = true
+		}
 		if c := e.GetThreadCore().GetCreds(); c != nil {
 			t.UIDs = [4]uint32{c.GetUid(), c.GetEuid(), c.GetSuid(), c.GetFsuid()}
 			t.GIDs = [4]uint32{c.GetGid(), c.GetEgid(), c.GetSgid(), c.GetFsgid()}
@@ -146,8 +158,8 @@ func readTask(dir string, pid uint32, root *criucore.TaskKobjIdsEntry) (Task, er
 	if n == 0 {
 		return t, fmt.Errorf("%w: core-%d.img has no entry", ErrImage, pid)
 	}
-	if t.HostNS != nil {
-		return t, nil
+	if t.HostNS != nil || t.Zombie {
+		return t, nil // a zombie has no ids image
 	}
 	// CRIU writes a task's ids to ids-PID.img.
 	err = readRecords(filepath.Join(dir, fmt.Sprintf("ids-%d.img", pid)), magicIDs, func(b []byte) error {
