@@ -60,11 +60,14 @@ func (r *dumpRun) killHold() {
 	if r.hold == nil {
 		return
 	}
-	if err := r.hold.Kill(r.s.cfg.CommitTimeout); err != nil {
-		r.s.log.Error("kill the held source tree", "group", r.hold.Dir(), "err", err)
-		return
-	}
+	// Never released after this, whatever happens: the destination's copy
+	// may run.
+	h := r.hold
 	r.hold = nil
+	if err := h.Kill(r.s.cfg.CommitTimeout); err != nil {
+		r.s.log.Error("kill the held source tree: it stays frozen there; kill its processes, then thaw and remove the group",
+			"group", h.Dir(), "err", err)
+	}
 }
 
 // releaseHold lets the tree run again where it was.
