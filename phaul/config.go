@@ -192,8 +192,13 @@ type ServeConfig struct {
 	RestorePolicy string
 	Logger        *slog.Logger
 
-	// MaxMigrations bounds the migrations in progress at once.
-	MaxMigrations int
+	// MaxMigrations bounds the migrations in progress at once,
+	// MaxMigrationsPerPeer those of one source (certificate), and
+	// MaxInDoubt the migrations left in doubt here before new ones are
+	// refused.
+	MaxMigrations        int
+	MaxMigrationsPerPeer int
+	MaxInDoubt           int
 	// HelloTimeout bounds the wait for a new session's hello;
 	// StepTimeout the wait for each later source message before PREPARED.
 	HelloTimeout time.Duration
@@ -232,16 +237,19 @@ type ServeConfig struct {
 // DefaultServeConfig returns a ServeConfig with defaults set.
 func DefaultServeConfig() ServeConfig {
 	return ServeConfig{
-		WorkDir:        "/var/lib/phaul",
-		Transport:      transport.DefaultConfig(),
-		Limits:         images.DefaultLimits(),
-		MaxMigrations:  8,
-		HelloTimeout:   30 * time.Second,
-		StepTimeout:    10 * time.Minute,
-		RestoreTimeout: 5 * time.Minute,
-		CommitWait:     30 * time.Second,
-		CgroupParent:   "/",
-		LazyRestore:    true,
+		WorkDir:       "/var/lib/phaul",
+		Transport:     transport.DefaultConfig(),
+		Limits:        images.DefaultLimits(),
+		MaxMigrations: 8,
+
+		MaxMigrationsPerPeer: 4,
+		MaxInDoubt:           4,
+		HelloTimeout:         30 * time.Second,
+		StepTimeout:          10 * time.Minute,
+		RestoreTimeout:       5 * time.Minute,
+		CommitWait:           30 * time.Second,
+		CgroupParent:         "/",
+		LazyRestore:          true,
 
 		PostcopyRecoverTimeout: time.Minute,
 	}
@@ -259,8 +267,8 @@ func (c ServeConfig) Validate() error {
 	if c.TLSDir == "" {
 		errs = append(errs, errors.New("--tls-dir is required"))
 	}
-	if c.MaxMigrations <= 0 {
-		errs = append(errs, errors.New("max migrations must be positive"))
+	if c.MaxMigrations <= 0 || c.MaxMigrationsPerPeer <= 0 || c.MaxInDoubt <= 0 {
+		errs = append(errs, errors.New("max migrations (in all, per peer, in doubt) must be positive"))
 	}
 	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 || c.PostcopyRecoverTimeout <= 0 {
 		errs = append(errs, errors.New("timeouts must be positive"))

@@ -295,8 +295,32 @@ func (s *Server) register(in *incoming) error {
 	if len(s.active) >= s.cfg.MaxMigrations {
 		return fmt.Errorf("%w: %d migrations in progress", ErrBusy, len(s.active))
 	}
+	// One source cannot take every slot, and migrations left in doubt
+	// (each holds a rebuilt tree and its memory) are capped: the
+	// operator resolves them first (phaul gc --resolved).
+	peer := peerKey(in.sess)
+	n := 0
+	for _, o := range s.active {
+		if peerKey(o.sess) == peer {
+			n++
+		}
+	}
+	if n >= s.cfg.MaxMigrationsPerPeer {
+		return fmt.Errorf("%w: %d migrations of this source in progress (--max-migrations-per-peer)", ErrBusy, n)
+	}
+	if len(s.inDoubt) >= s.cfg.MaxInDoubt {
+		return fmt.Errorf("%w: %d migrations in doubt here; resolve them first (phaul gc --resolved)", ErrBusy, len(s.inDoubt))
+	}
 	s.active[in.id] = in
 	return nil
+}
+
+// peerKey names a session's source by its certificate's serial.
+func peerKey(sess *transport.Session) string {
+	if sess == nil || sess.Peer().Cert == nil {
+		return ""
+	}
+	return transport.SerialString(sess.Peer().Cert.SerialNumber)
 }
 
 func (s *Server) forget(in *incoming) {

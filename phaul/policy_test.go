@@ -95,3 +95,28 @@ func TestLoadRestorePolicy(t *testing.T) {
 		t.Error("a symlinked policy: loaded")
 	}
 }
+
+// TestRegisterCaps: one source cannot take every migration slot, and
+// migrations left in doubt cap new ones (issue 12, finding 5).
+func TestRegisterCaps(t *testing.T) {
+	cfg := DefaultServeConfig()
+	cfg.MaxMigrations, cfg.MaxMigrationsPerPeer, cfg.MaxInDoubt = 8, 2, 1
+	s := &Server{cfg: cfg, active: map[string]*incoming{}, inDoubt: map[string]int{}}
+	for _, id := range []string{"a", "b"} {
+		if err := s.register(&incoming{id: id}); err != nil {
+			t.Fatalf("register %s: %v", id, err)
+		}
+	}
+	if err := s.register(&incoming{id: "c"}); !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "this source") {
+		t.Fatalf("a third migration of one source: %v, want ErrBusy per peer", err)
+	}
+	delete(s.active, "a")
+	s.inDoubt["z"] = 42
+	if err := s.register(&incoming{id: "c"}); !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "in doubt") {
+		t.Fatalf("with one migration in doubt: %v, want ErrBusy in doubt", err)
+	}
+	delete(s.inDoubt, "z")
+	if err := s.register(&incoming{id: "c"}); err != nil {
+		t.Fatalf("once resolved: %v", err)
+	}
+}

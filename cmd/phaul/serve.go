@@ -23,6 +23,8 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "restore-policy", Usage: "JSON file (this user's, not writable by others) saying what a source may have restored: criu_options, host_namespaces, allow_root, allow_capabilities, read_paths, write_paths; without it: unprivileged trees only, no link-remap or manage-cgroups (README)"},
 			&cli.DurationFlag{Name: "hello-timeout", Value: def.HelloTimeout, Usage: "how long an authenticated session may take to open its control stream and say hello; then it is dropped"},
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
+			&cli.IntFlag{Name: "max-migrations-per-peer", Value: def.MaxMigrationsPerPeer, Usage: "migrations of one source (certificate) in progress at once"},
+			&cli.IntFlag{Name: "max-in-doubt", Value: def.MaxInDoubt, Usage: "migrations left in doubt here before new ones are refused (resolve them with phaul gc --resolved)"},
 			&cli.DurationFlag{Name: "restore-timeout", Value: def.RestoreTimeout, Usage: "kill a CRIU restore that takes longer and abort the migration"},
 			&cli.DurationFlag{Name: "postcopy-recover-timeout", Value: def.PostcopyRecoverTimeout, Usage: "post-copy: how long to wait for a source whose connection was lost to reconnect (the restored tree's threads that touch a missing page wait meanwhile)"},
 			&cli.DurationFlag{Name: "commit-wait", Value: def.CommitWait, Usage: "on shutdown, how long a prepared migration waits for COMMIT"},
@@ -41,6 +43,7 @@ func serveCommand() *cli.Command {
 			cfg.RestorePolicy = c.String("restore-policy")
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.MaxMigrations = c.Int("max-migrations")
+			cfg.MaxMigrationsPerPeer, cfg.MaxInDoubt = c.Int("max-migrations-per-peer"), c.Int("max-in-doubt")
 			cfg.HelloTimeout = c.Duration("hello-timeout")
 			cfg.CommitWait = c.Duration("commit-wait")
 			cfg.PostcopyRecoverTimeout = c.Duration("postcopy-recover-timeout")
