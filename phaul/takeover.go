@@ -150,7 +150,8 @@ func (s *source) takeOver(ctx context.Context, e JournalEntry) error {
 		if errors.Is(err, errNotCommitted) {
 			s.phase(PhaseRollback)
 			if rerr := resumeSource(e); rerr != nil {
-				return fmt.Errorf("%w; resume the held copy: %w", err, rerr)
+				// The entry stays: gc resumes it (--resolved ID=source).
+				return fmt.Errorf("%v; resuming the held copy failed (phaul gc --resolved %s=source): %w", err, e.ID, rerr)
 			}
 			s.removeNetworkLock(e.NftTable)
 			s.log.Warn("rolled back: the destination never committed; the source's copy resumes", "why", err)
