@@ -4,11 +4,16 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -361,4 +366,35 @@ func TestListenRefusesInsecure(t *testing.T) {
 		p.Close()
 		t.Error("Listen into a dir holding pages-1.img succeeded")
 	}
+}
+
+// TestPlainRefusesOtherUsers: without TLS the page server admits this
+// user's processes only (issue 12: any local user could take its only
+// session or, with --keep, read pages back). A connection from uid 65534
+// is closed and logged; then this user's session goes through.
+func TestPlainRefusesOtherUsers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("SKIP: a connection from another uid needs root to make")
+	}
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Skip("SKIP: no bash to dial as another user")
+	}
+	s := startStandalone(t, "")
+	port := s.addr.(*net.TCPAddr).Port
+	// bash prints what it read: nothing, the connection closes at once.
+	cmd := exec.Command(bash, "-c", "exec 3<>/dev/tcp/127.0.0.1/"+strconv.Itoa(port)+"; timeout 10 cat <&3; echo closed")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "closed") {
+		t.Fatalf("connection as uid 65534: %v\n%s", err, out)
+	}
+	if r := s.rec.wait("peer refused", nil); fmt.Sprint(r.attrs["uid"]) != "65534" {
+		t.Fatalf("refusal logged as %+v", r.attrs)
+	}
+	c, err := Dial(context.Background(), s.addr.String(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.goodSession(t, c)
 }

@@ -8,8 +8,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/core/pagestore"
 	"github.com/phaul/phaul/core/transport"
 )
@@ -128,6 +130,12 @@ func Listen(cfg RunConfig) (_ *Standalone, err error) {
 		p.ln.Close()
 		return nil, fmt.Errorf("listen %s: %w: it listens on %v", cfg.Listen, ErrInsecureListen, p.ln.Addr())
 	}
+	if tlsConf == nil {
+		// Without TLS only this user's processes may connect: any local
+		// user could otherwise read the pages back (--keep) or take the
+		// only session.
+		p.ln = sameUserListener{Listener: p.ln, log: log}
+	}
 	log.Info("page server listening", "addr", p.ln.Addr().String(), "images", cfg.ImagesDir, "tls", tlsConf != nil)
 	return p, nil
 }
@@ -216,4 +224,39 @@ func serverTLS(dir string) (*tls.Config, error) {
 		// NewSessionTicket arrives before the reply: spec.md §7.
 		SessionTicketsDisabled: true,
 	}, nil
+}
+
+// sameUserListener accepts loopback connections whose other end belongs
+// to this process's user only (linux.LoopbackPeerUID: TCP has no
+// SO_PEERCRED); others are closed at once and logged.
+type sameUserListener struct {
+	net.Listener
+	log *slog.Logger
+}
+
+func (l sameUserListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := peerUID(c)
+		if err == nil && uid == os.Geteuid() {
+			return c, nil
+		}
+		l.log.Warn("peer refused", "peer", c.RemoteAddr().String(), "reason", "another local user", "uid", uid, "err", err)
+		c.Close()
+	}
+}
+
+func peerUID(c net.Conn) (int, error) {
+	local, err := linux.AddrPortOf(c.LocalAddr())
+	if err != nil {
+		return -1, err
+	}
+	peer, err := linux.AddrPortOf(c.RemoteAddr())
+	if err != nil {
+		return -1, err
+	}
+	return linux.LoopbackPeerUID(local, peer)
 }

@@ -1,0 +1,97 @@
+package linux
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// LoopbackPeerUID returns the uid that owns the other end of an
+// established loopback TCP connection: the socket whose local address is
+// peer and whose remote address is local, as /proc/net/tcp and tcp6 of
+// this network namespace list it. TCP has no SO_PEERCRED; on loopback the
+// peer's socket is in the same table. It fails if no such socket is
+// listed (the peer closed, or it is not on this host).
+func LoopbackPeerUID(local, peer netip.AddrPort) (int, error) {
+	for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		uid, ok, err := findTCPOwner(name, peer, local)
+		if err != nil {
+			return 0, err
+		}
+		if ok {
+			return uid, nil
+		}
+	}
+	return 0, fmt.Errorf("owner of %v: %w: no such socket", peer, os.ErrNotExist)
+}
+
+// findTCPOwner scans one table for the socket local -> remote.
+func findTCPOwner(path string, local, remote netip.AddrPort) (int, bool, error) {
+	f, err := os.Open(path)
+	if os.IsNotExist(err) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Scan() // header
+	for sc.Scan() {
+		fl := strings.Fields(sc.Text())
+		if len(fl) < 8 {
+			continue
+		}
+		l, err1 := parseProcAddr(fl[1])
+		r, err2 := parseProcAddr(fl[2])
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		if l.Addr().Unmap() == local.Addr().Unmap() && l.Port() == local.Port() &&
+			r.Addr().Unmap() == remote.Addr().Unmap() && r.Port() == remote.Port() {
+			uid, err := strconv.Atoi(fl[7])
+			if err != nil {
+				return 0, false, fmt.Errorf("%s: uid %q", path, fl[7])
+			}
+			return uid, true, nil
+		}
+	}
+	return 0, false, sc.Err()
+}
+
+// parseProcAddr reads "0100007F:1F90" (IPv4) or 32 hex digits (IPv6),
+// each 32-bit word in host (little-endian) order, then the port in hex.
+func parseProcAddr(s string) (netip.AddrPort, error) {
+	a, p, ok := strings.Cut(s, ":")
+	if !ok {
+		return netip.AddrPort{}, fmt.Errorf("address %q", s)
+	}
+	port, err := strconv.ParseUint(p, 16, 16)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("port %q", p)
+	}
+	raw, err := hex.DecodeString(a)
+	if err != nil || (len(raw) != 4 && len(raw) != 16) {
+		return netip.AddrPort{}, fmt.Errorf("address %q", a)
+	}
+	for i := 0; i < len(raw); i += 4 {
+		binary.BigEndian.PutUint32(raw[i:], binary.LittleEndian.Uint32(raw[i:]))
+	}
+	addr, _ := netip.AddrFromSlice(raw)
+	return netip.AddrPortFrom(addr, uint16(port)), nil
+}
+
+// AddrPortOf converts a TCP address.
+func AddrPortOf(a net.Addr) (netip.AddrPort, error) {
+	t, ok := a.(*net.TCPAddr)
+	if !ok {
+		return netip.AddrPort{}, fmt.Errorf("%v: not a TCP address", a)
+	}
+	return t.AddrPort(), nil
+}
