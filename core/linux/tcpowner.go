@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // LoopbackPeerUID returns the uid that owns the other end of an
@@ -18,15 +19,22 @@ import (
 // this network namespace list it. TCP has no SO_PEERCRED; on loopback the
 // peer's socket is in the same table. It fails if no such socket is
 // listed (the peer closed, or it is not on this host).
+//
+// The kernel builds these tables a chunk at a time from its hash tables,
+// so a read while other sockets come and go can miss a line: a socket not
+// found is looked for again a few times before the error.
 func LoopbackPeerUID(local, peer netip.AddrPort) (int, error) {
-	for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		uid, ok, err := findTCPOwner(name, peer, local)
-		if err != nil {
-			return 0, err
+	for attempt := 0; attempt < 5; attempt++ {
+		for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+			uid, ok, err := findTCPOwner(name, peer, local)
+			if err != nil {
+				return 0, err
+			}
+			if ok {
+				return uid, nil
+			}
 		}
-		if ok {
-			return uid, nil
-		}
+		time.Sleep(time.Duration(attempt+1) * time.Millisecond) // nothing to wait on: the table is a snapshot
 	}
 	return 0, fmt.Errorf("owner of %v: %w: no such socket", peer, os.ErrNotExist)
 }
