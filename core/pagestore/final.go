@@ -31,6 +31,9 @@ func (s *Store) Keep(k Key, vaddr, nrPages uint64) error {
 	if err := s.writable(); err != nil {
 		return fmt.Errorf("keep %v %#x+%d: %w", k, vaddr, nrPages, err)
 	}
+	if err := s.walk(nrPages); err != nil {
+		return fmt.Errorf("keep %v %#x+%d: %w", k, vaddr, nrPages, err)
+	}
 	if !s.final {
 		return fmt.Errorf("keep %v %#x+%d: %w: before BeginFinal", k, vaddr, nrPages, ErrInvalid)
 	}

@@ -216,3 +216,19 @@ func TestIndexBytesBounded(t *testing.T) {
 		t.Fatalf("the default index bound does not hold DefaultMaxPages recorded densely")
 	}
 }
+
+// TestWalkBounded: frames over a range already recorded record nothing
+// new but cost CPU; their pages walked are bounded (issue 12: a zero frame
+// over 2^26 recorded pages cost ~1.3 s, counted against no limit).
+func TestWalkBounded(t *testing.T) {
+	const maxPages = 1024
+	s := newTestStore(t, Config{MaxPages: maxPages})
+	for i := range walkPasses {
+		if err := s.AddZero(task, 0, maxPages); err != nil {
+			t.Fatalf("pass %d over the recorded range: %v", i, err)
+		}
+	}
+	if err := s.AddZero(task, 0, 1); !errors.Is(err, ErrLimit) {
+		t.Fatalf("one more page walked after %d passes: %v, want ErrLimit", walkPasses, err)
+	}
+}

@@ -47,6 +47,7 @@ type Store struct {
 	dataPages atomic.Uint64 // pages with data held, all keys; reserved before use
 	pages     atomic.Uint64 // pages recorded, all keys; reserved before use
 	chunks    atomic.Uint64 // index chunks, all keys; reserved before use
+	walked    atomic.Uint64 // pages walked by adds and keeps (walk)
 	broken    atomic.Bool   // a spool write failed
 }
 
