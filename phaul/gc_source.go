@@ -27,17 +27,17 @@ func sourceLeftovers(workDir string, e JournalEntry, resolved bool, winner strin
 	hold, holdProcs := sourceHold(e)
 	// The tree is held: by its CRIU, or frozen in phaul's hold cgroup
 	// (whatever became of CRIU, it cannot run).
-	criuHolds := e.CRIUAlive() && heldBy(e.Root, e.CRIU) || holdProcs > 0
+	held := e.CRIUAlive() && heldBy(e.Root, e.CRIU) || holdProcs > 0
 	if hold != nil && holdProcs == 0 {
 		plan = append(plan, Leftover{Kind: "cgroup", What: hold.Dir(), Why: "the source's hold cgroup, empty",
 			Action: "remove", apply: func() error { return hold.Kill(time.Second) }})
 	}
-	if e.Phase == PhaseInDoubt && !criuHolds && !resolved {
+	if e.Phase == PhaseInDoubt && !held && !resolved {
 		return []Leftover{{Kind: "in-doubt", What: "migration " + e.ID,
 			Why: "in doubt: the destination's log and state say which copy runs; its lock and images stay until " +
 				"phaul gc --resolved " + e.ID + "=source|destination"}}
 	}
-	if criuHolds {
+	if held {
 		l, inDoubt := heldTree(e, winner)
 		plan = append(plan, l)
 		if inDoubt {
@@ -47,12 +47,12 @@ func sourceLeftovers(workDir string, e JournalEntry, resolved bool, winner strin
 		}
 	}
 	if e.NftTable != "" {
-		if l, ok := lockLeftover(e, criuHolds || resolved); ok {
+		if l, ok := lockLeftover(e, held || resolved); ok {
 			plan = append(plan, l)
 		}
 	}
 	if e.ImagesDir != "" && exists(e.ImagesDir) {
-		plan = append(plan, remapLeftovers(e.ImagesDir, remapsUnneeded(e, criuHolds || resolved))...)
+		plan = append(plan, remapLeftovers(e.ImagesDir, remapsUnneeded(e, held || resolved))...)
 	}
 	if l, ok := pathLeftover(workDir, e.ImagesDir, "images", "the dump's images, sent or not: no one reads them again"); ok {
 		plan = append(plan, l)

@@ -143,7 +143,7 @@ func (j *journal) remove() error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	// A post-copy source's remote set (remotefile.go) goes with it.
-	if err := os.Remove(strings.TrimSuffix(j.path, ".json") + ".remote"); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := os.Remove(remoteBeside(j.path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("journal: %w", err)
 	}
 	if err := os.Remove(j.path); err != nil && !errors.Is(err, fs.ErrNotExist) {

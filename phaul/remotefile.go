@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/phaul/phaul/core/pagestore"
 )
@@ -34,10 +34,14 @@ const (
 	maxRemoteSpans = 1 << 24
 )
 
-// remotePath is where workDir keeps migration id's remote set.
+// remotePath is where workDir keeps migration id's remote set: beside
+// its source journal entry (remoteBeside), which takes it along.
 func remotePath(workDir, id string) string {
-	return filepath.Join(JournalDir(workDir), id+".source.remote")
+	return remoteBeside(entryPath(JournalDir(workDir), id, RoleSource))
 }
+
+// remoteBeside names the remote set kept beside the journal entry at path.
+func remoteBeside(path string) string { return strings.TrimSuffix(path, ".json") + ".remote" }
 
 // writeRemoteSet writes r to path durably (writeAtomic).
 func writeRemoteSet(path string, r *remoteSet) error {

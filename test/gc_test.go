@@ -217,11 +217,7 @@ func TestGCDumpLeftovers(t *testing.T) {
 	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 8, PagesPerSec: 200, TCPPair: true, GhostLink: true})
 	w.WaitProgress(t, 3)
 	local, remote := tcpPairPorts(t, w.PID())
-	anchor := e.hosts.Src.Command(context.Background(), "sleep", "600") // a process in the source netns
-	if err := anchor.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { anchor.Process.Kill(); anchor.Wait() })
+	anchor := e.srcAnchor()
 
 	dump := filepath.Join(e.dir, "dump")
 	if err := os.Mkdir(dump, 0o700); err != nil {
@@ -239,7 +235,7 @@ func TestGCDumpLeftovers(t *testing.T) {
 		t.Fatalf("after the dump: link remaps %v, inventory %v; want one remap", remaps, err)
 	}
 	table := images.NftLockTable(inv.RunID)
-	if !hasTable(t, anchor.Process.Pid, table) {
+	if !hasTable(t, anchor, table) {
 		t.Fatalf("after the dump: no lock table %s in the source netns", table)
 	}
 	if err := synAnswered(t, e.hosts.Src, local, remote); err == nil {
@@ -251,16 +247,16 @@ func TestGCDumpLeftovers(t *testing.T) {
 	if code != 1 || !strings.Contains(out2, "link-remap") || !strings.Contains(out2, table) {
 		t.Fatalf("gc --show: exit %d, want 1 listing the link remap and %s\n%s", code, table, out2)
 	}
-	if _, err := os.Stat(remaps[0]); err != nil || !hasTable(t, anchor.Process.Pid, table) {
-		t.Fatalf("gc --show removed something: remap %v, table there %v", err, hasTable(t, anchor.Process.Pid, table))
+	if _, err := os.Stat(remaps[0]); err != nil || !hasTable(t, anchor, table) {
+		t.Fatalf("gc --show removed something: remap %v, table there %v", err, hasTable(t, anchor, table))
 	}
 	out2, code = e.phaul(e.hosts.Src, "gc", "--images-dir", dump)
 	t.Logf("gc:\n%s", out2)
 	if code != 0 {
 		t.Fatalf("gc: exit %d\n%s", code, out2)
 	}
-	if _, err := os.Stat(remaps[0]); !errors.Is(err, fs.ErrNotExist) || hasTable(t, anchor.Process.Pid, table) {
-		t.Fatalf("after gc: remap %v, table there %v", err, hasTable(t, anchor.Process.Pid, table))
+	if _, err := os.Stat(remaps[0]); !errors.Is(err, fs.ErrNotExist) || hasTable(t, anchor, table) {
+		t.Fatalf("after gc: remap %v, table there %v", err, hasTable(t, anchor, table))
 	}
 	if err := synAnswered(t, e.hosts.Src, local, remote); err != nil {
 		t.Fatalf("after gc the connection's 4-tuple still gets no answer: %v", err)

@@ -160,6 +160,22 @@ func (e *env) startServe(extra ...string) {
 	e.startServeAt(e.destAddr(), extra...)
 }
 
+// srcAnchor starts a process in the source namespace and returns its pid
+// once it is inside (nsenter joins after the process exists): tests read
+// the namespace's nftables or dial from it through that pid, and traffic
+// to the test hosts' addresses must never leave from the host's own. It
+// is killed at cleanup.
+func (e *env) srcAnchor() int {
+	e.t.Helper()
+	anchor := e.hosts.Src.Command(context.Background(), "sleep", "600")
+	if err := anchor.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { anchor.Process.Kill(); anchor.Wait() })
+	testenv.WaitFor(e.t, 10*time.Second, func() (bool, error) { return e.hosts.Src.Contains(anchor.Process.Pid) })
+	return anchor.Process.Pid
+}
+
 // permissivePolicy writes (once) a restore policy that lets the tests'
 // workloads through: they run as root, with every capability, and use
 // every CRIU option phaul carries. TestRestorePolicy checks the default.

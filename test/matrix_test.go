@@ -271,14 +271,9 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 32, Threads: 2, PagesPerSec: 2000})
 	w.WaitProgress(t, 3)
 	src := w.PID()
-	anchor := e.hosts.Src.Command(context.Background(), "sleep", "600") // the source netns, whatever runs
-	if err := anchor.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { anchor.Process.Kill(); anchor.Wait() })
-	testenv.WaitFor(t, 10*time.Second, func() (bool, error) { return e.hosts.Src.Contains(anchor.Process.Pid) })
+	anchor := e.srcAnchor() // the source netns, whatever runs
 	tables := func() []string {
-		ts, err := linux.NftTablesIn(anchor.Process.Pid)
+		ts, err := linux.NftTablesIn(anchor)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -112,18 +112,8 @@ func TestSilentSessionDropped(t *testing.T) {
 	}
 	cfg := transport.DefaultConfig()
 	cfg.Identity = id
-	anchor := e.hosts.Src.Command(context.Background(), "sleep", "600") // a process in the source netns
-	if err := anchor.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { anchor.Process.Kill(); anchor.Wait() })
-	// Only once it has entered the namespace: traffic to the test hosts'
-	// addresses must never leave from the host's own.
-	testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
-		return e.hosts.Src.Contains(anchor.Process.Pid)
-	})
 	var sess *transport.Session
-	err = linux.InNetns(anchor.Process.Pid, func() (err error) {
+	err = linux.InNetns(e.srcAnchor(), func() (err error) {
 		sess, err = transport.Dial(context.Background(), e.destAddr(), cfg)
 		return err
 	})
