@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -23,9 +24,16 @@ import (
 // The kernel builds these tables a chunk at a time from its hash tables,
 // so a read while other sockets come and go can miss a line: a socket not
 // found is looked for again a few times before the error.
+//
+// The tables are read through /proc/thread-self/net on a locked thread:
+// /proc/net is /proc/self/net, the main thread's namespace, which a
+// thread locked into another namespace by InNetns may have left there
+// (Go parks, never ends, the main thread; seen in this package's tests).
 func LoopbackPeerUID(local, peer netip.AddrPort) (int, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	for attempt := 0; attempt < 5; attempt++ {
-		for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		for _, name := range []string{"/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"} {
 			uid, ok, err := findTCPOwner(name, peer, local)
 			if err != nil {
 				return 0, err
