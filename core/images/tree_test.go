@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/phaul/phaul/test/testenv"
@@ -20,6 +21,10 @@ func TestReadTreeFacts(t *testing.T) {
 	dir := t.TempDir()
 	written := dir + "/written"
 	cmd := exec.Command("sh", "-c", "exec 3>>"+written+"; exec sleep 100")
+	// Its own session: CRIU refuses a task whose session leader is outside
+	// its pid namespace, which the test's own session may be (CI runs
+	// make under a leader CRIU cannot see).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
