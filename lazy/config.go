@@ -41,7 +41,7 @@ func IsFaultRead(ctx context.Context) bool {
 const SocketName = "lazy-pages.socket"
 
 // maxSocketPath is the room in sockaddr_un.sun_path, less the final NUL;
-// a longer path is bound through a directory descriptor (listenAt).
+// a longer path is bound through a directory descriptor (ListenIn).
 const maxSocketPath = 107
 
 // Config configures a Daemon.

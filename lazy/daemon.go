@@ -52,33 +52,53 @@ func Listen(cfg Config) (*Daemon, error) {
 			return nil, fmt.Errorf("lazy: remove stale %s: %w", path, err)
 		}
 	}
-	ln, err := listenAt(cfg.WorkDir, path)
+	ln, err := ListenIn(cfg.WorkDir, SocketName)
 	if err != nil {
 		return nil, fmt.Errorf("lazy: listen: %w", err)
 	}
 	return &Daemon{cfg: cfg, log: cfg.Logger, ln: ln, sock: path, det: make(chan int, 1)}, nil
 }
 
-// listenAt binds the socket path in dir. CRIU connects to it relative to
-// its work dir, so only this side meets sun_path's 107 bytes: a longer
-// path is bound through the directory's descriptor
-// (/proc/self/fd/N/lazy-pages.socket), which names the same place.
-func listenAt(dir, path string) (*net.UnixListener, error) {
-	name := path
-	if len(path) > maxSocketPath {
-		d, err := os.Open(dir)
-		if err != nil {
-			return nil, err
-		}
-		defer d.Close() // bound by then
-		name = fmt.Sprintf("/proc/self/fd/%d/%s", d.Fd(), SocketName)
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: name, Net: "unix"})
+// ListenIn listens on the unix socket name in dir. Only the listening
+// side meets sun_path's 107 bytes (CRIU connects to lazy-pages.socket
+// relative to its work dir): a longer path is bound through the
+// directory's descriptor (/proc/self/fd/N/name), which names the same
+// place. Closing the listener does not remove the socket file.
+func ListenIn(dir, name string) (*net.UnixListener, error) {
+	var ln *net.UnixListener
+	err := inDir(dir, name, func(path string) (err error) {
+		ln, err = net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
-	ln.SetUnlinkOnClose(false) // closeListener removes the real path
+	ln.SetUnlinkOnClose(false)
 	return ln, nil
+}
+
+// DialIn connects to the unix socket name in dir, as ListenIn binds it.
+func DialIn(dir, name string) (*net.UnixConn, error) {
+	var c *net.UnixConn
+	err := inDir(dir, name, func(path string) (err error) {
+		c, err = net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+		return err
+	})
+	return c, err
+}
+
+// inDir calls f with a path to name in dir that fits sun_path.
+func inDir(dir, name string, f func(path string) error) error {
+	path := filepath.Join(dir, name)
+	if len(path) <= maxSocketPath {
+		return f(path)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close() // bound or connected by then
+	return f(fmt.Sprintf("/proc/self/fd/%d/%s", d.Fd(), name))
 }
 
 // closeListener stops listening and removes the socket file, once.

@@ -229,6 +229,23 @@ func NewFetchClient(rw io.ReadWriteCloser) *FetchClient {
 	return c
 }
 
+// NewLostFetchClient returns a client with no stream yet, as if its
+// stream were just lost: requests queue until Attach hands one over, and
+// fail if none comes within grace (which SetRecoverTimeout sets for later
+// losses too).
+func NewLostFetchClient(grace time.Duration) *FetchClient {
+	c := &FetchClient{grace: grace, lostAt: time.Now()}
+	time.AfterFunc(grace, func() {
+		c.mu.Lock()
+		still := c.gen == 0
+		c.mu.Unlock()
+		if still {
+			c.fail(fmt.Errorf("no fetch stream within %v", grace))
+		}
+	})
+	return c
+}
+
 // SetRecoverTimeout lets a lost stream wait d for Attach before the
 // requests in flight fail (0, the default: they fail at once).
 func (c *FetchClient) SetRecoverTimeout(d time.Duration) {

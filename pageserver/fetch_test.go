@@ -305,3 +305,36 @@ func testenvWait(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestLostFetchClient: a client made without a stream queues its requests
+// until the first Attach, and fails them if none comes within its grace.
+func TestLostFetchClient(t *testing.T) {
+	c := NewLostFetchClient(10 * time.Second)
+	defer c.Close()
+	done := make(chan error, 1)
+	buf := make([]byte, 3*PageSize)
+	go func() { done <- c.Fetch(context.Background(), 5, 0x20000, buf) }()
+	time.Sleep(50 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("Fetch without a stream returned %v", err)
+	default:
+	}
+	a, b := net.Pipe()
+	go ServeFetch(b, func(id, vaddr uint64, buf []byte) error { fetchPattern(id, vaddr, buf); return nil }, &FetchServeStats{})
+	if err := c.Attach(a); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, len(buf))
+	fetchPattern(5, 0x20000, want)
+	if err := <-done; err != nil || !bytes.Equal(buf, want) {
+		t.Fatalf("Fetch after Attach: %v (content ok: %v)", err, bytes.Equal(buf, want))
+	}
+
+	never := NewLostFetchClient(200 * time.Millisecond)
+	defer never.Close()
+	t0 := time.Now()
+	if err := never.Fetch(context.Background(), 1, 0, make([]byte, PageSize)); err == nil || time.Since(t0) < 150*time.Millisecond {
+		t.Fatalf("Fetch with no stream ever = %v after %v; want a failure after the grace", err, time.Since(t0))
+	}
+}

@@ -31,6 +31,8 @@ type Server struct {
 	log    *slog.Logger
 	crit   *criu.Binary
 	policy RestorePolicy // what a source may have restored here
+	// helperExe is the phaul binary that runs lazy-pages helpers.
+	helperExe string
 
 	mu      sync.Mutex
 	active  map[string]*incoming // guarded by mu
@@ -88,14 +90,25 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 		return err
 	}
 	defer ln.Close()
-	s := &Server{cfg: cfg, log: log, crit: bin, policy: policy, active: map[string]*incoming{}, inDoubt: map[string]int{}}
-	s.recoverJournal() // before anyone is told it serves
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("lazy-pages helper: %w", err)
+	}
+	s := &Server{cfg: cfg, log: log, crit: bin, policy: policy, helperExe: exe, active: map[string]*incoming{}, inDoubt: map[string]int{}}
+	adopted := s.recoverJournal() // before anyone is told it serves
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for _, in := range adopted {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.finishAdopted(ctx, in)
+		}()
+	}
 	log.Info("serving", "addr", ln.Addr().String(), "work_dir", cfg.WorkDir)
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr())
 	}
-	var wg sync.WaitGroup
-	defer wg.Wait()
 	for {
 		sess, err := ln.Accept(ctx)
 		if err != nil {
@@ -144,7 +157,9 @@ type incoming struct {
 	// source's end of the fetch streams it asks for the rest on.
 	mode     Mode
 	postcopy bool
-	fetch    *fetchClients
+	// fetchStreams are the source's fetch streams, relayed to the
+	// lazy-pages helper (the latest, after a resume).
+	fetchStreams [2]*transport.Stream
 	link     *postcopyLink // where PostcopyDone goes; a reconnect replaces it
 	m        machine       // this end's state
 	j        *journal      // its journal entry; nil if it could not be written

@@ -134,8 +134,17 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 		Hooks:     criu.Hooks{Started: g.Add},
 	}
 	if s.lazyRestore(in) {
-		if in.lazy, err = startLazyRestore(in.dir, req.ImagesDir, in.fetch, in.log); err != nil {
+		in.j.record(func(e *JournalEntry) { e.Cgroups = append(e.Cgroups, cgroup.Parent+"/"+lazyGroupName(in.id)) })
+		if in.lazy, err = startLazyRestore(s.helperExe, in.id, in.dir, req.ImagesDir, in.postcopy, s.cfg.PostcopyRecoverTimeout, in.log); err != nil {
 			return 0, fmt.Errorf("restore: %w", err)
+		}
+		in.j.record(func(e *JournalEntry) { e.LazyHelper, e.LazyHelperStart = in.lazy.pid, in.lazy.start })
+		if in.postcopy {
+			if err := in.lazy.attachFetch(in.fetchStreams); err != nil {
+				in.lazy.abort()
+				in.lazy = nil
+				return 0, fmt.Errorf("restore: %w", err)
+			}
 		}
 		req.LazyPages = true
 	}
@@ -197,7 +206,7 @@ func (s *Server) cleanup(in *incoming) {
 	}
 	in.lazy.abort() // after the tree is gone
 	in.lazy = nil
-	in.fetch.close()
+	in.closeFetch()
 	if in.group != nil {
 		if err := in.group.Kill(5 * time.Second); err != nil {
 			in.log.Error("kill restored tree", "err", err)
@@ -251,19 +260,15 @@ func (s *Server) finishRestore(in *incoming) {
 		in.link.setResumable(true)
 		defer in.link.end()
 	}
-	st, err := in.lazy.wait()
+	st, remote, err := in.lazy.wait()
 	if in.postcopy {
-		var remote *remoteSource
-		if in.lazy != nil {
-			remote = in.lazy.remote
-		}
 		if err == nil {
 			err = in.link.send(postcopyDoneMsg(st, remote), s.cfg.PostcopyRecoverTimeout)
 		}
 		if err != nil {
 			in.log.Error("post-copy failed: the tree runs here and lacks pages the source held", "err", err)
 		}
-		in.fetch.close()
+		in.closeFetch()
 	}
 	s.removeImages(in)
 	if err == nil {

@@ -55,7 +55,7 @@ func (s *Server) receiveImages(ctx context.Context, in *incoming) ([]images.File
 			// Then post-copy's fetch streams.
 			fst, err := acceptFetch(ctx, in.sess, st)
 			if err == nil {
-				in.fetch = newFetchClients(fst, s.cfg.PostcopyRecoverTimeout)
+				in.fetchStreams = fst
 				st, err = in.sess.AcceptStream(ctx)
 			}
 			if err != nil {

@@ -40,7 +40,7 @@ func (in *incoming) phase(p Phase) {
 func (s *Server) openJournal(in *incoming, mode Mode) {
 	j, err := openJournal(JournalDir(s.cfg.WorkDir), in.id, RoleDestination,
 		JournalEntry{Phase: PhasePreflight, Mode: mode, ImagesDir: in.dir, Cgroups: []string{cgroup.Parent + "/" + in.id},
-			CgroupParent: s.cfg.CgroupParent})
+			CgroupParent: s.cfg.CgroupParent, Peer: certDigest(in.sess.Peer())})
 	if err != nil {
 		in.log.Error("journal", "err", err)
 		return
@@ -60,18 +60,27 @@ func (in *incoming) endJournal() {
 // service left, as phaul gc does (gc.go): a migration that had not
 // reached PREPARED is undone; a prepared or in-doubt one stays held and is
 // reported (only the source's side knows whether its copy is gone); a
+// committed one whose lazy-pages helper still runs is taken over
+// (adopt: the caller runs finishAdopted for each it returns); another
 // committed one runs, and its files go.
-func (s *Server) recoverJournal() {
+func (s *Server) recoverJournal() []*incoming {
 	ents, err := ReadJournal(JournalDir(s.cfg.WorkDir))
 	if err != nil {
 		s.log.Error("journal", "err", err)
-		return
+		return nil
 	}
+	var adopted []*incoming
 	for _, e := range ents {
 		if e.Role != RoleDestination || e.OwnerAlive() {
 			continue
 		}
 		log := s.log.With("migration", e.ID, "phase", e.Phase, "owner", e.Owner)
+		if in, err := s.adopt(e, log); in != nil {
+			adopted = append(adopted, in)
+			continue
+		} else if err != nil {
+			log.Error("could not take over the migration's lazy restore", "err", err)
+		}
 		switch {
 		case (e.Phase == PhasePrepared && !e.Mode.postcopy()) || e.Phase == PhaseInDoubt:
 			s.mu.Lock()
@@ -82,8 +91,8 @@ func (s *Server) recoverJournal() {
 		case (e.Phase == PhaseCommit || e.Phase == PhasePostcopy) && e.CRIUAlive():
 			log.Warn("migration committed by a previous service that ended before the tree resumed: resuming it", "pid", e.Root)
 		case e.Phase == PhaseCommit || e.Phase == PhasePostcopy:
-			log.Error("migration committed by a previous service that ended before the tree had all of its memory: "+
-				"the tree runs; pages it had not received read as zeros", "pid", e.Root)
+			log.Error("migration committed by a previous service, whose lazy-pages helper is gone too: "+
+				"the tree runs; pages it had not received read as zeros", "pid", e.Root, "helper", e.LazyHelper)
 		}
 	}
 	rep, err := GC(s.cfg.WorkDir, GCOptions{Apply: true, Role: RoleDestination, Logger: s.log})
@@ -95,4 +104,5 @@ func (s *Server) recoverJournal() {
 			s.log.Warn("undid an unfinished migration of a previous service", "migration", l.Migration, "phase", l.Phase)
 		}
 	}
+	return adopted
 }

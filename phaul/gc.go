@@ -109,6 +109,13 @@ func GC(workDir string, o GCOptions) (GCReport, error) {
 			rep.Busy = append(rep.Busy, fmt.Sprintf("%s %s: at %s, phaul pid %d runs", e.Role, e.ID, e.Phase, e.Owner))
 			continue
 		}
+		if e.Role == RoleDestination && (e.Phase == PhaseCommit || e.Phase == PhasePostcopy) && e.HelperAlive() {
+			// The committed tree's pages come from it; phaul serve, when
+			// it starts, takes the migration over (dest_adopt.go).
+			rep.Busy = append(rep.Busy, fmt.Sprintf("%s %s: at %s, its lazy-pages helper pid %d fills the tree; phaul serve takes it over when it starts",
+				e.Role, e.ID, e.Phase, e.LazyHelper))
+			continue
+		}
 		var plan []Leftover
 		winner, isResolved := resolved[e.ID]
 		if e.Role == RoleSource {

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/lazy"
 )
 
@@ -26,12 +28,12 @@ func resumeHeld(workDir string, e JournalEntry) error {
 	if !e.CRIUAlive() {
 		return fmt.Errorf("held tree %d: its criu %d is gone", e.Root, e.CRIU)
 	}
-	if e.Lazy && e.Memory == memoryIncomplete && e.OwnerAlive() {
-		// Its failed daemon keeps the tree's userfaultfds open: a write
-		// to a missing page would wait for it.
-		return fmt.Errorf("held tree %d misses pages and its service (pid %d) still holds its userfaultfds: restart the service first", e.Root, e.Owner)
-	}
 	if e.Lazy && e.Memory != memoryComplete {
+		// Its helper, if it still runs, keeps the tree's userfaultfds
+		// open: a write to a missing page would wait for it.
+		if err := stopHelper(e); err != nil {
+			return fmt.Errorf("held tree: %w", err)
+		}
 		pids, err := treeVpids(e.Root)
 		if err != nil {
 			return fmt.Errorf("held tree: %w", err)
@@ -59,6 +61,9 @@ func resumeHeld(workDir string, e JournalEntry) error {
 // dropHeld has CRIU kill e's held tree (what is left in its cgroup is
 // killed too) and removes its files.
 func dropHeld(workDir string, e JournalEntry) error {
+	if err := stopHelper(e); err != nil {
+		return err
+	}
 	if e.CRIUAlive() {
 		if _, err := criu.AnswerHeld(e.CRIU, e.CRIUPeerFD, false, time.Minute); err != nil && e.CRIUAlive() {
 			return err
@@ -72,13 +77,40 @@ func dropHeld(workDir string, e JournalEntry) error {
 	return removeRestore(workDir, e)
 }
 
-// removeRestore removes e's cgroup (empty by now) and directory.
+// stopHelper kills e's lazy-pages helper, if it still runs, and waits
+// until it is gone (with it the tree's userfaultfds), then removes its
+// cgroup.
+func stopHelper(e JournalEntry) error {
+	if e.HelperAlive() {
+		p, err := linux.PidfdOpen(e.LazyHelper)
+		if err != nil {
+			return fmt.Errorf("lazy-pages helper %d: %w", e.LazyHelper, err)
+		}
+		if e.HelperAlive() { // the pidfd names the helper, not a reuse
+			p.Signal(syscall.SIGKILL)
+		}
+		p.Close()
+		for t0 := time.Now(); e.HelperAlive(); time.Sleep(5 * time.Millisecond) {
+			if time.Since(t0) > 10*time.Second {
+				return fmt.Errorf("lazy-pages helper %d still runs 10s after SIGKILL", e.LazyHelper)
+			}
+		}
+	}
+	if g, err := cgroup.Open(lazyGroupName(e.ID)); err == nil {
+		return g.Remove()
+	}
+	return nil
+}
+
+// removeRestore removes e's cgroups (empty by now) and directory.
 func removeRestore(workDir string, e JournalEntry) error {
 	var errs []error
-	if g, err := cgroup.Open(e.ID); err == nil {
-		errs = append(errs, g.Remove())
-	} else if !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
+	for _, name := range []string{e.ID, lazyGroupName(e.ID)} {
+		if g, err := cgroup.Open(name); err == nil {
+			errs = append(errs, g.Remove())
+		} else if !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
 	}
 	errs = append(errs, os.RemoveAll(filepath.Join(workDir, e.ID)))
 	return errors.Join(errs...)

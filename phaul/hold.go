@@ -146,3 +146,15 @@ func (h *heldRestore) record(in *incoming, why error, memory string) {
 		in.log.Error("journal", "err", err)
 	}
 }
+
+// peek returns, without waiting, the result a one-slot channel holds, and
+// leaves it there for its reader; ok is false while there is none.
+func peek(ch chan error) (err error, ok bool) {
+	select {
+	case err = <-ch:
+		ch <- err
+		return err, true
+	default:
+		return nil, false
+	}
+}

@@ -72,6 +72,14 @@ type JournalEntry struct {
 	// is what a held one has of them (memory* in hold.go; "" unknown).
 	Lazy   bool   `json:"lazy,omitempty"`
 	Memory string `json:"memory,omitempty"`
+	// LazyHelper (destination) is the process serving a lazy restore's
+	// pages (phaul lazy-pages), LazyHelperStart its start; it outlives the
+	// service, and the next one takes it over.
+	LazyHelper      int    `json:"lazy_helper,omitempty"`
+	LazyHelperStart uint64 `json:"lazy_helper_start,omitempty"`
+	// Peer (destination) is the SHA-256 of the source's certificate: only
+	// that source may resume a post-copy a restarted service took over.
+	Peer string `json:"peer,omitempty"`
 	// To and TLSDir (source): the destination and the identity, for a
 	// phaul recover that takes over a post-copy.
 	To     string `json:"to,omitempty"`
@@ -210,6 +218,9 @@ func (e JournalEntry) CRIUAlive() bool {
 	st, err := linux.ReadProcessStat(e.CRIU)
 	return err == nil && (e.CRIUStart == 0 || st.StartTicks == e.CRIUStart)
 }
+
+// HelperAlive reports whether e's lazy-pages helper still runs.
+func (e JournalEntry) HelperAlive() bool { return processAlive(e.LazyHelper, e.LazyHelperStart) }
 
 // String is one line for logs and gc --show.
 func (e JournalEntry) String() string {

@@ -117,6 +117,14 @@ func (m *machine) enter(p Phase) error {
 	return err
 }
 
+// adopt puts the machine in p without a transition: a service that takes
+// over a migration from the journal resumes it where its entry says.
+func (m *machine) adopt(p Phase) {
+	m.mu.Lock()
+	m.cur = p
+	m.mu.Unlock()
+}
+
 // state returns the current state.
 func (m *machine) state() Phase {
 	m.mu.Lock()

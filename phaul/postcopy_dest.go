@@ -66,14 +66,14 @@ func acceptFetch(ctx context.Context, sess *transport.Session, first *transport.
 	return got, nil
 }
 
-// newFetchClients starts the clients of a post-copy's fetch streams; a
-// lost stream waits recover for the source to reconnect.
-func newFetchClients(st [2]*transport.Stream, recover time.Duration) *fetchClients {
-	f := &fetchClients{faults: pageserver.NewFetchClient(st[pageserver.FetchFaults]),
-		fill: pageserver.NewFetchClient(st[pageserver.FetchFill])}
-	f.faults.SetRecoverTimeout(recover)
-	f.fill.SetRecoverTimeout(recover)
-	return f
+// closeFetch closes the source's fetch streams (the helper's relays end
+// with them).
+func (in *incoming) closeFetch() {
+	for _, st := range in.fetchStreams {
+		if st != nil {
+			st.Close()
+		}
+	}
 }
 
 func (f *fetchClients) close() {
@@ -186,13 +186,11 @@ func remoteSpans(dir string) (map[uint64][]span, uint64, error) {
 
 // postcopyDoneMsg tells the source that every page is in place, with the
 // daemon's account.
-func postcopyDoneMsg(st lazy.Stats, src *remoteSource) *wire.Message {
+func postcopyDoneMsg(st lazy.Stats, remotePages uint64) *wire.Message {
 	d := &wire.PostcopyDone{FaultPages: st.FaultPages, PushedPages: st.PushedPages, Faults: st.Faults,
 		FaultP50Ns: uint64(st.FaultP50), FaultP99Ns: uint64(st.FaultP99), FaultMaxNs: uint64(st.FaultMax),
 		FillNanos: uint64(st.FillTime)}
-	if src != nil {
-		d.RemotePages = src.pages.Load()
-	}
+	d.RemotePages = remotePages
 	d.RemoteFaultP50Ns, d.RemoteFaultP99Ns, d.RemoteFaultMaxNs = uint64(st.RemoteFaultP50), uint64(st.RemoteFaultP99), uint64(st.RemoteFaultMax)
 	d.LocalFaultP50Ns, d.LocalFaultP99Ns, d.LocalFaultMaxNs = uint64(st.LocalFaultP50), uint64(st.LocalFaultP99), uint64(st.LocalFaultMax)
 	d.RemoteFaults, d.LocalFaults = st.RemoteFaults, st.LocalFaults

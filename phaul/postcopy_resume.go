@@ -1,8 +1,9 @@
 package phaul
 
 import (
-	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,7 +29,7 @@ var errResumed = errors.New("post-copy resumed on this session")
 // postcopyLink is the control connection a post-copy reports its end on;
 // a source that reconnects replaces it.
 type postcopyLink struct {
-	peer []byte // the source's certificate (DER): only it may resume
+	peer string // the source's certificate's digest (certDigest): only it may resume
 
 	mu        sync.Mutex
 	ctl       *wire.Conn
@@ -39,11 +40,16 @@ type postcopyLink struct {
 }
 
 func newPostcopyLink(ctl *wire.Conn, peer transport.Peer) *postcopyLink {
-	l := &postcopyLink{ctl: ctl, changed: make(chan struct{}), done: make(chan struct{})}
-	if peer.Cert != nil {
-		l.peer = peer.Cert.Raw
+	return &postcopyLink{ctl: ctl, peer: certDigest(peer), changed: make(chan struct{}), done: make(chan struct{})}
+}
+
+// certDigest names a peer by its certificate's SHA-256 ("" without one).
+func certDigest(peer transport.Peer) string {
+	if peer.Cert == nil {
+		return ""
 	}
-	return l
+	d := sha256.Sum256(peer.Cert.Raw)
+	return hex.EncodeToString(d[:])
 }
 
 // setResumable opens (or closes) the link to a reconnecting source.
@@ -65,7 +71,10 @@ func (l *postcopyLink) send(m *wire.Message, timeout time.Duration) error {
 		l.mu.Lock()
 		ctl, changed := l.ctl, l.changed
 		l.mu.Unlock()
-		err := ctl.Send(m)
+		err := errors.New("no source connected")
+		if ctl != nil {
+			err = ctl.Send(m)
+		}
 		if err == nil {
 			return nil
 		}
@@ -130,7 +139,7 @@ func (s *Server) resume(ctx context.Context, sess *transport.Session, ctl *wire.
 	switch {
 	case !resumable:
 		return refuse(fmt.Sprintf("migration %s is not in post-copy", in.id))
-	case sess.Peer().Cert == nil || !bytes.Equal(sess.Peer().Cert.Raw, in.link.peer):
+	case in.link.peer == "" || certDigest(sess.Peer()) != in.link.peer:
 		return refuse(fmt.Sprintf("migration %s belongs to another source", in.id))
 	}
 	reply := &wire.HelloReply{Version: version, Accepted: true}
@@ -145,9 +154,12 @@ func (s *Server) resume(ctx context.Context, sess *transport.Session, ctl *wire.
 	if err != nil {
 		return fmt.Errorf("resume: %w", err)
 	}
-	if err := errors.Join(in.fetch.faults.Attach(st[0]), in.fetch.fill.Attach(st[1])); err != nil {
+	if err := in.lazy.attachFetch(st); err != nil {
+		st[0].Close()
+		st[1].Close()
 		return fmt.Errorf("resume: %w", err)
 	}
+	in.fetchStreams = st
 	if err := in.link.replace(ctl); err != nil {
 		return fmt.Errorf("resume: %w", err)
 	}

@@ -36,6 +36,7 @@ func main() {
 			gcCommand(),
 			cancelCommand(),
 			recoverCommand(),
+			lazyPagesCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main reports errors once
 	}
