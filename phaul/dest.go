@@ -160,10 +160,10 @@ type incoming struct {
 	// fetchStreams are the source's fetch streams, relayed to the
 	// lazy-pages helper (the latest, after a resume).
 	fetchStreams [2]*transport.Stream
-	link     *postcopyLink // where PostcopyDone goes; a reconnect replaces it
-	m        machine       // this end's state
-	j        *journal      // its journal entry; nil if it could not be written
-	pid      int           // restored root
+	link         *postcopyLink // where PostcopyDone goes; a reconnect replaces it
+	m            machine       // this end's state
+	j            *journal      // its journal entry; nil if it could not be written
+	pid          int           // restored root
 	// reserve is the memory a prefault filled, held until the restore
 	// starts (or the migration ends).
 	reserve *linux.Reserve
