@@ -42,6 +42,10 @@ type matrixCell struct {
 	// recover: the source's migration is taken over (phaul recover on
 	// the source host) after its migrate was killed.
 	recover bool
+	// restart: the killed service is started again at once, as its
+	// unit manager would, while the migrate still runs (else after it
+	// ended).
+	restart bool
 	// skip, if set, says why the cell does not run: a state the role
 	// never enters, or a loss the design states.
 	skip string
@@ -107,8 +111,10 @@ var faultMatrix = map[fault]map[phaul.Phase]matrixCell{
 		// resumes it, its memory refilled from the images; the source
 		// never heard COMMITTED.
 		phaul.PhaseCommit: {mode: "precopy", survivor: "destination", resolve: "destination"},
-		phaul.PhasePostcopy: {skip: "a loss the README states: the service's lazy-pages daemon holds the running " +
-			"tree's userfaultfds; killed, the pages it had not placed read as zeros"},
+		// The lazy-pages helper outlives the service and keeps the
+		// tree's userfaultfds; the restarted service takes the
+		// migration over and the source reconnects to it.
+		phaul.PhasePostcopy: {mode: "postcopy", survivor: "destination", restart: true},
 		phaul.PhaseDone:     {mode: "precopy", survivor: "destination"},
 		phaul.PhaseRollback: after,
 		phaul.PhaseInDoubt:  after,
@@ -304,6 +310,14 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 			t.Fatal(err)
 		}
 	}
+	if c.restart {
+		select {
+		case <-e.serveDone:
+		case <-time.After(time.Minute):
+			t.Fatalf("serve was not killed at %s", p)
+		}
+		e.startServe() // takes over what the killed one left
+	}
 	r := m.wait(3 * time.Minute)
 	t.Setenv("PHAUL_FAULT_AT", "")
 	before, err := w.LastStep()
@@ -323,6 +337,10 @@ func runCell(t *testing.T, f fault, p phaul.Phase, c matrixCell) string {
 	case f.action == "criu":
 		if killed {
 			t.Fatalf("migrate was killed; only a CRIU was to be\n%s", r.out)
+		}
+	case f.role == "destination" && c.restart:
+		if m.cmd.ProcessState.ExitCode() != 0 {
+			t.Fatalf("migrate exit %d; the restarted service should have let the post-copy end\n%s\nserve log:\n%s", r.code, r.out, e.readServeLog())
 		}
 	case f.role == "destination":
 		select {
