@@ -68,6 +68,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzReadStackPointer -fuzztime $(FUZZTIME) ./lazy/
 	$(GO) test -run '^$$' -fuzz FuzzReadTaskCount -fuzztime $(FUZZTIME) ./lazy/
 	$(GO) test -run '^$$' -fuzz FuzzRemoteSet -fuzztime $(FUZZTIME) ./phaul/
+	$(GO) test -run '^$$' -fuzz FuzzLazyControl -fuzztime $(FUZZTIME) ./phaul/
 
 # A host setting, the operator's choice: raises fs.pipe-max-size to 4 MiB
 # (deploy/sysctl.d). Undo: bash deploy/install-sysctl.sh --undo.

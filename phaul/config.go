@@ -203,6 +203,20 @@ type ServeConfig struct {
 	// StepTimeout the wait for each later source message before PREPARED.
 	HelloTimeout time.Duration
 	StepTimeout  time.Duration
+	// MaxMigrationTime bounds, from the hello on, the part of a
+	// migration the source drives before PREPARED (rounds, transfer):
+	// pings renew StepTimeout, never past it. Past it the migration is
+	// aborted (the source's copy runs on).
+	MaxMigrationTime time.Duration
+	// MemoryBudget bounds the memory the prefaults of all migrations hold
+	// at once (0: half of what is available).
+	MemoryBudget uint64
+	// DiskBudget bounds the bytes all migrations' directories hold (0:
+	// none); MinFreeDisk is what the work dir's filesystem must keep
+	// free. A migration is refused, or aborted while it receives, when
+	// either is crossed.
+	DiskBudget  uint64
+	MinFreeDisk uint64
 	// RestoreTimeout bounds CRIU's restore (a restore can block, e.g. on a
 	// file lock another process holds); past it the restore is killed and
 	// the migration aborted.
@@ -246,6 +260,8 @@ func DefaultServeConfig() ServeConfig {
 		MaxInDoubt:           4,
 		HelloTimeout:         30 * time.Second,
 		StepTimeout:          10 * time.Minute,
+		MaxMigrationTime:     time.Hour,
+		MinFreeDisk:          1 << 30,
 		RestoreTimeout:       5 * time.Minute,
 		CommitWait:           30 * time.Second,
 		CgroupParent:         "/",
@@ -270,7 +286,8 @@ func (c ServeConfig) Validate() error {
 	if c.MaxMigrations <= 0 || c.MaxMigrationsPerPeer <= 0 || c.MaxInDoubt <= 0 {
 		errs = append(errs, errors.New("max migrations (in all, per peer, in doubt) must be positive"))
 	}
-	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 || c.PostcopyRecoverTimeout <= 0 {
+	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 || c.PostcopyRecoverTimeout <= 0 ||
+		c.MaxMigrationTime <= 0 {
 		errs = append(errs, errors.New("timeouts must be positive"))
 	}
 	if !filepath.IsAbs(c.CgroupParent) || strings.Contains(c.CgroupParent, "..") {

@@ -9,12 +9,14 @@ import (
 	"path/filepath"
 	"regexp"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/images"
 	"github.com/phaul/phaul/core/linux"
+	"github.com/phaul/phaul/core/pagestore"
 	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/core/wire"
 )
@@ -31,6 +33,7 @@ type Server struct {
 	log    *slog.Logger
 	crit   *criu.Binary
 	policy RestorePolicy // what a source may have restored here
+	mem    memBudget     // what prefaults hold, all migrations together
 	// helperExe is the phaul binary that runs lazy-pages helpers.
 	helperExe string
 
@@ -94,7 +97,8 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 	if err != nil {
 		return fmt.Errorf("lazy-pages helper: %w", err)
 	}
-	s := &Server{cfg: cfg, log: log, crit: bin, policy: policy, helperExe: exe, active: map[string]*incoming{}, inDoubt: map[string]int{}}
+	s := &Server{cfg: cfg, log: log, crit: bin, policy: policy, helperExe: exe, active: map[string]*incoming{}, inDoubt: map[string]int{},
+		mem: memBudget{limit: cfg.MemoryBudget}}
 	adopted := s.recoverJournal() // before anyone is told it serves
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -164,9 +168,13 @@ type incoming struct {
 	m            machine       // this end's state
 	j            *journal      // its journal entry; nil if it could not be written
 	pid          int           // restored root
+	// store is the page store while pages arrive (checkDisk reads it).
+	store atomic.Pointer[pagestore.Store]
+	// deadline ends the part the source drives (MaxMigrationTime).
+	deadline time.Time
 	// reserve is the memory a prefault filled, held until the restore
 	// starts (or the migration ends).
-	reserve *linux.Reserve
+	reserve *prefaulted
 }
 
 // handle runs one session to its end.
@@ -266,10 +274,14 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 		return nil, err
 	}
 	in := &incoming{id: h.GetMigrationId(), sess: sess, ctl: ctl, opts: opts, postcopy: postcopy, mode: modeFromWire(h.GetMode()),
-		log: log.With("migration", h.GetMigrationId())}
+		log: log.With("migration", h.GetMigrationId()), deadline: time.Now().Add(s.cfg.MaxMigrationTime)}
 	in.m.log = in.log
 	if postcopy {
 		in.link = newPostcopyLink(ctl, sess.Peer())
+	}
+	if err := s.checkDisk(); err != nil {
+		reply(false, err.Error())
+		return nil, err
 	}
 	if err := s.register(in); err != nil {
 		reply(false, err.Error())
@@ -358,7 +370,25 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 		// Prepared but not committed: awaitCommit cleaned up on ABORT or
 		// left the tree in doubt.
 	}()
-	files, err := s.collect(ctx, in, stream)
+	// What the source drives is bounded in time and disk.
+	dctx, cancel := context.WithDeadline(ctx, in.deadline)
+	cctx, stop := context.WithCancelCause(dctx)
+	go s.watchDisk(cctx, 250*time.Millisecond, stop) // ends with cctx
+	files, err := s.collect(cctx, in, stream)
+	cause := context.Cause(cctx)
+	stop(nil)
+	cancel()
+	switch {
+	case err == nil || ctx.Err() != nil:
+	case errors.Is(cause, context.DeadlineExceeded):
+		err = fmt.Errorf("migration took longer than --max-migration-time %v: %w", s.cfg.MaxMigrationTime, err)
+		in.abort(err.Error())
+		return err
+	case errors.Is(cause, errDiskBudget):
+		err = fmt.Errorf("%w (while receiving)", cause)
+		in.abort(err.Error())
+		return err
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			in.abort("destination shutting down")
@@ -461,7 +491,7 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 			}
 			if n := b.Ping.GetPrefaultBytes(); n > 0 && !lazy {
 				in.reserve.Release()
-				in.reserve = prefault(in.log, n)
+				in.reserve = s.prefault(in.log, n)
 			}
 			if b.Ping.GetReleasePrefault() && in.reserve != nil {
 				r := in.reserve
@@ -472,9 +502,14 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 				return nil, err
 			}
 			// A ping proves the source alive: pre-copy sends one per
-			// round, and the step timeout bounds a round, not them all.
+			// round, and the step timeout bounds a round, not them all;
+			// the migration's own deadline bounds them all.
 			if ctx.Err() == nil {
-				stream.SetDeadline(time.Now().Add(s.cfg.StepTimeout))
+				next := time.Now().Add(s.cfg.StepTimeout)
+				if next.After(in.deadline) {
+					next = in.deadline
+				}
+				stream.SetDeadline(next)
 			}
 		case *wire.Message_Restore:
 			restore = b.Restore

@@ -149,32 +149,6 @@ func probePopulate(log *slog.Logger) uint64 {
 	return max(perMiB, 1)
 }
 
-// prefault fills n bytes of fresh anonymous memory, at most half of what
-// the host has available, and holds it: restore releases it just before
-// CRIU restores, and memory the kernel just freed is what it hands out
-// next. The restore then reuses memory instead of touching it for the
-// first time (on this VM 2-3 times dearer, 1.5-2.5 ms/MiB against 0.7;
-// held rather than freed at once, because a VM's free page reporting gives
-// memory that stays free back to the host within seconds).
-func prefault(log *slog.Logger, n uint64) *linux.Reserve {
-	avail, err := linux.MemAvailable()
-	if err != nil {
-		log.Warn("prefault", "err", err)
-		return nil
-	}
-	n = min(n, avail/2) &^ (1<<20 - 1)
-	if n == 0 {
-		return nil
-	}
-	r, d, err := linux.Prefault(int(n))
-	if err != nil {
-		log.Warn("prefault", "err", err)
-		return nil
-	}
-	log.Info("prefaulted memory for the restore", "mib", n>>20, "dur", d)
-	return r
-}
-
 // receivePages stores the forwarded pages and writes them as CRIU images
 // (pagemap-*.img, pages-*.img) into the migration's images directory.
 func (s *Server) receivePages(ctx context.Context, in *incoming, lanes []*transport.Stream) error {
@@ -192,6 +166,8 @@ func (s *Server) receivePages(ctx context.Context, in *incoming, lanes []*transp
 		return fmt.Errorf("page store: %w", err)
 	}
 	defer store.Close()
+	in.store.Store(store) // its spool has no name: checkDisk counts it here
+	defer in.store.Store(nil)
 	rws := make([]io.ReadWriter, len(lanes))
 	for i, st := range lanes {
 		rws[i] = st

@@ -178,6 +178,12 @@ func (r *dumpRun) start(ctx context.Context) error {
 	}
 	if r.pre != nil && cfg.Mode.rounds() {
 		if err := s.precopyRounds(ctx, r.pre); err != nil {
+			if ctx.Err() == nil && !errors.Is(err, ErrAborted) {
+				// A stream the destination closed: it may have said why.
+				if why := s.peerReason(r.ctlStream, nil); why != nil {
+					err = fmt.Errorf("%w (%w)", why, err)
+				}
+			}
 			r.pages.finish()
 			s.phase(PhaseRollback)
 			s.abort(fmt.Sprintf("pre-copy failed: %v", err))
@@ -402,6 +408,12 @@ func (r *dumpRun) settle(err error) error {
 	}
 	if err == nil && perr != nil {
 		s.log.Warn("page stream ended badly after a good dump", "err", perr)
+	}
+	if err != nil && perr != nil {
+		// The page stream broke: the destination may have said why.
+		if why := s.peerReason(r.ctlStream, nil); why != nil {
+			err = fmt.Errorf("%w (criu: %w)", why, err)
+		}
 	}
 	if err != nil && !r.acked {
 		// CRIU's own rollback unlocks the network; a CRIU that died

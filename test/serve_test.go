@@ -168,3 +168,52 @@ func TestRestorePolicy(t *testing.T) {
 	waitDirEmpty(t, e.dstWork, 30*time.Second)
 	w.CheckHealthy(t)
 }
+
+// TestMaxMigrationTime: a migration whose rounds and transfer outlast the
+// service's --max-migration-time is aborted there, however often its
+// source pings, and the source's copy runs on.
+func TestMaxMigrationTime(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 50e6})
+	e.startServe("--max-migration-time", "3s")
+	// 64 MiB over 6 MB/s takes ~11 s for round 1 alone.
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 64, PagesPerSec: 1000})
+	w.WaitProgress(t, 3)
+	t0 := time.Now()
+	r := e.migrate(w.PID(), "--mode", "precopy", "--max-rounds", "100")
+	took := time.Since(t0)
+	if r.code == 0 || !strings.Contains(r.out, "max-migration-time") {
+		t.Fatalf("migration under a 3s limit: exit %d after %v; want aborted naming --max-migration-time\n%s", r.code, took, r.out)
+	}
+	if took > 30*time.Second {
+		t.Fatalf("the abort took %v after a 3s limit", took)
+	}
+	e.assertOnSource(w)
+	waitDirEmpty(t, e.dstWork, 30*time.Second)
+	w.CheckHealthy(t)
+}
+
+// TestDiskBudget: a service refuses a migration when its filesystem is
+// below --min-free-disk, and aborts one whose directory outgrows
+// --disk-budget-mib while it receives; the source's copy runs on and the
+// destination keeps nothing.
+func TestDiskBudget(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{RateBitsPerSec: 200e6})
+	e.startServe("--min-free-disk-mib", "1000000000") // a petabyte free: never
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 64, PagesPerSec: 500})
+	w.WaitProgress(t, 3)
+	r := e.migrate(w.PID())
+	if r.code == 0 || !strings.Contains(r.out, "min-free-disk") {
+		t.Fatalf("migration to a service short of disk: exit %d; want refused naming --min-free-disk\n%s", r.code, r.out)
+	}
+	e.assertOnSource(w)
+
+	e.stopServe()
+	e.startServe("--disk-budget-mib", "16")
+	r = e.migrate(w.PID(), "--mode", "cold")
+	if r.code == 0 || !strings.Contains(r.out, "disk budget") {
+		t.Fatalf("64 MiB into a 16 MiB disk budget: exit %d; want aborted naming the disk budget\n%s", r.code, r.out)
+	}
+	e.assertOnSource(w)
+	waitDirEmpty(t, e.dstWork, 30*time.Second)
+	w.CheckHealthy(t)
+}

@@ -21,6 +21,10 @@ func serveCommand() *cli.Command {
 			&cli.BoolFlag{Name: "allow-any-peer", Usage: "admit every certificate of the CA as a source (each one can then have trees restored here as root)"},
 			&cli.StringFlag{Name: "deny-list", Usage: "file of revoked certificate serials (hex, one a line, # comments), read again whenever it changes; unreadable, it refuses every peer"},
 			&cli.StringFlag{Name: "restore-policy", Usage: "JSON file (this user's, not writable by others) saying what a source may have restored: criu_options, host_namespaces, allow_root, allow_capabilities, read_paths, write_paths; without it: unprivileged trees only, no link-remap or manage-cgroups (README)"},
+			&cli.Uint64Flag{Name: "memory-budget-mib", Usage: "memory the prefaults of all migrations may hold at once (default: half of what is available)"},
+			&cli.Uint64Flag{Name: "disk-budget-mib", Usage: "bytes all migrations' directories may hold (default: no budget)"},
+			&cli.Uint64Flag{Name: "min-free-disk-mib", Value: def.MinFreeDisk >> 20, Usage: "free space the work dir's filesystem must keep; a migration is refused or aborted below it"},
+			&cli.DurationFlag{Name: "max-migration-time", Value: def.MaxMigrationTime, Usage: "wall-clock limit from a migration's hello until its restore is prepared; past it the migration is aborted (the source's copy runs on)"},
 			&cli.DurationFlag{Name: "hello-timeout", Value: def.HelloTimeout, Usage: "how long an authenticated session may take to open its control stream and say hello; then it is dropped"},
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
 			&cli.IntFlag{Name: "max-migrations-per-peer", Value: def.MaxMigrationsPerPeer, Usage: "migrations of one source (certificate) in progress at once"},
@@ -45,6 +49,10 @@ func serveCommand() *cli.Command {
 			cfg.MaxMigrations = c.Int("max-migrations")
 			cfg.MaxMigrationsPerPeer, cfg.MaxInDoubt = c.Int("max-migrations-per-peer"), c.Int("max-in-doubt")
 			cfg.HelloTimeout = c.Duration("hello-timeout")
+			cfg.MaxMigrationTime = c.Duration("max-migration-time")
+			cfg.MemoryBudget = c.Uint64("memory-budget-mib") << 20
+			cfg.DiskBudget = c.Uint64("disk-budget-mib") << 20
+			cfg.MinFreeDisk = c.Uint64("min-free-disk-mib") << 20
 			cfg.CommitWait = c.Duration("commit-wait")
 			cfg.PostcopyRecoverTimeout = c.Duration("postcopy-recover-timeout")
 			cfg.CgroupParent = c.String("cgroup-parent")

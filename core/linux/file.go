@@ -3,7 +3,9 @@ package linux
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"strconv"
 
 	"golang.org/x/sys/unix"
@@ -71,4 +73,38 @@ func PrivateDir(dir string) error {
 		return fmt.Errorf("%s has mode %#o: group and others must have no access (chmod 700 %s)", dir, st.Mode&0o777, dir)
 	}
 	return nil
+}
+
+// DiskFree returns the bytes of the filesystem holding path that an
+// unprivileged writer may still use (statfs f_bavail * f_bsize).
+func DiskFree(path string) (uint64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", path, err)
+	}
+	return st.Bavail * uint64(st.Bsize), nil
+}
+
+// DiskUsage returns the bytes the files under dir occupy on disk
+// (st_blocks), symlinks not followed.
+func DiskUsage(dir string) (uint64, error) {
+	var total uint64
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // went meanwhile
+			}
+			return err
+		}
+		var st unix.Stat_t
+		if err := unix.Lstat(path, &st); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				return nil
+			}
+			return err
+		}
+		total += uint64(st.Blocks) * 512
+		return nil
+	})
+	return total, err
 }

@@ -43,3 +43,34 @@ func TestTmpfile(t *testing.T) {
 		t.Fatalf("link over an existing name: %v, want ErrExist", err)
 	}
 }
+
+func TestDiskUsageAndFree(t *testing.T) {
+	dir := t.TempDir()
+	empty, err := DiskUsage(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dir+"/a", make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Mkdir(dir+"/sub", 0o700)
+	if err := os.WriteFile(dir+"/sub/b", []byte{1}, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(dir+"/sparse", nil, 0o600)
+	os.Truncate(dir+"/sparse", 1<<30) // a hole occupies nothing
+	got, err := DiskUsage(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got-empty < 1<<20 || got-empty > 1<<20+64<<10 {
+		t.Fatalf("DiskUsage after 1 MiB and 1 byte (and a 1 GiB hole) grew by %d bytes", got-empty)
+	}
+	free, err := DiskFree(dir)
+	if err != nil || free == 0 {
+		t.Fatalf("DiskFree = %d, %v", free, err)
+	}
+	if _, err := DiskFree(dir + "/none"); err == nil {
+		t.Fatal("DiskFree of a missing path succeeded")
+	}
+}
