@@ -155,6 +155,9 @@ type incoming struct {
 	ctl   *wire.Conn
 	opts  criu.Options
 	group *cgroup.Group // phaul/<id>: CRIU and the tree it restores until COMMIT
+	// limits is phaul/<id>-limits in the pids and memory hierarchies,
+	// when the restore policy caps the tree: it stays there.
+	limits *cgroup.Group
 	hold  *heldRestore  // the restore, held in post-restore until COMMIT
 	lazy  *lazyRestore  // its lazy-pages daemon; nil: the restore writes all memory
 	// postcopy: the tree resumes before its memory arrived; fetch is the

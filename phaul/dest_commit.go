@@ -2,6 +2,7 @@ package phaul
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -126,12 +127,22 @@ func (s *Server) restore(ctx context.Context, in *incoming) (int, error) {
 		return 0, fmt.Errorf("restore: %w", err)
 	}
 	in.group = g
+	started := g.Add
+	if l := s.policy.limits(); l != (cgroup.Limits{}) {
+		// The policy caps the tree: it is restored into its own group in
+		// the pids and memory hierarchies and stays there once it runs.
+		in.j.record(func(e *JournalEntry) { e.Cgroups = append(e.Cgroups, cgroup.Parent+"/"+limitsGroupName(in.id)) })
+		if in.limits, err = cgroup.CreateLimited(limitsGroupName(in.id), l); err != nil {
+			return 0, fmt.Errorf("restore: the policy's limits: %w", err)
+		}
+		started = func(pid int) error { return errors.Join(g.Add(pid), in.limits.Add(pid)) }
+	}
 	in.reserve.Release() // for the restore to reuse
 	req := criu.RestoreRequest{
 		ImagesDir: filepath.Join(in.dir, "images"),
 		WorkDir:   in.dir,
 		Options:   in.opts,
-		Hooks:     criu.Hooks{Started: g.Add},
+		Hooks:     criu.Hooks{Started: started},
 	}
 	if s.lazyRestore(in) {
 		in.j.record(func(e *JournalEntry) { e.Cgroups = append(e.Cgroups, cgroup.Parent+"/"+lazyGroupName(in.id)) })
@@ -207,11 +218,14 @@ func (s *Server) cleanup(in *incoming) {
 	in.lazy.abort() // after the tree is gone
 	in.lazy = nil
 	in.closeFetch()
-	if in.group != nil {
-		if err := in.group.Kill(5 * time.Second); err != nil {
+	for _, g := range []*cgroup.Group{in.group, in.limits} {
+		if g == nil {
+			continue
+		}
+		if err := g.Kill(5 * time.Second); err != nil {
 			in.log.Error("kill restored tree", "err", err)
 		}
-		if err := in.group.Remove(); err != nil {
+		if err := g.Remove(); err != nil {
 			in.log.Warn("remove cgroup", "err", err)
 		}
 	}

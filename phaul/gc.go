@@ -127,6 +127,7 @@ func GC(workDir string, o GCOptions) (GCReport, error) {
 	}
 	if o.Role == "" {
 		rep.Leftovers = append(rep.Leftovers, applyAll(strayCRIUs(workDir, ents), apply, log)...)
+		rep.Leftovers = append(rep.Leftovers, applyAll(strayLimitGroups(ents), apply, log)...)
 	}
 	return rep, nil
 }

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/linux"
 )
 
@@ -111,4 +112,54 @@ func killExact(pid int, start uint64) error {
 		st, err := linux.ReadProcessStat(pid)
 		return err != nil || st.StartTicks != start || st.State == 'Z'
 	}, "criu %d still runs", pid)
+}
+
+// staleLimitsAge is how old an empty limits group must be before gc takes
+// it for a finished tree's: CRIU joins a new one within a second.
+var staleLimitsAge = time.Minute
+
+// strayLimitGroups plans the policy's limits groups (phaul/<id>-limits)
+// a committed tree left when it exited: empty, older than staleLimitsAge,
+// with no journal entry. One that holds processes caps a running tree and
+// is not listed.
+func strayLimitGroups(ents []JournalEntry) []Leftover {
+	ids := map[string]bool{}
+	for _, e := range ents {
+		ids[e.ID] = true
+	}
+	roots, err := linux.CgroupRoots()
+	if err != nil {
+		return nil
+	}
+	seen := map[string]bool{}
+	var plan []Leftover
+	for _, r := range roots {
+		ds, err := os.ReadDir(filepath.Join(r, cgroup.Parent))
+		if err != nil {
+			continue
+		}
+		for _, d := range ds {
+			id, ok := strings.CutSuffix(d.Name(), "-limits")
+			if !ok || !d.IsDir() || ids[id] || seen[d.Name()] || !migrationIDRe.MatchString(id) {
+				continue
+			}
+			seen[d.Name()] = true
+			g, err := cgroup.Open(d.Name())
+			if err != nil {
+				continue
+			}
+			if procs, err := g.Procs(); err != nil || len(procs) > 0 || !olderThan(g.Paths[0], staleLimitsAge) {
+				continue
+			}
+			plan = append(plan, Leftover{Migration: id, Kind: "cgroup", What: cgroup.Parent + "/" + d.Name(),
+				Why: "the restore policy's limits group of a finished migration, empty: its tree exited", Action: "remove",
+				apply: g.Remove})
+		}
+	}
+	return plan
+}
+
+func olderThan(path string, age time.Duration) bool {
+	fi, err := os.Stat(path)
+	return err == nil && time.Since(fi.ModTime()) >= age
 }

@@ -3,6 +3,7 @@ package phaul
 import (
 	"encoding/json"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/test/testenv"
 	"golang.org/x/sys/unix"
@@ -133,5 +135,56 @@ func TestGCTrackerLeftovers(t *testing.T) {
 	}
 	if _, err := os.Stat(entryPath(JournalDir(work), e.ID, e.Role)); err != nil {
 		t.Fatalf("the entry of a tree with tracker state left: %v", err)
+	}
+}
+
+// TestGCStrayLimitGroups: an empty limits group with no journal entry (a
+// capped tree that exited) is listed and removed once old enough; one that
+// holds a process caps a running tree and is not listed.
+func TestGCStrayLimitGroups(t *testing.T) {
+	testenv.RequireRoot(t)
+	const empty, busy = "0123456789abc001", "0123456789abc002"
+	mk := func(id string) *cgroup.Group {
+		g, err := cgroup.CreateLimited(limitsGroupName(id), cgroup.Limits{PidsMax: 16})
+		if err != nil {
+			t.Skipf("SKIP: no pids controller to limit with: %v", err)
+		}
+		t.Cleanup(func() { g.Kill(5 * time.Second); g.Remove() })
+		return g
+	}
+	mk(empty)
+	g := mk(busy)
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	if err := g.Add(cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	names := func(plan []Leftover) (ids []string) {
+		for _, l := range plan {
+			ids = append(ids, l.Migration)
+		}
+		return ids
+	}
+	if plan := strayLimitGroups(nil); len(plan) != 0 {
+		t.Fatalf("groups younger than %v listed: %v", staleLimitsAge, names(plan))
+	}
+	defer func(old time.Duration) { staleLimitsAge = old }(staleLimitsAge)
+	staleLimitsAge = 0
+	if plan := strayLimitGroups([]JournalEntry{{ID: empty}}); len(plan) != 0 {
+		t.Fatalf("a group whose migration has an entry listed: %v", names(plan))
+	}
+	plan := strayLimitGroups(nil)
+	if ids := names(plan); !slices.Equal(ids, []string{empty}) {
+		t.Fatalf("stray limits groups %v, want only %s", ids, empty)
+	}
+	applyAll(plan, true, slog.New(slog.DiscardHandler))
+	if _, err := cgroup.Open(limitsGroupName(empty)); err == nil {
+		t.Fatal("the empty group is still there after gc")
+	}
+	if _, err := cgroup.Open(limitsGroupName(busy)); err != nil {
+		t.Fatalf("the busy group went: %v", err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
 	"github.com/phaul/phaul/core/images"
 )
@@ -30,9 +31,17 @@ type RestorePolicy struct {
 	// AllowRoot admits tasks with any uid or gid 0 (real, effective,
 	// saved, filesystem).
 	AllowRoot bool `json:"allow_root"`
-	// AllowCapabilities admits tasks with capabilities in their effective
-	// or permitted sets.
-	AllowCapabilities bool `json:"allow_capabilities"`
+	// AllowCapabilities admits tasks with any capabilities in their
+	// effective or permitted sets; Capabilities names the ones admitted
+	// without it (e.g. "CAP_NET_BIND_SERVICE").
+	AllowCapabilities bool     `json:"allow_capabilities"`
+	Capabilities      []string `json:"capabilities,omitempty"`
+	// PidsMax and MemoryMaxMiB, if set, cap the restored tree: it is
+	// restored into phaul/<id>-limits in the pids and memory controllers'
+	// hierarchies with pids.max and the memory limit set, and stays there
+	// once it runs.
+	PidsMax      int64  `json:"pids_max,omitempty"`
+	MemoryMaxMiB uint64 `json:"memory_max_mib,omitempty"`
 	// ReadPaths and WritePaths are the path prefixes under which restored
 	// tasks sharing the host's mount namespace may reopen regular files,
 	// for reading only or for writing.
@@ -102,6 +111,12 @@ func (p RestorePolicy) validate() error {
 			errs = append(errs, fmt.Errorf("host_namespaces: %q: want one of %v", ns, images.NamespaceKinds))
 		}
 	}
+	if _, err := capMask(p.Capabilities); err != nil {
+		errs = append(errs, err)
+	}
+	if p.PidsMax < 0 {
+		errs = append(errs, fmt.Errorf("pids_max %d: want a positive count (or none)", p.PidsMax))
+	}
 	for _, path := range append(slices.Clone(p.ReadPaths), p.WritePaths...) {
 		if !filepath.IsAbs(path) {
 			errs = append(errs, fmt.Errorf("paths: %q: want an absolute path", path))
@@ -136,6 +151,7 @@ func (p RestorePolicy) checkOptions(o criu.Options) error {
 // checkTree refuses a tree whose images the policy forbids.
 func (p RestorePolicy) checkTree(t images.TreeFacts) error {
 	var errs []error
+	allowed, _ := capMask(p.Capabilities) // validated at load
 	hostMnt := false
 	for _, task := range t.Tasks {
 		if task.Zombie {
@@ -144,9 +160,9 @@ func (p RestorePolicy) checkTree(t images.TreeFacts) error {
 		if !p.AllowRoot && (slices.Contains(task.UIDs[:], 0) || slices.Contains(task.GIDs[:], 0)) {
 			errs = append(errs, fmt.Errorf("task %d runs as uid %v gid %v (allow_root)", task.Pid, task.UIDs, task.GIDs))
 		}
-		if !p.AllowCapabilities && (task.CapEff != 0 || task.CapPrm != 0) {
-			errs = append(errs, fmt.Errorf("task %d has capabilities effective %#x permitted %#x (allow_capabilities)",
-				task.Pid, task.CapEff, task.CapPrm))
+		if extra := (task.CapEff | task.CapPrm) &^ allowed; !p.AllowCapabilities && extra != 0 {
+			errs = append(errs, fmt.Errorf("task %d has capabilities %s beyond the policy's (capabilities, allow_capabilities)",
+				task.Pid, strings.Join(capNames(extra), ",")))
 		}
 		for _, ns := range task.HostNS {
 			if !slices.Contains(p.HostNamespaces, ns) {
@@ -201,4 +217,52 @@ func underAny(path string, prefixes []string) bool {
 		}
 		return clean == pre || strings.HasPrefix(clean, pre+"/")
 	})
+}
+
+// limits are the caps the policy puts on a restored tree.
+func (p RestorePolicy) limits() cgroup.Limits {
+	return cgroup.Limits{PidsMax: p.PidsMax, MemoryMax: p.MemoryMaxMiB << 20}
+}
+
+// limitsGroupName is the group of id's tree in the pids and memory
+// hierarchies when the policy caps it.
+func limitsGroupName(id string) string { return id + "-limits" }
+
+// capabilityNames are the kernel's capabilities, by number
+// (include/uapi/linux/capability.h).
+var capabilityNames = []string{"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+	"CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+	"CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
+	"CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+	"CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+	"CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+	"CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE"}
+
+// capMask turns capability names into a bit set.
+func capMask(names []string) (uint64, error) {
+	var m uint64
+	for _, n := range names {
+		i := slices.Index(capabilityNames, strings.ToUpper(n))
+		if i < 0 {
+			return 0, fmt.Errorf("capabilities: %q is no capability this build knows", n)
+		}
+		m |= 1 << i
+	}
+	return m, nil
+}
+
+// capNames names the capabilities in m (unknown bits by number).
+func capNames(m uint64) []string {
+	var out []string
+	for i := range 64 {
+		if m&(1<<i) == 0 {
+			continue
+		}
+		if i < len(capabilityNames) {
+			out = append(out, capabilityNames[i])
+		} else {
+			out = append(out, fmt.Sprintf("cap%d", i))
+		}
+	}
+	return out
 }

@@ -45,6 +45,21 @@ func TestRestorePolicyChecks(t *testing.T) {
 			t.Errorf("%s: %v, want ErrPolicy", name, err)
 		}
 	}
+	// Capabilities by name: CAP_NET_BIND_SERVICE admitted, not more.
+	named := p
+	named.Capabilities = []string{"CAP_NET_BIND_SERVICE"}
+	binder := user
+	binder.CapEff, binder.CapPrm = 1<<10, 1<<10
+	if err := named.checkTree(images.TreeFacts{Tasks: []images.Task{binder}}); err != nil {
+		t.Errorf("CAP_NET_BIND_SERVICE under a policy naming it: %v", err)
+	}
+	binder.CapPrm |= 1 << 21
+	if err := named.checkTree(images.TreeFacts{Tasks: []images.Task{binder}}); !errors.Is(err, ErrPolicy) || !strings.Contains(err.Error(), "CAP_SYS_ADMIN") {
+		t.Errorf("CAP_SYS_ADMIN permitted beyond the named ones: %v, want refused naming it", err)
+	}
+	if err := (RestorePolicy{Capabilities: []string{"CAP_FLY"}}).validate(); err == nil {
+		t.Error("an unknown capability name validated")
+	}
 	// A zombie never runs again: its images carry no credentials.
 	zombie := images.Task{Pid: 2, Zombie: true}
 	if err := p.checkTree(images.TreeFacts{Tasks: []images.Task{user, zombie}}); err != nil {

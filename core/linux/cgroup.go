@@ -281,3 +281,17 @@ func CgroupRoots() ([]string, error) {
 	}
 	return roots, nil
 }
+
+// ControllerV1Root returns where the cgroup v1 hierarchy of controller
+// (pids, memory, ...) is mounted. The error wraps ErrNotSupported when none
+// is.
+func ControllerV1Root(controller string) (string, error) {
+	ms, err := readMounts()
+	if err != nil {
+		return "", err
+	}
+	if p, ok := findMount(ms, func(m mount) bool { return m.fstype == "cgroup" && slices.Contains(m.superOpts, controller) }); ok {
+		return p, nil
+	}
+	return "", fmt.Errorf("cgroup v1 %s: %w: not mounted", controller, ErrNotSupported)
+}
