@@ -416,7 +416,7 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 	}
 	in.pid = pid
 	if in.lazy != nil {
-		if err := in.lazy.park(); err != nil {
+		if err := in.lazy.park(pid); err != nil {
 			in.abort(err.Error())
 			return err
 		}

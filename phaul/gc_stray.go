@@ -32,7 +32,11 @@ func strayCRIUs(workDir string, ents []JournalEntry) []Leftover {
 	var plan []Leftover
 	for _, d := range procs {
 		pid, err := strconv.Atoi(d.Name())
-		if err != nil || known[pid] || !isCRIU(pid) {
+		if err != nil || known[pid] {
+			continue
+		}
+		helper := isLazyHelper(pid)
+		if !helper && !isCRIU(pid) {
 			continue
 		}
 		cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid))
@@ -47,7 +51,13 @@ func strayCRIUs(workDir string, ents []JournalEntry) []Leftover {
 		}
 		l := Leftover{Kind: "criu", What: fmt.Sprintf("criu pid %d in %s", pid, cwd),
 			Why: "a CRIU working in this work dir that no journal entry names"}
-		if held := heldProcesses(pid); len(held) > 0 {
+		if helper {
+			l.Kind, l.What = "lazy-pages", fmt.Sprintf("lazy-pages helper pid %d in %s", pid, cwd)
+			l.Why = "a lazy-pages helper working in this work dir that no journal entry names"
+		}
+		if n := userfaultfds(pid); helper && n > 0 {
+			l.Why += fmt.Sprintf("; it holds %d userfaultfds of a restored tree, whose missing pages would read as zeros without it: left", n)
+		} else if held := heldProcesses(pid); len(held) > 0 {
 			l.Why += fmt.Sprintf("; it holds processes %v, which no entry says may run or not: left", held)
 		} else {
 			st, err := linux.ReadProcessStat(pid)
@@ -72,6 +82,29 @@ func isCRIU(pid int) bool {
 	args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
 	named := slices.ContainsFunc(args, func(a string) bool { return filepath.Base(a) == "criu" })
 	return named && slices.ContainsFunc(args, func(a string) bool { return a == "swrk" || a == "dump" || a == "restore" })
+}
+
+// isLazyHelper reports whether pid runs phaul's lazy-pages helper.
+func isLazyHelper(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+	return len(args) > 1 && filepath.Base(args[0]) == "phaul" && args[1] == "lazy-pages"
+}
+
+// userfaultfds counts pid's open userfaultfds.
+func userfaultfds(pid int) int {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, _ := os.ReadDir(dir)
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink(filepath.Join(dir, e.Name())); err == nil && l == "anon_inode:[userfaultfd]" {
+			n++
+		}
+	}
+	return n
 }
 
 // heldProcesses lists the processes pid traces or is the parent of.

@@ -42,6 +42,9 @@ const (
 type lazyRequest struct {
 	Op        string `json:"op"`
 	TimeoutMS int64  `json:"timeout_ms,omitempty"`
+	// Root (park) is the restored tree's root: a helper whose daemon
+	// failed exits once the tree is gone.
+	Root int `json:"root,omitempty"`
 }
 
 var lazyOps = map[string]bool{"park": true, "status": true, "wait": true, "detach": true}
@@ -92,7 +95,7 @@ func decodeLazyRequest(r io.Reader) (lazyRequest, error) {
 	if !lazyOps[q.Op] {
 		return q, fmt.Errorf("lazy control: unknown op %q", q.Op)
 	}
-	if q.TimeoutMS < 0 || time.Duration(q.TimeoutMS) > time.Duration(1<<62)/time.Millisecond {
+	if q.Root < 0 || q.TimeoutMS < 0 || time.Duration(q.TimeoutMS) > time.Duration(1<<62)/time.Millisecond {
 		return q, fmt.Errorf("lazy control: timeout %d ms out of range", q.TimeoutMS)
 	}
 	return q, nil

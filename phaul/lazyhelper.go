@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/yamux"
 
+	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/lazy"
 	"github.com/phaul/phaul/pageserver"
 )
@@ -54,9 +55,11 @@ type lazyHelper struct {
 	log    *slog.Logger
 	cancel context.CancelFunc // ends Serve
 
-	mu     sync.Mutex
-	ended  chan struct{} // closed once result is set
-	result lazyReply
+	mu              sync.Mutex
+	ended           chan struct{} // closed once result is set
+	result          lazyReply
+	root            int    // the restored root, once parked
+	rootStart       uint64 // its start time
 	busy   sync.WaitGroup // control streams being answered
 }
 
@@ -97,8 +100,8 @@ func RunLazyHelper(ctx context.Context, cfg LazyHelperConfig) error {
 		h.drain(2 * time.Second)
 		return nil
 	}
-	log.Error("lazy-pages daemon failed: the tree's userfaultfds stay open until the service kills the tree", "err", err)
-	<-ctx.Done()
+	log.Error("lazy-pages daemon failed: the tree's userfaultfds stay open until the tree is gone", "err", err)
+	h.waitTreeGone(ctx)
 	h.d.Close()
 	h.fetch.close()
 	return err
@@ -260,6 +263,13 @@ func (h *lazyHelper) do(q lazyRequest) lazyReply {
 		if err := h.d.Park(); err != nil {
 			return lazyReply{Err: err.Error()}
 		}
+		if q.Root > 0 {
+			if st, err := linux.ReadProcessStat(q.Root); err == nil {
+				h.mu.Lock()
+				h.root, h.rootStart = q.Root, st.StartTicks
+				h.mu.Unlock()
+			}
+		}
 		return lazyReply{}
 	case "status":
 		select {
@@ -299,4 +309,25 @@ func (h *lazyHelper) res() lazyReply {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return h.result
+}
+
+// waitTreeGone returns when ctx ends or the restored root (once parked)
+// is gone: the userfaultfds then guard nothing.
+func (h *lazyHelper) waitTreeGone(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		h.mu.Lock()
+		root, start := h.root, h.rootStart
+		h.mu.Unlock()
+		if root > 0 && !processAlive(root, start) {
+			h.log.Info("the restored tree is gone: the helper ends")
+			return
+		}
+	}
 }

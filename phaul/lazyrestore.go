@@ -68,6 +68,7 @@ func startLazyRestore(exe, id, dir, imagesDir string, postcopy bool, recover tim
 	}
 	cmd := exec.Command(exe, args...)
 	cmd.Stdout, cmd.Stderr, cmd.ExtraFiles = lf, lf, []*os.File{w}
+	cmd.Dir = dir // as CRIU's: gc tells a stray one by it
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	err = cmd.Start()
 	w.Close()
@@ -228,8 +229,8 @@ func relay(a, b io.ReadWriteCloser) {
 // (lazy.Daemon.Park), so that the held tree stays resumable if the helper
 // dies: whoever resumes it then makes its memory whole first
 // (resumeHeld). Called once the restore holds the tree, before PREPARED.
-func (l *lazyRestore) park() error {
-	r, err := l.request(lazyRequest{Op: "park"})
+func (l *lazyRestore) park(root int) error {
+	r, err := l.request(lazyRequest{Op: "park", Root: root})
 	if err == nil {
 		err = r.error()
 	}
