@@ -36,6 +36,9 @@ func startStandalone(t *testing.T, tlsDir string) *standalone {
 	t.Helper()
 	cfg := DefaultRunConfig()
 	cfg.TLSDir, cfg.ImagesDir = tlsDir, filepath.Join(t.TempDir(), "images")
+	if tlsDir != "" {
+		cfg.Peers = &transport.PeerPolicy{AnyPeer: true}
+	}
 	return runStandalone(t, cfg)
 }
 
@@ -339,6 +342,7 @@ func TestListenRefusesInsecure(t *testing.T) {
 	// TLS makes any address acceptable.
 	cfg := DefaultRunConfig()
 	cfg.Listen, cfg.ImagesDir, cfg.TLSDir = "0.0.0.0:0", t.TempDir(), tlsDirs(t, "127.0.0.1")
+	cfg.Peers = &transport.PeerPolicy{AnyPeer: true}
 	p, err := Listen(cfg)
 	if err != nil {
 		t.Fatalf("Listen on 0.0.0.0 with TLS: %v", err)
@@ -397,4 +401,36 @@ func TestPlainRefusesOtherUsers(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.goodSession(t, c)
+}
+
+// TestStandalonePeerPolicy: with TLS the standalone page server admits
+// only the clients its policy names (a certificate of the same CA for
+// another name is refused in the handshake), and it will not start with
+// TLS but no policy.
+func TestStandalonePeerPolicy(t *testing.T) {
+	dir := tlsDirs(t, "127.0.0.1")
+	for _, tc := range []struct {
+		allow []string
+		ok    bool
+	}{{[]string{"127.0.0.1"}, true}, {[]string{"nodeb.example"}, false}} {
+		cfg := DefaultRunConfig()
+		cfg.TLSDir, cfg.ImagesDir = dir, filepath.Join(t.TempDir(), "images")
+		cfg.Peers = &transport.PeerPolicy{Allow: tc.allow}
+		s := runStandalone(t, cfg)
+		c, err := Dial(context.Background(), s.addr.String(), clientTLS(t, dir, "127.0.0.1"))
+		if err == nil {
+			// TLS 1.3: a refusal of the client's certificate arrives
+			// with the server's first answer.
+			_, err = c.Open(pagestore.Key{Kind: pagestore.KindTask, ID: 1})
+			c.Abort()
+		}
+		if got := err == nil; got != tc.ok {
+			t.Errorf("allow %v: client admitted %v (err %v), want %v", tc.allow, got, err, tc.ok)
+		}
+	}
+	cfg := DefaultRunConfig()
+	cfg.Listen, cfg.TLSDir, cfg.ImagesDir = "127.0.0.1:0", dir, t.TempDir()
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "allow-peer") {
+		t.Errorf("TLS without a peer policy: %v, want refused naming --allow-peer", err)
+	}
 }

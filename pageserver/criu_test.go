@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/core/pki"
+	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/test/testenv"
 )
 
@@ -86,6 +87,7 @@ func TestCRIUDumpRestore(t *testing.T) {
 			var extra []string
 			if mode == "tls" {
 				cfg.TLSDir = tlsDirs(t, "127.0.0.1")
+				cfg.Peers = &transport.PeerPolicy{Allow: []string{"127.0.0.1"}}
 				extra = tlsArgs(cfg.TLSDir)
 			}
 			s := runStandalone(t, cfg)

@@ -28,6 +28,9 @@ type RunConfig struct {
 	// TLSDir holds ca.crt, node.crt and node.key (phaul certs) and never
 	// ca.key; "" serves plain TCP.
 	TLSDir string
+	// Peers says which clients of the CA a TLS page server admits
+	// (required with TLSDir: --allow-peer NAME or --allow-any-peer).
+	Peers *transport.PeerPolicy
 	// Keep serves sessions until ctx ends. Without it Serve returns after
 	// the first session that ends with CLOSE, like criu page-server. The
 	// store takes pages until its first commit; later sessions can only
@@ -59,6 +62,16 @@ func (c RunConfig) Validate() error {
 		if err := checkLoopback(c.Listen); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	switch {
+	case c.TLSDir != "" && c.Peers == nil:
+		errs = append(errs, errors.New("with TLS, name the clients the page server admits (--allow-peer NAME) or say --allow-any-peer"))
+	case c.TLSDir != "":
+		if err := c.Peers.Validate(); err != nil {
+			errs = append(errs, err)
+		}
+	case c.Peers != nil:
+		errs = append(errs, errors.New("--allow-peer needs --tls-dir: without TLS only this user's local connections are admitted"))
 	}
 	if c.ImagesDir == "" {
 		errs = append(errs, errors.New("no images dir"))
@@ -100,7 +113,7 @@ func Listen(cfg RunConfig) (_ *Standalone, err error) {
 	}
 	var tlsConf *tls.Config
 	if cfg.TLSDir != "" {
-		if tlsConf, err = serverTLS(cfg.TLSDir); err != nil {
+		if tlsConf, err = serverTLS(cfg.TLSDir, cfg.Peers); err != nil {
 			return nil, fmt.Errorf("tls-dir: %w", err)
 		}
 	}
@@ -209,13 +222,19 @@ func checkImagesDir(dir string) error {
 }
 
 // serverTLS loads dir's identity for TLS 1.3 with client certificates
-// chaining to dir's ca.crt.
-func serverTLS(dir string) (*tls.Config, error) {
+// chaining to dir's ca.crt that peers admits.
+func serverTLS(dir string, peers *transport.PeerPolicy) (*tls.Config, error) {
 	id, err := transport.LoadTLS(dir)
 	if err != nil {
 		return nil, err
 	}
 	return &tls.Config{
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("no client certificate")
+			}
+			return peers.Authorize(cs.PeerCertificates[0])
+		},
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{id.Cert},
 		ClientAuth:   tls.RequireAndVerifyClientCert,

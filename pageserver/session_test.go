@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/phaul/phaul/core/pagestore"
+	"github.com/phaul/phaul/core/transport"
 )
 
 var (
@@ -52,7 +53,7 @@ func transports(t *testing.T, run func(t *testing.T, connect func(cfg Config) *C
 		run(t, func(cfg Config) *Client {
 			dir := tlsDirs(t, "127.0.0.1")
 			var err error
-			if cfg.TLS, err = serverTLS(dir); err != nil {
+			if cfg.TLS, err = serverTLS(dir, &transport.PeerPolicy{Allow: []string{"127.0.0.1"}}); err != nil {
 				t.Fatal(err)
 			}
 			_, addr := startServer(t, cfg)

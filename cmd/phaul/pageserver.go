@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/urfave/cli/v2"
 
+	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/pageserver"
 )
 
@@ -10,7 +11,7 @@ import (
 // that keeps the pages in phaul's page store.
 func pageServerCommand() *cli.Command {
 	def := pageserver.DefaultRunConfig()
-	const usage = "phaul page-server --listen ADDR:PORT --images-dir DIR [--tls-dir DIR] [--keep] [--no-fsync]"
+	const usage = "phaul page-server --listen ADDR:PORT --images-dir DIR [--tls-dir DIR --allow-peer NAME|--allow-any-peer [--deny-list FILE]] [--keep] [--no-fsync]"
 	return &cli.Command{
 		Name:      "page-server",
 		Usage:     "receive pages from criu dump --page-server (drop-in for criu page-server)",
@@ -26,6 +27,9 @@ func pageServerCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Required: true, Usage: "address to listen on, ADDR:PORT (loopback unless --tls-dir)"},
 			&cli.StringFlag{Name: "images-dir", Required: true, Usage: "directory for pagemap-*.img and pages-*.img (may be criu's -D)"},
 			&cli.StringFlag{Name: "tls-dir", Usage: "ca.crt, node.crt, node.key (from phaul certs); must not hold ca.key"},
+			&cli.StringSliceFlag{Name: "allow-peer", Usage: "with --tls-dir: a client certificate's DNS name or IP the server admits (repeatable)"},
+			&cli.BoolFlag{Name: "allow-any-peer", Usage: "with --tls-dir: admit every certificate of the CA"},
+			&cli.StringFlag{Name: "deny-list", Usage: "with --tls-dir: FILE of revoked serials (one a line), reread when it changes"},
 			&cli.BoolFlag{Name: "keep", Usage: "keep serving sessions after the first CLOSE"},
 			&cli.BoolFlag{Name: "no-fsync", Usage: "answer CLOSE without fsyncing the images (like criu page-server; a host crash may lose them)"},
 			&cli.DurationFlag{Name: "idle-timeout", Value: def.Server.IdleTimeout, Usage: "drop a session whose peer sends nothing for this long (0: never)"},
@@ -38,6 +42,12 @@ func pageServerCommand() *cli.Command {
 			cfg.Listen = c.String("listen")
 			cfg.ImagesDir = c.String("images-dir")
 			cfg.TLSDir = c.String("tls-dir")
+			if cfg.TLSDir != "" || c.IsSet("allow-peer") || c.Bool("allow-any-peer") {
+				cfg.Peers = &transport.PeerPolicy{Allow: c.StringSlice("allow-peer"), AnyPeer: c.Bool("allow-any-peer"), DenyFile: c.String("deny-list")}
+				if cfg.TLSDir != "" && !c.IsSet("allow-peer") && !c.Bool("allow-any-peer") {
+					cfg.Peers = nil // Validate says what is missing
+				}
+			}
 			cfg.Keep = c.Bool("keep")
 			cfg.NoSync = c.Bool("no-fsync")
 			cfg.Server.IdleTimeout = c.Duration("idle-timeout")
