@@ -198,6 +198,10 @@ type ServeConfig struct {
 	// refused.
 	MaxMigrations        int
 	MaxMigrationsPerPeer int
+	// MaxSessionsPerPeer bounds the authenticated sessions of one source
+	// (certificate) open at once, whatever they do (a resumed post-copy
+	// and its migration count apart); one beyond it is closed at once.
+	MaxSessionsPerPeer int
 	MaxInDoubt           int
 	// HelloTimeout bounds the wait for a new session's hello;
 	// StepTimeout the wait for each later source message before PREPARED.
@@ -257,6 +261,7 @@ func DefaultServeConfig() ServeConfig {
 		MaxMigrations: 8,
 
 		MaxMigrationsPerPeer: 4,
+		MaxSessionsPerPeer:   16,
 		MaxInDoubt:           4,
 		HelloTimeout:         30 * time.Second,
 		StepTimeout:          10 * time.Minute,
@@ -283,7 +288,7 @@ func (c ServeConfig) Validate() error {
 	if c.TLSDir == "" {
 		errs = append(errs, errors.New("--tls-dir is required"))
 	}
-	if c.MaxMigrations <= 0 || c.MaxMigrationsPerPeer <= 0 || c.MaxInDoubt <= 0 {
+	if c.MaxMigrations <= 0 || c.MaxMigrationsPerPeer <= 0 || c.MaxInDoubt <= 0 || c.MaxSessionsPerPeer <= 0 {
 		errs = append(errs, errors.New("max migrations (in all, per peer, in doubt) must be positive"))
 	}
 	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 || c.PostcopyRecoverTimeout <= 0 ||

@@ -41,6 +41,7 @@ type Server struct {
 	active  map[string]*incoming // guarded by mu
 	inDoubt map[string]int       // migration id -> stopped root pid; guarded by mu
 	dropped recentIDs            // migrations dropped before COMMIT; guarded by mu
+	sessions map[string]int      // open sessions by peer (peerKey); guarded by mu
 }
 
 // Serve listens and serves migrations until ctx ends. On return every
@@ -98,7 +99,7 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 		return fmt.Errorf("lazy-pages helper: %w", err)
 	}
 	s := &Server{cfg: cfg, log: log, crit: bin, policy: policy, helperExe: exe, active: map[string]*incoming{}, inDoubt: map[string]int{},
-		mem: memBudget{limit: cfg.MemoryBudget}}
+		mem: memBudget{limit: cfg.MemoryBudget}, sessions: map[string]int{}}
 	adopted := s.recoverJournal() // before anyone is told it serves
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -184,6 +185,24 @@ type incoming struct {
 func (s *Server) handle(ctx context.Context, sess *transport.Session) {
 	defer sess.Close()
 	log := s.log.With("peer", sess.Peer().String())
+	peer := peerKey(sess)
+	s.mu.Lock()
+	n := s.sessions[peer]
+	if n < s.cfg.MaxSessionsPerPeer {
+		s.sessions[peer]++
+	}
+	s.mu.Unlock()
+	if n >= s.cfg.MaxSessionsPerPeer {
+		log.Warn("session refused: too many sessions of this source (--max-sessions-per-peer)", "open", n)
+		return
+	}
+	defer func() {
+		s.mu.Lock()
+		if s.sessions[peer]--; s.sessions[peer] == 0 {
+			delete(s.sessions, peer)
+		}
+		s.mu.Unlock()
+	}()
 	// A session that never opens its control stream holds a connection
 	// and a goroutine: it gets HelloTimeout, as the hello itself does.
 	first, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)

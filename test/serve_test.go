@@ -134,6 +134,56 @@ func TestSilentSessionDropped(t *testing.T) {
 	waitServeLog(t, e, regexp.MustCompile(`no control stream`), 10*time.Second, nil)
 }
 
+// TestSessionsPerPeer: a source holding --max-sessions-per-peer idle
+// sessions gets its next one closed at once (the held ones stay until the
+// hello timeout); once they are closed it migrates as usual.
+func TestSessionsPerPeer(t *testing.T) {
+	e := newEnv(t, testenv.HostsOpts{})
+	e.startServe("--max-sessions-per-peer", "2", "--hello-timeout", "30s")
+	id, err := transport.LoadTLS(e.srcTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := transport.DefaultConfig()
+	cfg.Identity = id
+	dial := func() *transport.Session {
+		var sess *transport.Session
+		err := linux.InNetns(e.srcAnchor(), func() (err error) {
+			sess, err = transport.Dial(context.Background(), e.destAddr(), cfg)
+			return err
+		})
+		if err != nil {
+			t.Fatalf("%v\nserve log:\n%s", err, e.readServeLog())
+		}
+		return sess
+	}
+	held := []*transport.Session{dial(), dial()}
+	third := dial()
+	select {
+	case <-third.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("a third session of the same source is still up under --max-sessions-per-peer 2")
+	}
+	for _, s := range held {
+		select {
+		case <-s.Done():
+			t.Fatal("a session within the bound was dropped")
+		default:
+		}
+	}
+	waitServeLog(t, e, regexp.MustCompile(`too many sessions of this source`), 10*time.Second, nil)
+	for _, s := range held {
+		s.Close()
+	}
+	w := testenv.StartWorkload(t, e.hosts.Src, testenv.WorkloadOpts{MiB: 16, PagesPerSec: 500})
+	w.WaitProgress(t, 3)
+	// The service has let them go once it logs both ends.
+	testenv.WaitFor(t, 10*time.Second, func() (bool, error) {
+		return strings.Count(e.readServeLog(), "no control stream") >= 2, nil
+	})
+	e.assertMigrated(w, e.migrate(w.PID()))
+}
+
 // TestRestorePolicy: under serve's default restore policy a source asking
 // for a CRIU option that changes the host (--link-remap) is refused at
 // hello, and a tree of root tasks (the test workload) is refused once its
