@@ -202,7 +202,7 @@ type ServeConfig struct {
 	// (certificate) open at once, whatever they do (a resumed post-copy
 	// and its migration count apart); one beyond it is closed at once.
 	MaxSessionsPerPeer int
-	MaxInDoubt           int
+	MaxInDoubt         int
 	// HelloTimeout bounds the wait for a new session's hello;
 	// StepTimeout the wait for each later source message before PREPARED.
 	HelloTimeout time.Duration

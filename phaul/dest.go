@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"regexp"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -20,132 +18,6 @@ import (
 	"github.com/phaul/phaul/core/transport"
 	"github.com/phaul/phaul/core/wire"
 )
-
-// ErrBusy is the refusal reason when MaxMigrations are in progress.
-var ErrBusy = errors.New("phaul: destination busy")
-
-var migrationIDRe = regexp.MustCompile(`^[0-9a-f]{16}$`)
-
-// Server is the destination service: it accepts migrations, restores them
-// and runs them on COMMIT.
-type Server struct {
-	cfg    ServeConfig
-	log    *slog.Logger
-	crit   *criu.Binary
-	policy RestorePolicy // what a source may have restored here
-	mem    memBudget     // what prefaults hold, all migrations together
-	// helperExe is the phaul binary that runs lazy-pages helpers.
-	helperExe string
-
-	mu      sync.Mutex
-	active  map[string]*incoming // guarded by mu
-	inDoubt map[string]int       // migration id -> stopped root pid; guarded by mu
-	dropped recentIDs            // migrations dropped before COMMIT; guarded by mu
-	sessions map[string]int      // open sessions by peer (peerKey); guarded by mu
-}
-
-// Serve listens and serves migrations until ctx ends. On return every
-// migration has finished, been aborted, or been left in doubt (reported in
-// the log and in its work dir's state file).
-func Serve(ctx context.Context, cfg ServeConfig) error {
-	if err := cfg.Validate(); err != nil {
-		return err
-	}
-	log := discardIfNil(cfg.Logger)
-	id, err := transport.LoadTLS(cfg.TLSDir)
-	if err != nil {
-		return fmt.Errorf("tls dir: %w", err)
-	}
-	bin, err := criu.Locate(ctx, cfg.CRIUPath, log)
-	if err != nil {
-		return err
-	}
-	log.Info("using criu", "path", bin.Path, "from", bin.Source, "version", bin.Version.String())
-	if err := privateDir(cfg.WorkDir); err != nil {
-		return fmt.Errorf("work dir: %w", err)
-	}
-	if err := writable(cfg.WorkDir); err != nil {
-		return fmt.Errorf("work dir: %w", err)
-	}
-	if err := cgroup.CheckParent(cfg.CgroupParent); err != nil {
-		return fmt.Errorf("--cgroup-parent: %w", err)
-	}
-	if err := linux.HaveUserfaultfd(); cfg.LazyRestore && err != nil {
-		log.Warn("--lazy-restore: restores write all memory here: no userfaultfd", "err", err)
-	}
-	if !id.Serves() {
-		return fmt.Errorf("tls dir: %s's certificate is for a source only (phaul certs --role destination or both)", cfg.TLSDir)
-	}
-	policy := DefaultRestorePolicy()
-	if cfg.RestorePolicy != "" {
-		if policy, err = LoadRestorePolicy(cfg.RestorePolicy); err != nil {
-			return err
-		}
-	}
-	tcfg := cfg.Transport
-	tcfg.Identity = id
-	tcfg.Logger = log
-	tcfg.Peers = cfg.peerPolicy()
-	if cfg.AllowAnyPeer {
-		log.Warn("--allow-any-peer: every certificate of the CA may migrate a tree here and have it restored as root")
-	}
-	ln, err := transport.Listen(ctx, cfg.Listen, tcfg)
-	if err != nil {
-		return err
-	}
-	defer ln.Close()
-	exe, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("lazy-pages helper: %w", err)
-	}
-	s := &Server{cfg: cfg, log: log, crit: bin, policy: policy, helperExe: exe, active: map[string]*incoming{}, inDoubt: map[string]int{},
-		mem: memBudget{limit: cfg.MemoryBudget}, sessions: map[string]int{}}
-	adopted := s.recoverJournal() // before anyone is told it serves
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for _, in := range adopted {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s.finishAdopted(ctx, in)
-		}()
-	}
-	log.Info("serving", "addr", ln.Addr().String(), "work_dir", cfg.WorkDir)
-	if cfg.Ready != nil {
-		cfg.Ready(ln.Addr())
-	}
-	for {
-		sess, err := ln.Accept(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				log.Info("stopping", "in_flight", s.count())
-				return nil
-			}
-			return fmt.Errorf("accept: %w", err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s.handle(ctx, sess)
-		}()
-	}
-}
-
-func (s *Server) count() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.active)
-}
-
-func writable(dir string) error {
-	f, err := os.CreateTemp(dir, ".probe-*")
-	if err != nil {
-		return err
-	}
-	name := f.Name()
-	f.Close()
-	return os.Remove(name)
-}
 
 // incoming is one migration being received.
 type incoming struct {
@@ -159,8 +31,8 @@ type incoming struct {
 	// limits is phaul/<id>-limits in the pids and memory hierarchies,
 	// when the restore policy caps the tree: it stays there.
 	limits *cgroup.Group
-	hold  *heldRestore  // the restore, held in post-restore until COMMIT
-	lazy  *lazyRestore  // its lazy-pages daemon; nil: the restore writes all memory
+	hold   *heldRestore // the restore, held in post-restore until COMMIT
+	lazy   *lazyRestore // its lazy-pages daemon; nil: the restore writes all memory
 	// postcopy: the tree resumes before its memory arrived; fetch is the
 	// source's end of the fetch streams it asks for the rest on.
 	mode     Mode
@@ -185,24 +57,11 @@ type incoming struct {
 func (s *Server) handle(ctx context.Context, sess *transport.Session) {
 	defer sess.Close()
 	log := s.log.With("peer", sess.Peer().String())
-	peer := peerKey(sess)
-	s.mu.Lock()
-	n := s.sessions[peer]
-	if n < s.cfg.MaxSessionsPerPeer {
-		s.sessions[peer]++
-	}
-	s.mu.Unlock()
-	if n >= s.cfg.MaxSessionsPerPeer {
+	if n, ok := s.openSession(sess); !ok {
 		log.Warn("session refused: too many sessions of this source (--max-sessions-per-peer)", "open", n)
 		return
 	}
-	defer func() {
-		s.mu.Lock()
-		if s.sessions[peer]--; s.sessions[peer] == 0 {
-			delete(s.sessions, peer)
-		}
-		s.mu.Unlock()
-	}()
+	defer s.closeSession(sess)
 	// A session that never opens its control stream holds a connection
 	// and a goroutine: it gets HelloTimeout, as the hello itself does.
 	first, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)
@@ -226,6 +85,29 @@ func (s *Server) handle(ctx context.Context, sess *transport.Session) {
 	if err := s.receive(ctx, in, stream); err != nil {
 		in.log.Warn("migration failed", "err", err)
 	}
+}
+
+// checkRequest checks what a hello asks for: the mode (post-copy and
+// hybrid need userfaultfd here) and the CRIU options (valid, and allowed
+// by the restore policy).
+func (s *Server) checkRequest(h *wire.Hello) (postcopy bool, opts criu.Options, err error) {
+	switch h.GetMode() {
+	case wire.Mode_MODE_COLD, wire.Mode_MODE_PRECOPY:
+	case wire.Mode_MODE_POSTCOPY, wire.Mode_MODE_HYBRID:
+		// The tree resumes before its memory arrived: only a lazy
+		// restore can do that.
+		if err := linux.HaveUserfaultfd(); err != nil {
+			return false, opts, fmt.Errorf("mode %v needs userfaultfd for the lazy restore: %v", h.GetMode(), err)
+		}
+		postcopy = true
+	default:
+		return false, opts, fmt.Errorf("mode %v not supported", h.GetMode())
+	}
+	opts = optionsFromWire(h.GetCriu())
+	if err := opts.Validate(); err != nil {
+		return false, opts, err
+	}
+	return postcopy, opts, s.policy.checkOptions(opts)
 }
 
 // accept reads the hello and answers it.
@@ -255,24 +137,8 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 	if h.GetResume() {
 		return nil, s.resume(ctx, sess, ctl, h, version, log)
 	}
-	postcopy := false
-	switch h.GetMode() {
-	case wire.Mode_MODE_COLD, wire.Mode_MODE_PRECOPY:
-	case wire.Mode_MODE_POSTCOPY, wire.Mode_MODE_HYBRID:
-		// The tree resumes before its memory arrived: only a lazy
-		// restore can do that.
-		if err := linux.HaveUserfaultfd(); err != nil {
-			return nil, refuse(fmt.Sprintf("mode %v needs userfaultfd for the lazy restore: %v", h.GetMode(), err))
-		}
-		postcopy = true
-	default:
-		return nil, refuse(fmt.Sprintf("mode %v not supported", h.GetMode()))
-	}
-	opts := optionsFromWire(h.GetCriu())
-	if err := opts.Validate(); err != nil {
-		return nil, refuse(err.Error())
-	}
-	if err := s.policy.checkOptions(opts); err != nil {
+	postcopy, opts, err := s.checkRequest(h)
+	if err != nil {
 		return nil, refuse(err.Error())
 	}
 	local, err := localReport(ctx, s.cfg.CRIUPath, log)
@@ -332,53 +198,6 @@ func (s *Server) accept(ctx context.Context, sess *transport.Session, stream *tr
 	return in, nil
 }
 
-func (s *Server) register(in *incoming) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, dup := s.active[in.id]; dup {
-		return fmt.Errorf("migration %s already in progress", in.id)
-	}
-	if _, dup := s.inDoubt[in.id]; dup {
-		return fmt.Errorf("migration %s is in doubt here", in.id)
-	}
-	if len(s.active) >= s.cfg.MaxMigrations {
-		return fmt.Errorf("%w: %d migrations in progress", ErrBusy, len(s.active))
-	}
-	// One source cannot take every slot, and migrations left in doubt
-	// (each holds a rebuilt tree and its memory) are capped: the
-	// operator resolves them first (phaul gc --resolved).
-	peer := peerKey(in.sess)
-	n := 0
-	for _, o := range s.active {
-		if peerKey(o.sess) == peer {
-			n++
-		}
-	}
-	if n >= s.cfg.MaxMigrationsPerPeer {
-		return fmt.Errorf("%w: %d migrations of this source in progress (--max-migrations-per-peer)", ErrBusy, n)
-	}
-	if len(s.inDoubt) >= s.cfg.MaxInDoubt {
-		return fmt.Errorf("%w: %d migrations in doubt here; resolve them first (phaul gc --resolved)", ErrBusy, len(s.inDoubt))
-	}
-	s.active[in.id] = in
-	return nil
-}
-
-// peerKey names a session's source by its certificate's serial.
-func peerKey(sess *transport.Session) string {
-	if sess == nil || sess.Peer().Cert == nil {
-		return ""
-	}
-	return transport.SerialString(sess.Peer().Cert.SerialNumber)
-}
-
-func (s *Server) forget(in *incoming) {
-	in.reserve.Release() // whatever path the migration took
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.active, in.id)
-}
-
 // receive runs a migration from its accepted hello to the end.
 func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.Stream) error {
 	prepared, committed := false, false
@@ -392,29 +211,8 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 		// Prepared but not committed: awaitCommit cleaned up on ABORT or
 		// left the tree in doubt.
 	}()
-	// What the source drives is bounded in time and disk.
-	dctx, cancel := context.WithDeadline(ctx, in.deadline)
-	cctx, stop := context.WithCancelCause(dctx)
-	go s.watchDisk(cctx, 250*time.Millisecond, stop) // ends with cctx
-	files, err := s.collect(cctx, in, stream)
-	cause := context.Cause(cctx)
-	stop(nil)
-	cancel()
-	switch {
-	case err == nil || ctx.Err() != nil:
-	case errors.Is(cause, context.DeadlineExceeded):
-		err = fmt.Errorf("migration took longer than --max-migration-time %v: %w", s.cfg.MaxMigrationTime, err)
-		in.abort(err.Error())
-		return err
-	case errors.Is(cause, errDiskBudget):
-		err = fmt.Errorf("%w (while receiving)", cause)
-		in.abort(err.Error())
-		return err
-	}
+	files, err := s.collectBounded(ctx, in, stream)
 	if err != nil {
-		if ctx.Err() != nil {
-			in.abort("destination shutting down")
-		}
 		return err
 	}
 	// What the images would make, checked before CRIU runs.
@@ -463,6 +261,31 @@ func (s *Server) receive(ctx context.Context, in *incoming, stream *transport.St
 	return err
 }
 
+// collectBounded collects within the migration's deadline and the disk
+// budget; it tells the source why it stopped.
+func (s *Server) collectBounded(ctx context.Context, in *incoming, stream *transport.Stream) ([]images.File, error) {
+	dctx, cancel := context.WithDeadline(ctx, in.deadline)
+	defer cancel()
+	cctx, stop := context.WithCancelCause(dctx)
+	defer stop(nil)
+	go s.watchDisk(cctx, 250*time.Millisecond, stop) // ends with cctx
+	files, err := s.collect(cctx, in, stream)
+	cause := context.Cause(cctx)
+	switch {
+	case err == nil:
+		return files, nil
+	case ctx.Err() != nil:
+		in.abort("destination shutting down")
+	case errors.Is(cause, context.DeadlineExceeded):
+		err = fmt.Errorf("migration took longer than --max-migration-time %v: %w", s.cfg.MaxMigrationTime, err)
+		in.abort(err.Error())
+	case errors.Is(cause, errDiskBudget):
+		err = fmt.Errorf("%w (while receiving)", cause)
+		in.abort(err.Error())
+	}
+	return nil, err
+}
+
 // abort tells the source to give up; best effort.
 func (in *incoming) abort(reason string) {
 	if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Abort{Abort: &wire.Abort{Reason: reason}}}); err != nil {
@@ -502,36 +325,8 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 		}
 		switch b := m.GetBody().(type) {
 		case *wire.Message_Ping:
-			pong := &wire.Pong{Seq: b.Ping.GetSeq()}
-			lazy := s.lazyRestore(in)
-			if b.Ping.GetProbePopulate() {
-				// A lazy restore writes no memory inside the freeze.
-				pong.PopulateNsPerMib = 1
-				if !lazy {
-					pong.PopulateNsPerMib = probePopulate(in.log)
-				}
-			}
-			if n := b.Ping.GetPrefaultBytes(); n > 0 && !lazy {
-				in.reserve.Release()
-				in.reserve = s.prefault(in.log, n)
-			}
-			if b.Ping.GetReleasePrefault() && in.reserve != nil {
-				r := in.reserve
-				in.reserve = nil
-				go r.Release() // owns r; the restore starts well after
-			}
-			if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: pong}}); err != nil {
+			if err := s.pong(ctx, in, b.Ping, stream); err != nil {
 				return nil, err
-			}
-			// A ping proves the source alive: pre-copy sends one per
-			// round, and the step timeout bounds a round, not them all;
-			// the migration's own deadline bounds them all.
-			if ctx.Err() == nil {
-				next := time.Now().Add(s.cfg.StepTimeout)
-				if next.After(in.deadline) {
-					next = in.deadline
-				}
-				stream.SetDeadline(next)
 			}
 		case *wire.Message_Restore:
 			restore = b.Restore
@@ -567,6 +362,42 @@ func (s *Server) collect(ctx context.Context, in *incoming, stream *transport.St
 		return nil, err
 	}
 	return r.files, nil
+}
+
+// pong answers a ping: a populate probe, a prefault or its release, as
+// the source asks. A ping proves the source alive: pre-copy sends one per
+// round, and the step timeout bounds a round, not them all; the
+// migration's own deadline bounds them all.
+func (s *Server) pong(ctx context.Context, in *incoming, ping *wire.Ping, stream *transport.Stream) error {
+	pong := &wire.Pong{Seq: ping.GetSeq()}
+	lazy := s.lazyRestore(in)
+	if ping.GetProbePopulate() {
+		// A lazy restore writes no memory inside the freeze.
+		pong.PopulateNsPerMib = 1
+		if !lazy {
+			pong.PopulateNsPerMib = probePopulate(in.log)
+		}
+	}
+	if n := ping.GetPrefaultBytes(); n > 0 && !lazy {
+		in.reserve.Release()
+		in.reserve = s.prefault(in.log, n)
+	}
+	if ping.GetReleasePrefault() && in.reserve != nil {
+		r := in.reserve
+		in.reserve = nil
+		go r.Release() // owns r; the restore starts well after
+	}
+	if err := in.ctl.Send(&wire.Message{Body: &wire.Message_Pong{Pong: pong}}); err != nil {
+		return err
+	}
+	if ctx.Err() == nil {
+		next := time.Now().Add(s.cfg.StepTimeout)
+		if next.After(in.deadline) {
+			next = in.deadline
+		}
+		stream.SetDeadline(next)
+	}
+	return nil
 }
 
 // populateProbeBytes is the fresh memory a populate probe fills: 64 MiB,

@@ -55,12 +55,12 @@ type lazyHelper struct {
 	log    *slog.Logger
 	cancel context.CancelFunc // ends Serve
 
-	mu              sync.Mutex
-	ended           chan struct{} // closed once result is set
-	result          lazyReply
-	root            int    // the restored root, once parked
-	rootStart       uint64 // its start time
-	busy   sync.WaitGroup // control streams being answered
+	mu        sync.Mutex
+	ended     chan struct{} // closed once result is set
+	result    lazyReply
+	root      int            // the restored root, once parked
+	rootStart uint64         // its start time
+	busy      sync.WaitGroup // control streams being answered
 }
 
 // RunLazyHelper runs a lazy-pages daemon for the restore in cfg.Dir until
