@@ -13,9 +13,9 @@ import (
 
 // The lazy-pages helper's control protocol (lazyhelper.go). The helper
 // listens on lazyCtlSocket in the migration's directory (0700, root's:
-// only root reaches it); a service connects and runs yamux over the
-// connection, opening every stream itself. A stream's first byte says
-// what it carries:
+// only root reaches it); a service opens one connection per thing it
+// carries (no multiplexing: relayed pages cross with one copy each way),
+// and the connection's first byte says what that is:
 //
 //	'c'  one request, one JSON line; one reply, one JSON line; closed
 //	'f'  then one byte, the pageserver.FetchRole: the destination's end

@@ -12,8 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hashicorp/yamux"
-
 	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/lazy"
 	"github.com/phaul/phaul/pageserver"
@@ -182,42 +180,19 @@ func (h *lazyHelper) drain(timeout time.Duration) {
 	}
 }
 
-// accept serves each service that connects.
+// accept serves each connection a service makes.
 func (h *lazyHelper) accept(ln net.Listener) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
-		sess, err := yamux.Server(c, lazyMuxConfig())
-		if err != nil {
-			c.Close()
-			continue
-		}
-		h.log.Info("service connected")
-		go h.serveSession(sess)
+		go h.serveConn(c)
 	}
 }
 
-func lazyMuxConfig() *yamux.Config {
-	c := yamux.DefaultConfig()
-	c.LogOutput = io.Discard
-	return c
-}
-
-func (h *lazyHelper) serveSession(sess *yamux.Session) {
-	defer sess.Close()
-	for {
-		st, err := sess.AcceptStream()
-		if err != nil {
-			return
-		}
-		go h.serveStream(st)
-	}
-}
-
-// serveStream dispatches one stream on its first byte.
-func (h *lazyHelper) serveStream(st *yamux.Stream) {
+// serveConn dispatches one connection on its first byte.
+func (h *lazyHelper) serveConn(st net.Conn) {
 	var kind [1]byte
 	st.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.ReadFull(st, kind[:]); err != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,8 +15,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"github.com/hashicorp/yamux"
 
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/linux"
@@ -36,7 +35,7 @@ type lazyRestore struct {
 	start    uint64        // the helper's start time (clock ticks)
 	exited   chan struct{} // closed when the helper exited (nil: not our child)
 	group    *cgroup.Group // phaul/<id>-lazy; nil if it could not be made
-	sess     *yamux.Session
+	gone     bool          // adopted after the helper exited: its result file answers
 	log      *slog.Logger
 	t0       time.Time
 
@@ -113,21 +112,35 @@ func adoptLazyRestore(workDir string, e JournalEntry, log *slog.Logger) (*lazyRe
 		if _, err := l.result(); err != nil {
 			return nil, fmt.Errorf("lazy-pages helper %d is gone and left no result: %w", e.LazyHelper, err)
 		}
+		l.gone = true
 		return l, nil
 	}
 	return l, l.connect()
 }
 
+// connect checks the helper answers on its socket.
 func (l *lazyRestore) connect() error {
+	c, err := l.dial(streamControl)
+	if err != nil {
+		return err
+	}
+	c.Close()
+	return nil
+}
+
+// dial opens a connection of kind to the helper. Each carries one thing
+// (a request, a relayed fetch stream): no multiplexing between service and
+// helper, whose pages cross with one copy each way.
+func (l *lazyRestore) dial(kind ...byte) (net.Conn, error) {
 	c, err := lazy.DialIn(l.dir, lazyCtlSocket)
 	if err != nil {
-		return fmt.Errorf("lazy restore: connect to helper %d: %w", l.pid, err)
+		return nil, fmt.Errorf("lazy restore: connect to helper %d: %w", l.pid, err)
 	}
-	if l.sess, err = yamux.Client(c, lazyMuxConfig()); err != nil {
+	if _, err := c.Write(kind); err != nil {
 		c.Close()
-		return fmt.Errorf("lazy restore: %w", err)
+		return nil, fmt.Errorf("lazy restore: helper %d: %w", l.pid, err)
 	}
-	return nil
+	return c, nil
 }
 
 // alive reports whether the helper runs.
@@ -155,20 +168,16 @@ func processAlive(pid int, start uint64) bool {
 // request asks the helper; a helper that ended answers from its result
 // file.
 func (l *lazyRestore) request(q lazyRequest) (lazyReply, error) {
-	if l.sess == nil {
+	if l.gone {
 		return l.result()
 	}
-	st, err := l.sess.OpenStream()
+	st, err := l.dial(streamControl)
 	if err != nil {
 		return l.result()
 	}
 	defer st.Close()
-	b, err := json.Marshal(q)
-	if err != nil {
-		return lazyReply{}, err
-	}
 	var r lazyReply
-	if _, err = st.Write(append(append([]byte{streamControl}, b...), '\n')); err == nil {
+	if err = writeJSONLine(st, q); err == nil {
 		err = readJSONLine(st, maxLazyReply, &r)
 	}
 	if err != nil {
@@ -196,14 +205,11 @@ func (l *lazyRestore) result() (lazyReply, error) {
 // pageserver.FetchRole) to the helper, whose fetch clients take them over
 // (requests in flight are asked again on them).
 func (l *lazyRestore) attachFetch(st [2]*transport.Stream) error {
-	if l.sess == nil {
+	if l.gone {
 		return errors.New("lazy restore: no helper to relay fetch streams to")
 	}
 	for role, s := range st {
-		h, err := l.sess.OpenStream()
-		if err == nil {
-			_, err = h.Write([]byte{streamFetch, byte(role)})
-		}
+		h, err := l.dial(streamFetch, byte(role))
 		if err != nil {
 			return fmt.Errorf("lazy restore: relay fetch stream: %w", err)
 		}
@@ -274,9 +280,6 @@ func (l *lazyRestore) refill(imagesDir string, root int) error {
 // kill ends the helper (its userfaultfds close: call it once the tree is
 // gone or needs it no longer) and waits until it is gone.
 func (l *lazyRestore) kill() {
-	if l.sess != nil {
-		l.sess.Close()
-	}
 	l.mu.Lock()
 	for _, c := range l.relays {
 		c.Close()
@@ -348,9 +351,6 @@ func (l *lazyRestore) finished() {
 		case <-time.After(10 * time.Second):
 			l.log.Warn("lazy-pages helper did not exit after its daemon ended", "pid", l.pid)
 		}
-	}
-	if l.sess != nil {
-		l.sess.Close()
 	}
 	l.removeGroup()
 }
