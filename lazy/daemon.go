@@ -154,7 +154,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	for range d.cfg.FaultReads {
 		g.Go(func() error { return fetcher(fctx, d.cfg.Source, l.faultReq, l.faultDone) })
 	}
-	g.Go(func() error { return fetcher(gctx, d.cfg.Source, l.bgReq, l.bgDone) })
+	for range bgFetchers {
+		g.Go(func() error { return fetcher(gctx, d.cfg.Source, l.bgReq, l.bgDone) })
+	}
 	g.Go(func() error {
 		defer cancel() // done: end the others
 		return l.run(gctx)

@@ -37,9 +37,9 @@
 //     readable and tells the loop, without reading; it waits again after
 //     the loop drained it;
 //   - FaultReads fetchers read single faulted pages from the Source, and
-//     one fetcher reads background chunks, so a fault's read never waits
+//     three fetchers read background chunks, so a fault's read never waits
 //     behind a long background read (a Source over the network may take
-//     milliseconds per chunk);
+//     milliseconds per chunk) and the fill keeps three reads in flight;
 //   - the control reader decodes the restore's records and loads each
 //     task's ranges from the images.
 //
@@ -52,7 +52,8 @@
 // it is in flight already), and its data is copied with UFFDIO_COPY mode 0,
 // which wakes the thread. A fault outside the lazy ranges, or on a lazy
 // page already dropped, gets UFFDIO_ZEROPAGE. Background reads start after
-// the finish marker, as CRIU's daemon does: two in flight, from the missing
+// the finish marker, as CRIU's daemon does: up to four read or waiting to be
+// copied (three reading at once), from the missing
 // pages nearest after the last fault (then after the last chunk, wrapping
 // around), 64 KiB after a fault and growing by 64 KiB a read up to
 // MaxChunkBytes. Data is copied only into pages still missing when it

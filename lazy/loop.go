@@ -12,8 +12,12 @@ const (
 	// rate of ~0.4 GB/s).
 	copySlice = 256 << 10
 	// maxBackground bounds background reads in flight or waiting to be
-	// copied: one is read while the previous one is copied.
-	maxBackground = 2
+	// copied, bgFetchers the reads in flight: a Source far away (a fetch
+	// from the source host, ~1 ms a round trip, more after a fault cut the
+	// chunks back to 64 KiB) needs several in flight to fill at its link's
+	// rate, and one is copied meanwhile.
+	maxBackground = 4
+	bgFetchers    = 3
 	// retryDelay is how long a copy that met EAGAIN (the task's mm is
 	// changing) waits if no event wakes the loop first.
 	retryDelay = time.Millisecond
