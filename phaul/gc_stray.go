@@ -144,7 +144,7 @@ func killExact(pid int, start uint64) error {
 	return waitUntil(10*time.Second, func() bool {
 		st, err := linux.ReadProcessStat(pid)
 		return err != nil || st.StartTicks != start || st.State == 'Z'
-	}, "criu %d still runs", pid)
+	}, "process %d still runs", pid)
 }
 
 // staleLimitsAge is how old an empty limits group must be before gc takes

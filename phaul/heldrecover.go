@@ -6,12 +6,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/phaul/phaul/core/cgroup"
 	"github.com/phaul/phaul/core/criu"
-	"github.com/phaul/phaul/core/linux"
 	"github.com/phaul/phaul/lazy"
 )
 
@@ -82,18 +80,8 @@ func dropHeld(workDir string, e JournalEntry) error {
 // cgroup.
 func stopHelper(e JournalEntry) error {
 	if e.HelperAlive() {
-		p, err := linux.PidfdOpen(e.LazyHelper)
-		if err != nil {
-			return fmt.Errorf("lazy-pages helper %d: %w", e.LazyHelper, err)
-		}
-		if e.HelperAlive() { // the pidfd names the helper, not a reuse
-			p.Signal(syscall.SIGKILL)
-		}
-		p.Close()
-		for t0 := time.Now(); e.HelperAlive(); time.Sleep(5 * time.Millisecond) {
-			if time.Since(t0) > 10*time.Second {
-				return fmt.Errorf("lazy-pages helper %d still runs 10s after SIGKILL", e.LazyHelper)
-			}
+		if err := killExact(e.LazyHelper, e.LazyHelperStart); err != nil {
+			return fmt.Errorf("lazy-pages helper: %w", err)
 		}
 	}
 	if g, err := cgroup.Open(lazyGroupName(e.ID)); err == nil {

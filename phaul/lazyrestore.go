@@ -287,19 +287,12 @@ func (l *lazyRestore) kill() {
 	l.relays = nil
 	l.mu.Unlock()
 	if l.alive() {
-		if p, err := linux.PidfdOpen(l.pid); err == nil {
-			if l.alive() { // the pidfd names the helper, not a reuse
-				p.Signal(syscall.SIGKILL)
-			}
-			p.Close()
+		if err := killExact(l.pid, l.start); err != nil {
+			l.log.Error("kill lazy-pages helper", "pid", l.pid, "err", err)
 		}
 	}
 	if l.exited != nil {
 		<-l.exited
-	} else {
-		for t0 := time.Now(); l.alive() && time.Since(t0) < 10*time.Second; {
-			time.Sleep(5 * time.Millisecond)
-		}
 	}
 	l.removeGroup()
 }
