@@ -37,8 +37,8 @@ type incoming struct {
 	// source's end of the fetch streams it asks for the rest on.
 	mode     Mode
 	postcopy bool
-	// fetchStreams are the source's fetch streams, relayed to the
-	// lazy-pages helper (the latest, after a resume).
+	// fetchStreams are the source's first fetch streams, relayed to the
+	// lazy-pages helper (a resumed session's belong to their relays).
 	fetchStreams [2]*transport.Stream
 	link         *postcopyLink // where PostcopyDone goes; a reconnect replaces it
 	m            machine       // this end's state

@@ -159,7 +159,8 @@ func (s *Server) resume(ctx context.Context, sess *transport.Session, ctl *wire.
 		st[1].Close()
 		return fmt.Errorf("resume: %w", err)
 	}
-	in.fetchStreams = st
+	// The relays own st now (lazyRestore.relays): the handler's
+	// fetchStreams stay the first session's.
 	if err := in.link.replace(ctl); err != nil {
 		return fmt.Errorf("resume: %w", err)
 	}
