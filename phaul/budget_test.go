@@ -1,6 +1,9 @@
 package phaul
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 // TestMemBudget: grants are whole MiB, never more than the limit in all,
 // and what is given back may be granted again.
@@ -31,5 +34,30 @@ func TestMemBudget(t *testing.T) {
 	u.give(first + second)
 	if u.held != 0 {
 		t.Fatalf("held %d after everything came back", u.held)
+	}
+}
+
+// TestSessionBounds: sessions are refused past either bound, and a closed
+// one makes room again.
+func TestSessionBounds(t *testing.T) {
+	s := &Server{cfg: ServeConfig{MaxSessionsPerPeer: 2, MaxSessions: 3}, sessions: map[string]int{}}
+	for i := range 2 {
+		if err := s.openSession(nil); err != nil {
+			t.Fatalf("session %d: %v", i, err)
+		}
+	}
+	if err := s.openSession(nil); err == nil || !strings.Contains(err.Error(), "max-sessions-per-peer") {
+		t.Fatalf("a third session of one source: %v, want refused (--max-sessions-per-peer)", err)
+	}
+	s.cfg.MaxSessionsPerPeer = 10
+	if err := s.openSession(nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.openSession(nil); err == nil || !strings.Contains(err.Error(), "--max-sessions)") {
+		t.Fatalf("a fourth session in all: %v, want refused (--max-sessions)", err)
+	}
+	s.closeSession(nil)
+	if err := s.openSession(nil); err != nil {
+		t.Fatalf("after one closed: %v", err)
 	}
 }

@@ -202,6 +202,9 @@ type ServeConfig struct {
 	// (certificate) open at once, whatever they do (a resumed post-copy
 	// and its migration count apart); one beyond it is closed at once.
 	MaxSessionsPerPeer int
+	// MaxSessions bounds the authenticated sessions open at once, of all
+	// sources.
+	MaxSessions int
 	MaxInDoubt         int
 	// HelloTimeout bounds the wait for a new session's hello;
 	// StepTimeout the wait for each later source message before PREPARED.
@@ -262,6 +265,7 @@ func DefaultServeConfig() ServeConfig {
 
 		MaxMigrationsPerPeer: 4,
 		MaxSessionsPerPeer:   16,
+		MaxSessions:          64,
 		MaxInDoubt:           4,
 		HelloTimeout:         30 * time.Second,
 		StepTimeout:          10 * time.Minute,
@@ -288,7 +292,7 @@ func (c ServeConfig) Validate() error {
 	if c.TLSDir == "" {
 		errs = append(errs, errors.New("--tls-dir is required"))
 	}
-	if c.MaxMigrations <= 0 || c.MaxMigrationsPerPeer <= 0 || c.MaxInDoubt <= 0 || c.MaxSessionsPerPeer <= 0 {
+	if c.MaxMigrations <= 0 || c.MaxMigrationsPerPeer <= 0 || c.MaxInDoubt <= 0 || c.MaxSessionsPerPeer <= 0 || c.MaxSessions <= 0 {
 		errs = append(errs, errors.New("max migrations (in all, per peer, in doubt) must be positive"))
 	}
 	if c.HelloTimeout <= 0 || c.StepTimeout <= 0 || c.RestoreTimeout <= 0 || c.CommitWait <= 0 || c.PostcopyRecoverTimeout <= 0 ||

@@ -57,8 +57,8 @@ type incoming struct {
 func (s *Server) handle(ctx context.Context, sess *transport.Session) {
 	defer sess.Close()
 	log := s.log.With("peer", sess.Peer().String())
-	if n, ok := s.openSession(sess); !ok {
-		log.Warn("session refused: too many sessions of this source (--max-sessions-per-peer)", "open", n)
+	if err := s.openSession(sess); err != nil {
+		log.Warn("session refused", "err", err)
 		return
 	}
 	defer s.closeSession(sess)

@@ -31,11 +31,12 @@ type Server struct {
 	// helperExe is the phaul binary that runs lazy-pages helpers.
 	helperExe string
 
-	mu       sync.Mutex
-	active   map[string]*incoming // guarded by mu
-	inDoubt  map[string]int       // migration id -> stopped root pid; guarded by mu
-	dropped  recentIDs            // migrations dropped before COMMIT; guarded by mu
-	sessions map[string]int       // open sessions by peer (peerKey); guarded by mu
+	mu        sync.Mutex
+	active    map[string]*incoming // guarded by mu
+	inDoubt   map[string]int       // migration id -> stopped root pid; guarded by mu
+	dropped   recentIDs            // migrations dropped before COMMIT; guarded by mu
+	sessions  map[string]int       // open sessions by peer (peerKey); guarded by mu
+	nsessions int                  // open sessions in all; guarded by mu
 }
 
 // Serve listens and serves migrations until ctx ends. On return every
@@ -197,24 +198,28 @@ func (s *Server) forget(in *incoming) {
 	delete(s.active, in.id)
 }
 
-// openSession counts sess against its source's session bound; ok is
-// false (and n the sessions open) when the bound is reached.
-func (s *Server) openSession(sess *transport.Session) (n int, ok bool) {
+// openSession counts sess against its source's session bound and the
+// bound of all; it says why not when either is reached.
+func (s *Server) openSession(sess *transport.Session) error {
 	peer := peerKey(sess)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n = s.sessions[peer]
-	if n >= s.cfg.MaxSessionsPerPeer {
-		return n, false
+	if n := s.sessions[peer]; n >= s.cfg.MaxSessionsPerPeer {
+		return fmt.Errorf("too many sessions of this source (--max-sessions-per-peer): %d open", n)
+	}
+	if s.nsessions >= s.cfg.MaxSessions {
+		return fmt.Errorf("too many sessions (--max-sessions): %d open", s.nsessions)
 	}
 	s.sessions[peer]++
-	return n, true
+	s.nsessions++
+	return nil
 }
 
 func (s *Server) closeSession(sess *transport.Session) {
 	peer := peerKey(sess)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.nsessions--
 	if s.sessions[peer]--; s.sessions[peer] == 0 {
 		delete(s.sessions, peer)
 	}

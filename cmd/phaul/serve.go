@@ -27,6 +27,7 @@ func serveCommand() *cli.Command {
 			&cli.DurationFlag{Name: "max-migration-time", Value: def.MaxMigrationTime, Usage: "wall-clock limit from a migration's hello until its restore is prepared; past it the migration is aborted (the source's copy runs on)"},
 			&cli.DurationFlag{Name: "hello-timeout", Value: def.HelloTimeout, Usage: "how long an authenticated session may take to open its control stream and say hello; then it is dropped"},
 			&cli.IntFlag{Name: "max-migrations", Value: def.MaxMigrations, Usage: "migrations in progress at once"},
+			&cli.IntFlag{Name: "max-sessions", Value: def.MaxSessions, Usage: "authenticated sessions open at once, of all sources; one more is closed at once"},
 			&cli.IntFlag{Name: "max-sessions-per-peer", Value: def.MaxSessionsPerPeer, Usage: "authenticated sessions of one source (certificate) open at once; one more is closed at once"},
 			&cli.IntFlag{Name: "max-migrations-per-peer", Value: def.MaxMigrationsPerPeer, Usage: "migrations of one source (certificate) in progress at once"},
 			&cli.IntFlag{Name: "max-in-doubt", Value: def.MaxInDoubt, Usage: "migrations left in doubt here before new ones are refused (resolve them with phaul gc --resolved)"},
@@ -49,7 +50,7 @@ func serveCommand() *cli.Command {
 			cfg.CRIUPath = stringFlag(c, "criu")
 			cfg.MaxMigrations = c.Int("max-migrations")
 			cfg.MaxMigrationsPerPeer, cfg.MaxInDoubt = c.Int("max-migrations-per-peer"), c.Int("max-in-doubt")
-			cfg.MaxSessionsPerPeer = c.Int("max-sessions-per-peer")
+			cfg.MaxSessionsPerPeer, cfg.MaxSessions = c.Int("max-sessions-per-peer"), c.Int("max-sessions")
 			cfg.HelloTimeout = c.Duration("hello-timeout")
 			cfg.MaxMigrationTime = c.Duration("max-migration-time")
 			cfg.MemoryBudget = c.Uint64("memory-budget-mib") << 20
