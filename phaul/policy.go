@@ -36,6 +36,11 @@ type RestorePolicy struct {
 	// without it (e.g. "CAP_NET_BIND_SERVICE").
 	AllowCapabilities bool     `json:"allow_capabilities"`
 	Capabilities      []string `json:"capabilities,omitempty"`
+	// BoundingSet also holds the tasks' bounding sets to those names
+	// (without allow_capabilities): no task may gain another, e.g. by
+	// executing a file with capabilities. Off by default: an ordinary
+	// unprivileged process has the full bounding set.
+	BoundingSet bool `json:"bounding_set,omitempty"`
 	// PidsMax and MemoryMaxMiB, if set, cap the restored tree: it is
 	// restored into phaul/<id>-limits in the pids and memory controllers'
 	// hierarchies with pids.max and the memory limit set, and stays there
@@ -162,6 +167,10 @@ func (p RestorePolicy) checkTree(t images.TreeFacts) error {
 		}
 		if extra := (task.CapEff | task.CapPrm) &^ allowed; !p.AllowCapabilities && extra != 0 {
 			errs = append(errs, fmt.Errorf("task %d has capabilities %s beyond the policy's (capabilities, allow_capabilities)",
+				task.Pid, strings.Join(capNames(extra), ",")))
+		}
+		if extra := task.CapBnd &^ allowed; p.BoundingSet && !p.AllowCapabilities && extra != 0 {
+			errs = append(errs, fmt.Errorf("task %d may gain capabilities %s: its bounding set holds them (bounding_set)",
 				task.Pid, strings.Join(capNames(extra), ",")))
 		}
 		for _, ns := range task.HostNS {

@@ -57,6 +57,19 @@ func TestRestorePolicyChecks(t *testing.T) {
 	if err := named.checkTree(images.TreeFacts{Tasks: []images.Task{binder}}); !errors.Is(err, ErrPolicy) || !strings.Contains(err.Error(), "CAP_SYS_ADMIN") {
 		t.Errorf("CAP_SYS_ADMIN permitted beyond the named ones: %v, want refused naming it", err)
 	}
+	bounded := named
+	bounded.BoundingSet = true
+	binder.CapPrm, binder.CapBnd = 1<<10, 1<<10|1<<21
+	if err := named.checkTree(images.TreeFacts{Tasks: []images.Task{binder}}); err != nil {
+		t.Errorf("a full bounding set without bounding_set: %v", err)
+	}
+	if err := bounded.checkTree(images.TreeFacts{Tasks: []images.Task{binder}}); !errors.Is(err, ErrPolicy) || !strings.Contains(err.Error(), "CAP_SYS_ADMIN") {
+		t.Errorf("CAP_SYS_ADMIN in the bounding set under bounding_set: %v, want refused naming it", err)
+	}
+	binder.CapBnd = 1 << 10
+	if err := bounded.checkTree(images.TreeFacts{Tasks: []images.Task{binder}}); err != nil {
+		t.Errorf("a bounding set within the names: %v", err)
+	}
 	if err := (RestorePolicy{Capabilities: []string{"CAP_FLY"}}).validate(); err == nil {
 		t.Error("an unknown capability name validated")
 	}

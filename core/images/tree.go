@@ -34,9 +34,9 @@ type Task struct {
 	Pid uint32
 	// UIDs and GIDs: real, effective, saved, filesystem.
 	UIDs, GIDs [4]uint32
-	// CapEff and CapPrm are the effective and permitted capability sets,
-	// bit n for capability n.
-	CapEff, CapPrm uint64
+	// CapEff, CapPrm and CapBnd are the effective, permitted and bounding
+	// capability sets, bit n for capability n.
+	CapEff, CapPrm, CapBnd uint64
 	// HostNS lists the namespace kinds the task shares with the CRIU
 	// that dumped it: a restore puts it in the restorer's own.
 	HostNS []string
@@ -147,7 +147,7 @@ func readTask(dir string, pid uint32, root *criucore.TaskKobjIdsEntry) (Task, er
 		if c := e.GetThreadCore().GetCreds(); c != nil {
 			t.UIDs = [4]uint32{c.GetUid(), c.GetEuid(), c.GetSuid(), c.GetFsuid()}
 			t.GIDs = [4]uint32{c.GetGid(), c.GetEgid(), c.GetSgid(), c.GetFsgid()}
-			t.CapEff, t.CapPrm = capSet(c.GetCapEff()), capSet(c.GetCapPrm())
+			t.CapEff, t.CapPrm, t.CapBnd = capSet(c.GetCapEff()), capSet(c.GetCapPrm()), capSet(c.GetCapBnd())
 		}
 		t.HostNS = hostNamespaces(e.GetIds(), root)
 		return nil

@@ -48,7 +48,7 @@ func TestReadTreeFacts(t *testing.T) {
 		t.Fatalf("tasks %+v, want one", facts.Tasks)
 	}
 	task := facts.Tasks[0]
-	if task.UIDs != [4]uint32{} || task.CapEff == 0 || task.CapEff&(1<<21) == 0 { // CAP_SYS_ADMIN
+	if task.UIDs != [4]uint32{} || task.CapEff == 0 || task.CapEff&(1<<21) == 0 || task.CapBnd&(1<<21) == 0 { // CAP_SYS_ADMIN
 		t.Errorf("task %+v: want uid 0 with CAP_SYS_ADMIN effective", task)
 	}
 	for _, ns := range []string{"net", "mnt", "pid", "ipc", "uts"} {
