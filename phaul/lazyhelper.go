@@ -85,16 +85,17 @@ func RunLazyHelper(ctx context.Context, cfg LazyHelperConfig) error {
 		return err
 	}
 	defer ln.Close()
-	go h.accept(ln) // ends with ln
 	serveCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	h.cancel = cancel
+	go h.accept(ln) // ends with ln
 	ready(nil)
 	err = h.d.Serve(serveCtx)
 	h.end(cfg.Dir, err)
 	if err == nil {
 		h.d.Close()
 		h.fetch.close()
+		ln.Close() // no new requests: the result file answers them
 		h.drain(2 * time.Second)
 		return nil
 	}
