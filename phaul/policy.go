@@ -260,8 +260,16 @@ func capMask(names []string) (uint64, error) {
 	return m, nil
 }
 
-// capNames names the capabilities in m (unknown bits by number).
+// capNames names the capabilities in m (unknown bits by number); every
+// capability this build knows is "every capability".
 func capNames(m uint64) []string {
+	if all := uint64(1)<<len(capabilityNames) - 1; m&all == all {
+		out := []string{"every capability"}
+		if extra := m &^ all; extra != 0 {
+			out = append(out, capNames(extra)...)
+		}
+		return out
+	}
 	var out []string
 	for i := range 64 {
 		if m&(1<<i) == 0 {

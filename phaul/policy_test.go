@@ -57,6 +57,9 @@ func TestRestorePolicyChecks(t *testing.T) {
 	if err := named.checkTree(images.TreeFacts{Tasks: []images.Task{binder}}); !errors.Is(err, ErrPolicy) || !strings.Contains(err.Error(), "CAP_SYS_ADMIN") {
 		t.Errorf("CAP_SYS_ADMIN permitted beyond the named ones: %v, want refused naming it", err)
 	}
+	if got := capNames(1<<len(capabilityNames) - 1); len(got) != 1 || got[0] != "every capability" {
+		t.Errorf("capNames of the full set: %v", got)
+	}
 	bounded := named
 	bounded.BoundingSet = true
 	binder.CapPrm, binder.CapBnd = 1<<10, 1<<10|1<<21
