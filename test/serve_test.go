@@ -106,20 +106,7 @@ func TestConcurrentMigrations(t *testing.T) {
 func TestSilentSessionDropped(t *testing.T) {
 	e := newEnv(t, testenv.HostsOpts{})
 	e.startServe("--hello-timeout", "2s")
-	id, err := transport.LoadTLS(e.srcTLS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := transport.DefaultConfig()
-	cfg.Identity = id
-	var sess *transport.Session
-	err = linux.InNetns(e.srcAnchor(), func() (err error) {
-		sess, err = transport.Dial(context.Background(), e.destAddr(), cfg)
-		return err
-	})
-	if err != nil {
-		t.Fatalf("%v\nserve log:\n%s", err, e.readServeLog())
-	}
+	sess := e.dialDest()
 	defer sess.Close()
 	select {
 	case <-sess.Done():
@@ -140,25 +127,8 @@ func TestSilentSessionDropped(t *testing.T) {
 func TestSessionsPerPeer(t *testing.T) {
 	e := newEnv(t, testenv.HostsOpts{})
 	e.startServe("--max-sessions-per-peer", "2", "--hello-timeout", "30s")
-	id, err := transport.LoadTLS(e.srcTLS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := transport.DefaultConfig()
-	cfg.Identity = id
-	dial := func() *transport.Session {
-		var sess *transport.Session
-		err := linux.InNetns(e.srcAnchor(), func() (err error) {
-			sess, err = transport.Dial(context.Background(), e.destAddr(), cfg)
-			return err
-		})
-		if err != nil {
-			t.Fatalf("%v\nserve log:\n%s", err, e.readServeLog())
-		}
-		return sess
-	}
-	held := []*transport.Session{dial(), dial()}
-	third := dial()
+	held := []*transport.Session{e.dialDest(), e.dialDest()}
+	third := e.dialDest()
 	select {
 	case <-third.Done():
 	case <-time.After(10 * time.Second):
@@ -312,4 +282,25 @@ func TestRestoreLimits(t *testing.T) {
 		t.Skip("SKIP: no v1 pids or memory hierarchy on this host to look into")
 	}
 	w.CheckHealthy(t)
+}
+
+// dialDest opens an authenticated session to the service from the source
+// host, with the source's identity, and opens no stream.
+func (e *env) dialDest() *transport.Session {
+	e.t.Helper()
+	id, err := transport.LoadTLS(e.srcTLS)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cfg := transport.DefaultConfig()
+	cfg.Identity = id
+	var sess *transport.Session
+	err = linux.InNetns(e.srcAnchor(), func() (err error) {
+		sess, err = transport.Dial(context.Background(), e.destAddr(), cfg)
+		return err
+	})
+	if err != nil {
+		e.t.Fatalf("%v\nserve log:\n%s", err, e.readServeLog())
+	}
+	return sess
 }
