@@ -188,3 +188,108 @@ func TestGCStrayLimitGroups(t *testing.T) {
 		t.Fatalf("the busy group went: %v", err)
 	}
 }
+
+// fakeHelper stands in for a lazy-pages helper in TestGCStrayHelpers: the
+// test binary re-executed as "phaul lazy-pages", holding a userfaultfd if
+// asked, until killed.
+func init() {
+	mode := os.Getenv("PHAUL_TEST_FAKE_HELPER")
+	if mode == "" {
+		return
+	}
+	if mode == "uffd" {
+		if _, _, errno := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC, 0, 0); errno != 0 {
+			os.Exit(3)
+		}
+	}
+	os.Stdout.WriteString("ready\n")
+	time.Sleep(time.Minute)
+	os.Exit(0)
+}
+
+// TestGCStrayHelpers: a lazy-pages helper working in a migration's
+// directory whose migration has no entry is listed; one without
+// userfaultfds is killed, one holding them (its tree's missing pages
+// would read as zeros) is left; with the entry present neither is a stray.
+func TestGCStrayHelpers(t *testing.T) {
+	testenv.RequireRoot(t)
+	work := t.TempDir()
+	const id = "0123456789abcd01"
+	dir := filepath.Join(work, id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	start := func(mode string) (*exec.Cmd, chan struct{}) {
+		cmd := &exec.Cmd{Path: os.Args[0], Args: []string{"phaul", "lazy-pages"}, Dir: dir,
+			Env: append(os.Environ(), "PHAUL_TEST_FAKE_HELPER="+mode)}
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 6)
+		if n, err := io.ReadFull(out, buf); err != nil || string(buf[:n]) != "ready\n" {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Skipf("SKIP: the fake helper (%s) did not start: %q, %v", mode, buf[:n], err)
+		}
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		t.Cleanup(func() { cmd.Process.Kill(); <-done })
+		return cmd, done
+	}
+	plain, plainDone := start("plain")
+	holding, holdingDone := start("uffd")
+	if !isLazyHelper(plain.Process.Pid) || userfaultfds(holding.Process.Pid) != 1 {
+		t.Fatalf("fake helpers not seen as such: helper %v, userfaultfds %d", isLazyHelper(plain.Process.Pid), userfaultfds(holding.Process.Pid))
+	}
+
+	j, err := openJournal(JournalDir(work), id, RoleDestination, JournalEntry{Phase: PhasePostcopy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := GC(work, GCOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range rep.Leftovers {
+		if l.Kind == "lazy-pages" {
+			t.Fatalf("with its migration's entry present a helper was listed: %+v", l)
+		}
+	}
+	if err := j.remove(); err != nil {
+		t.Fatal(err)
+	}
+	rep, err = GC(work, GCOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kill, left int
+	for _, l := range rep.Leftovers {
+		switch {
+		case l.Kind != "lazy-pages":
+		case strings.HasPrefix(l.Action, "kill"):
+			kill++
+		case l.Action == "" && strings.Contains(l.Why, "userfaultfds"):
+			left++
+		}
+	}
+	if kill != 1 || left != 1 {
+		t.Fatalf("gc --show: %+v; want one helper to kill and one left for its userfaultfds", rep.Leftovers)
+	}
+	if _, err := GC(work, GCOptions{Apply: true}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-plainDone:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stray helper without userfaultfds still runs after gc")
+	}
+	select {
+	case <-holdingDone:
+		t.Fatal("gc killed a helper that holds userfaultfds")
+	default:
+	}
+}
