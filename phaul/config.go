@@ -205,7 +205,7 @@ type ServeConfig struct {
 	// MaxSessions bounds the authenticated sessions open at once, of all
 	// sources.
 	MaxSessions int
-	MaxInDoubt         int
+	MaxInDoubt  int
 	// HelloTimeout bounds the wait for a new session's hello;
 	// StepTimeout the wait for each later source message before PREPARED.
 	HelloTimeout time.Duration
