@@ -1,7 +1,6 @@
 package phaul
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -91,7 +90,7 @@ func resumeCommitted(e JournalEntry) error {
 
 // finishAdopted ends an adopted migration as finishRestore does; a
 // post-copy waits for its source to reconnect (resume) for its pages.
-func (s *Server) finishAdopted(ctx context.Context, in *incoming) {
+func (s *Server) finishAdopted(in *incoming) {
 	defer s.forget(in)
 	s.finishRestore(in)
 }

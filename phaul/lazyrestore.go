@@ -88,13 +88,9 @@ func startLazyRestore(exe, id, dir, imagesDir string, postcopy bool, recover tim
 		l.group = g
 	}
 	msg, _ := io.ReadAll(io.LimitReader(r, 4096))
-	if string(msg) != "ok\n" {
+	if string(msg) != "ok\n" { // "ok": both its sockets listen
 		l.abort()
 		return nil, fmt.Errorf("lazy restore: helper: %s", strings.TrimSpace(string(msg)+" "+logTail(filepath.Join(dir, lazyLogFile))))
-	}
-	if err := l.connect(); err != nil {
-		l.abort()
-		return nil, err
 	}
 	log.Info("lazy-pages helper started", "pid", l.pid)
 	return l, nil

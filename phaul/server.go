@@ -59,7 +59,7 @@ func Serve(ctx context.Context, cfg ServeConfig) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.finishAdopted(ctx, in)
+			s.finishAdopted(in)
 		}()
 	}
 	s.log.Info("serving", "addr", ln.Addr().String(), "work_dir", cfg.WorkDir)
